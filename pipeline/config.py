@@ -1,0 +1,164 @@
+"""Typed configuration: `configs/*.yaml` + `section.key=value` overrides -> a validated `Config`.
+
+    cfg = load_config("configs/testbed.yaml", ["testbed.steps=100", "run.name=try1"])
+
+Unknown keys and bad values raise `ConfigError`, whose message names the dotted key and the
+allowed keys or values. `write_resolved` saves the resolved config into a run directory;
+`section_fingerprint` hashes the sections a stage reads, so an unrelated change re-runs nothing.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.util import fingerprint
+from stages.tasks.arith import ArithConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "testbed.yaml"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message says where and why."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("testbed", pattern=r"^[A-Za-z0-9_.\-]+$")
+    root: str = "runs"
+    seed: int = 0
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+class TaskConfig(Section):
+    name: typing.Literal["arith", "math"] = "arith"
+
+
+class TestbedConfig(Section):
+    """The embedded default: task difficulty, split sizes, model size and pretraining budget."""
+
+    __test__ = False  # not a pytest class
+
+    arith: ArithConfig = Field(default_factory=ArithConfig)
+    base_dir: str = Field("runs/base", description="where `make base` builds the base model")
+    n_pretrain: int = Field(20000, ge=1, description="reference solutions to pretrain on")
+    n_train: int = Field(4000, ge=1, description="problems for cold start and RL")
+    n_heldout: int = Field(200, ge=1, description="the fixed held-out evaluation set")
+    vocab_size: int = Field(384, ge=300, le=8192)
+    hidden_size: int = Field(256, ge=32)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    max_positions: int = Field(1024, ge=128)
+    steps: int = Field(400, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0
+
+
+class RunnerConfig(Section):
+    workers: int = Field(1, ge=1, description="worker processes per stage")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    testbed: TestbedConfig = Field(default_factory=TestbedConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    def section(self, name: str) -> Section:
+        if name not in type(self).model_fields:
+            raise ConfigError(f"no config section {name!r}; sections: {_keys(type(self))}")
+        return getattr(self, name)
+
+
+def section_fingerprint(cfg: Config, sections: Sequence[str]) -> str:
+    return fingerprint({name: cfg.section(name).model_dump(mode="json") for name in sections})
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Reads YAML (the testbed default when `path` is None), applies overrides, validates."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for override in overrides:
+        apply_override(data, override)
+    return validate(data, source=str(path))
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """`a.b.c=value` sets data['a']['b']['c'] to the YAML-parsed value (`3` -> int)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    model: type[BaseModel] | None = Config
+    node = data
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if model is not None and part not in model.model_fields:
+            where = ".".join(parts[:depth]) or "top level"
+            raise ConfigError(f"unknown key {key!r}: {where} has {_keys(model)}")
+        model = _submodel(model, part) if model is not None else None
+        if depth == len(parts) - 1:
+            try:
+                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from e
+        else:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is not a section")
+            node = child
+
+
+def write_resolved(cfg: Config, path: str | Path) -> Path:
+    """Writes the resolved config (every default filled in) as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def _submodel(model: type[BaseModel], field: str) -> type[BaseModel] | None:
+    annotation = model.model_fields[field].annotation
+    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return annotation if is_model else None
+
+
+def _keys(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        model: type[BaseModel] | None = Config
+        for part in loc[:-1]:
+            model = _submodel(model, part) if model is not None else None
+        allowed = f"; allowed: {_keys(model)}" if model is not None else ""
+        return f"unknown key {key!r}{allowed}"
+    return f"{key}: {err['msg']} (got {err.get('input')!r})"

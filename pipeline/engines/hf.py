@@ -1,0 +1,110 @@
+"""The `hf` engine: transformers `generate`, batched and seeded; CPU or GPU.
+
+Reads a model directory (or takes a loaded model and tokenizer); writes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline.engines.base import Completion, SamplingParams
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(
+        self,
+        model: str | Path | torch.nn.Module,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        batch_size: int = 64,
+        device: str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if isinstance(model, (str, Path)):
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
+            model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype)
+        if tokenizer is None:
+            raise ValueError("HFEngine needs a tokenizer when given a loaded model")
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    @torch.inference_mode()
+    def generate(
+        self, prompts: list[str], n: int, params: SamplingParams
+    ) -> list[list[Completion]]:
+        """`n` completions per prompt. Sampling is seeded per batch, so the same prompts, n,
+        params and batch size give the same completions."""
+        flat = [p for p in prompts for _ in range(n)]
+        out: list[Completion] = []
+        for b, start in enumerate(range(0, len(flat), self.batch_size)):
+            out.extend(self._batch(flat[start : start + self.batch_size], params, params.seed + b))
+        return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _batch(self, prompts: list[str], params: SamplingParams, seed: int) -> list[Completion]:
+        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):  # left padding
+            ids[i, width - len(e) :] = torch.tensor(e, dtype=torch.long)
+            mask[i, width - len(e) :] = 1
+        greedy = params.temperature <= 0
+        torch.manual_seed(seed)
+        result = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            max_new_tokens=params.max_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None if greedy else 0,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            output_logits=params.logprobs,
+            return_dict_in_generate=True,
+        )
+        new = result.sequences[:, width:].cpu()
+        logps = None
+        if params.logprobs:
+            logits = torch.stack(result.logits, dim=1).float().log_softmax(-1).cpu()
+            logps = logits.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        completions = []
+        for i in range(len(prompts)):
+            tokens = new[i].tolist()
+            finish = "length"
+            if self.eos_id in tokens:
+                tokens = tokens[: tokens.index(self.eos_id)]
+                finish = "stop"
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text, tokens, finish = _apply_stop(text, tokens, finish, params.stop, self.tokenizer)
+            completions.append(
+                Completion(
+                    text=text,
+                    token_ids=tokens,
+                    finish_reason=finish,
+                    logprobs=logps[i, : len(tokens)].tolist() if logps is not None else None,
+                )
+            )
+        return completions
+
+
+def _apply_stop(text, tokens, finish, stops, tokenizer):
+    """Cut at the first stop string (the stop string itself is dropped, as vLLM does)."""
+    cuts = [text.find(s) for s in stops if s and s in text]
+    if not cuts:
+        return text, tokens, finish
+    text = text[: min(cuts)]
+    kept = tokens
+    while kept and not tokenizer.decode(kept, skip_special_tokens=True).startswith(text):
+        kept = kept[:-1]
+    while kept and len(tokenizer.decode(kept[:-1], skip_special_tokens=True)) >= len(text):
+        kept = kept[:-1]
+    return text, kept, "stop"

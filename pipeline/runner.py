@@ -1,0 +1,305 @@
+"""The stage runner: applies a Stage to every shard of an input directory.
+
+Output directory layout (all written by this module; stages never open files):
+
+    part-NNNNN.parquet        kept rows of input shard NNNNN (atomic rename)
+    excluded/part-NNNNN.parquet  dropped rows with `reason` and `detail` columns
+    _shards/part-NNNNN.json   per-shard marker (fingerprint, counts), written after both parts
+    stats.json                rows_in, rows_out, dropped_<reason> over all shards
+    _SUCCESS                  manifest, written last: the directory is complete
+
+A killed run resumes at shard granularity: shards with a marker of the current fingerprint are
+kept, the rest are recomputed and their part files replaced atomically, so no row is lost or
+duplicated. A complete directory with the same fingerprint is a no-op; a changed config section
+or input file changes the fingerprint, and the directory is rebuilt.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import multiprocessing
+import shutil
+import time
+import traceback
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline.config import Config, section_fingerprint
+from pipeline.io import check_schema, list_parts, part_name, write_table_atomic
+from pipeline.util import file_sha256, fingerprint, git_commit, package_versions, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS"
+STATS = "stats.json"
+MARKERS = "_shards"
+EXCLUDED = "excluded"
+ERROR_REASON = "error"
+
+
+@dataclass
+class StageOutput:
+    """What `Stage.process` returns: kept rows and dropped rows with their reasons."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
+
+    def keep(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def drop(self, row: dict[str, Any], reason: str, detail: str = "") -> None:
+        self.dropped.append({**row, "reason": reason, "detail": detail})
+
+    def extend(self, other: StageOutput) -> None:
+        self.rows.extend(other.rows)
+        self.dropped.extend(other.dropped)
+
+
+class Stage:
+    """Base class of a stage: a pure transform over rows (lists of dicts).
+
+    Subclasses set `name`, `version` (bump when the transform's output changes), `sections`
+    (config sections read; they enter the fingerprint), `output_schema`, optionally
+    `input_schema`, and implement `process`. `whole_input = True` gives `process` every input
+    row at once (for stages that rank or budget across shards) and writes one output shard.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    sections: ClassVar[tuple[str, ...]] = ()
+    input_schema: ClassVar[pa.Schema | None] = None
+    output_schema: ClassVar[pa.Schema]
+    whole_input: ClassVar[bool] = False
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def process(self, rows: list[dict[str, Any]]) -> StageOutput:
+        raise NotImplementedError
+
+
+def stage_ref(stage_cls: type[Stage]) -> str:
+    return f"{stage_cls.__module__}:{stage_cls.__qualname__}"
+
+
+def load_stage_class(ref: str) -> type[Stage]:
+    """A registered stage name (see stages.REGISTRY) or `package.module:ClassName`."""
+    if ":" not in ref:
+        from stages import REGISTRY
+
+        if ref not in REGISTRY:
+            known = ", ".join(sorted(REGISTRY)) or "(none yet)"
+            raise KeyError(f"unknown stage {ref!r}; registered stages: {known}")
+        ref = REGISTRY[ref]
+    module, _, qualname = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, Stage)):
+        raise TypeError(f"{ref} is not a Stage subclass")
+    return obj
+
+
+@dataclass(frozen=True)
+class StageResult:
+    out_dir: Path
+    skipped: bool  # True when the directory was already complete
+    stats: dict[str, int]
+
+
+def run_stage(
+    stage_cls: type[Stage],
+    config: Config,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    workers: int | None = None,
+    progress: bool = True,
+) -> StageResult:
+    """Runs `stage_cls` over every shard of `in_dir` into `out_dir`; see the module docstring."""
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    inputs = list_parts(in_dir)
+    if not inputs:
+        raise FileNotFoundError(f"{in_dir} has no part-*.parquet shards to process")
+    input_hashes = {p.name: file_sha256(p) for p in inputs}
+    fp = fingerprint(
+        {
+            "stage": stage_ref(stage_cls),
+            "version": stage_cls.version,
+            "config": section_fingerprint(config, stage_cls.sections),
+            "inputs": input_hashes,
+        }
+    )
+    manifest = _read_json(out_dir / SUCCESS)
+    if manifest is not None and manifest.get("fingerprint") == fp:
+        return StageResult(out_dir, True, _read_json(out_dir / STATS) or {})
+    _prepare(out_dir, fp)
+
+    units = [[p] for p in inputs] if not stage_cls.whole_input else [inputs]
+    pending = [i for i in range(len(units)) if not _marker_ok(out_dir, i, fp)]
+    workers = max(1, min(workers or config.runner.workers, len(pending) or 1))
+    bar = tqdm(total=len(units), initial=len(units) - len(pending), unit="shard",
+               desc=stage_cls.name, disable=not progress)
+    if workers == 1:
+        stage = stage_cls(config)
+        for i in pending:
+            _process_unit(stage, units[i], out_dir, i, fp)
+            bar.update()
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker,
+            initargs=(stage_ref(stage_cls), config.model_dump(mode="json")),
+        ) as pool:
+            futures = [pool.submit(_worker_unit, units[i], out_dir, i, fp) for i in pending]
+            for future in as_completed(futures):
+                future.result()
+                bar.update()
+    bar.close()
+
+    stats = _aggregate(out_dir, len(units), fp)
+    write_json_atomic(out_dir / STATS, stats)
+    write_json_atomic(
+        out_dir / SUCCESS,
+        {
+            "stage": stage_cls.name,
+            "stage_ref": stage_ref(stage_cls),
+            "version": stage_cls.version,
+            "fingerprint": fp,
+            "config": {s: config.section(s).model_dump(mode="json") for s in stage_cls.sections},
+            "input_dir": str(in_dir),
+            "inputs": input_hashes,
+            "rows": stats,
+            "versions": package_versions(),
+            "git_commit": git_commit(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+    return StageResult(out_dir, False, stats)
+
+
+# --- internals ----------------------------------------------------------------------------
+
+
+def _prepare(out_dir: Path, fp: str) -> None:
+    """Removes temp files, and every output of a different fingerprint."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = _read_json(out_dir / SUCCESS) is not None or any(
+        (_read_json(m) or {}).get("fingerprint") != fp for m in (out_dir / MARKERS).glob("*.json")
+    )
+    for tmp in list(out_dir.glob(".*.tmp")) + list(out_dir.glob(f"{EXCLUDED}/.*.tmp")):
+        tmp.unlink()
+    if stale:
+        for name in (SUCCESS, STATS):
+            (out_dir / name).unlink(missing_ok=True)
+        for sub in (MARKERS, EXCLUDED):
+            shutil.rmtree(out_dir / sub, ignore_errors=True)
+        for part in out_dir.glob("part-*.parquet"):
+            part.unlink()
+
+
+def _marker_ok(out_dir: Path, index: int, fp: str) -> bool:
+    marker = _read_json(out_dir / MARKERS / f"{part_name(index)}.json")
+    return (
+        marker is not None
+        and marker.get("fingerprint") == fp
+        and (out_dir / part_name(index)).exists()
+    )
+
+
+_WORKER_STAGE: Stage | None = None
+
+
+def _init_worker(ref: str, config: dict[str, Any]) -> None:
+    global _WORKER_STAGE
+    _WORKER_STAGE = load_stage_class(ref)(Config.model_validate(config))
+
+
+def _worker_unit(paths: list[Path], out_dir: Path, index: int, fp: str) -> None:
+    assert _WORKER_STAGE is not None
+    _process_unit(_WORKER_STAGE, paths, out_dir, index, fp)
+
+
+def _process_unit(stage: Stage, paths: list[Path], out_dir: Path, index: int, fp: str) -> None:
+    """Reads input shard(s), processes them, writes part + excluded + marker (in that order)."""
+    tables = [pq.read_table(p) for p in paths]
+    if stage.input_schema is not None:
+        for path, table in zip(paths, tables, strict=True):
+            check_schema(table.schema, stage.input_schema, where=f"{stage.name} input {path}")
+    rows = [row for t in tables for row in t.to_pylist()]
+    out = _safe_process(stage, rows)
+    kept = _to_table(out.rows, stage.output_schema, stage.name)
+    write_table_atomic(kept, out_dir / part_name(index))
+    excluded = out_dir / EXCLUDED / part_name(index)
+    if out.dropped:
+        write_table_atomic(pa.Table.from_pylist(out.dropped), excluded)
+    else:
+        excluded.unlink(missing_ok=True)
+    counts = Counter(f"dropped_{row['reason']}" for row in out.dropped)
+    write_json_atomic(
+        out_dir / MARKERS / f"{part_name(index)}.json",
+        {"fingerprint": fp, "rows_in": len(rows), "rows_out": len(out.rows), **counts},
+    )
+
+
+def _safe_process(stage: Stage, rows: list[dict[str, Any]]) -> StageOutput:
+    """`stage.process(rows)`; if it raises, each row alone, and a row that still raises is
+    dropped with reason `error` (the exception in `detail`) instead of failing the shard."""
+    try:
+        return stage.process(rows)
+    except Exception as e:
+        if not rows:
+            raise
+        if len(rows) == 1:
+            return _drop_error(rows[0], e)
+        log.warning("%s: a batch of %d rows raised (%s); retrying row by row",
+                    stage.name, len(rows), e)
+    out = StageOutput()
+    for row in rows:
+        try:
+            out.extend(stage.process([row]))
+        except Exception as e:  # a bad row is a counted rejection, not a crash
+            out.extend(_drop_error(row, e))
+    return out
+
+
+def _drop_error(row: dict[str, Any], error: Exception) -> StageOutput:
+    out = StageOutput()
+    detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+    out.drop(row, ERROR_REASON, detail[:2000])
+    return out
+
+
+def _to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema, stage: str) -> pa.Table:
+    rows = list(rows)
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
+        raise TypeError(f"stage {stage!r} produced rows that do not fit its schema: {e}") from e
+
+
+def _aggregate(out_dir: Path, n_units: int, fp: str) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for i in range(n_units):
+        marker = _read_json(out_dir / MARKERS / f"{part_name(i)}.json")
+        if marker is None or marker.get("fingerprint") != fp:
+            raise RuntimeError(f"{out_dir}: shard {i} has no marker after the run")
+        total.update({k: v for k, v in marker.items() if k != "fingerprint"})
+    return {"rows_in": total.pop("rows_in", 0), "rows_out": total.pop("rows_out", 0),
+            **dict(sorted(total.items()))}
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,195 @@
+"""The CPU testbed: arith splits, a locally trained tokenizer and a tiny Qwen2 base model.
+
+`build_base(cfg, base_dir)` writes, deterministically from `cfg` (seeded):
+
+    base_dir/data/{pretrain,train,heldout}.parquet   problems (disjoint by construction)
+    base_dir/model/                                 HF model + tokenizer (save_pretrained)
+    base_dir/build.json                             config, fingerprint, losses, timings, metrics
+    base_dir/_SUCCESS                               written last; a rebuild with the same
+                                                    fingerprint is a no-op
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from pipeline.config import TestbedConfig
+from pipeline.io import write_table_atomic
+from pipeline.util import fingerprint, write_json_atomic
+from stages.tasks import arith
+from trainer.lm import LMExample, TrainSchedule, train_lm
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOS, PAD, "<|im_start|>", "<|im_end|>"]
+
+
+def problem_rows(problems: list[arith.ArithProblem], split: str) -> pd.DataFrame:
+    """The problems table shared by every task: id, problem, answer, solution, split, source."""
+    return pd.DataFrame(
+        {
+            "problem_id": [p.problem_id for p in problems],
+            "problem": [p.text for p in problems],
+            "answer": [str(p.answer) for p in problems],
+            "solution": [p.solution() for p in problems],
+            "split": split,
+            "source": "arith",
+        }
+    )
+
+
+def tokenizer_corpus(problems: list[arith.ArithProblem]) -> list[str]:
+    """Problems, solutions and reflection sentences: the text the testbed model will see."""
+    texts = []
+    for i, p in enumerate(problems):
+        texts.append(arith.PROMPT_TEMPLATE.format(problem=p.text) + p.solution())
+        if i % 10 == 0:
+            k = 1 + i % len(p.ops)
+            texts.append(arith.reflection_line(k, p.step_line(k) + "1", p.step_line(k)))
+    return texts
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any text encodes) with every digit its own token."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=1024
+    )
+
+
+def make_model(cfg: TestbedConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+    torch.manual_seed(cfg.seed)
+    vocab = -(-len(tokenizer) // 64) * 64  # padded to a multiple of 64
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.hidden_size * 4,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def sft_examples(
+    tokenizer: PreTrainedTokenizerFast, prompts: list[str], responses: list[str]
+) -> list[LMExample]:
+    """Tokenized (prompt, response + EOS) pairs."""
+    eos = tokenizer.eos_token_id
+    return [
+        LMExample(
+            tokenizer(p, add_special_tokens=False)["input_ids"],
+            tokenizer(r, add_special_tokens=False)["input_ids"] + [eos],
+        )
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+
+
+def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) -> Path:
+    """Builds (or finds complete) the testbed base; returns the model directory."""
+    base_dir = Path(base_dir)
+    fp = fingerprint(cfg.model_dump(mode="json", exclude={"base_dir"}))
+    done = base_dir / "_SUCCESS"
+    if not force and done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
+        return base_dir / "model"
+    if base_dir.exists():
+        shutil.rmtree(base_dir)
+    (base_dir / "data").mkdir(parents=True)
+    t0 = time.time()
+    splits = {
+        "pretrain": arith.generate_split("pretrain", cfg.n_pretrain, cfg.seed, cfg.arith),
+        "train": arith.generate_split("train", cfg.n_train, cfg.seed, cfg.arith),
+        "heldout": arith.generate_split("heldout", cfg.n_heldout, cfg.seed, cfg.arith),
+    }
+    for name, problems in splits.items():
+        write_table_atomic(problem_rows(problems, name), base_dir / "data" / f"{name}.parquet")
+    t_data = time.time() - t0
+
+    tokenizer = train_tokenizer(tokenizer_corpus(splits["pretrain"]), cfg.vocab_size)
+    model = make_model(cfg, tokenizer)
+    pretrain = splits["pretrain"]
+    examples = sft_examples(
+        tokenizer,
+        [arith.PROMPT_TEMPLATE.format(problem=p.text) for p in pretrain],
+        [p.solution() for p in pretrain],
+    )
+    t1 = time.time()
+    sched = TrainSchedule(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    losses = train_lm(model, examples, sched, tokenizer.pad_token_id, desc="pretrain base")
+    t_train = time.time() - t1
+
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(base_dir / "model")
+    tokenizer.save_pretrained(base_dir / "model")
+    n_params = sum(p.numel() for p in model.parameters())
+    write_json_atomic(
+        base_dir / "build.json",
+        {
+            "fingerprint": fp,
+            "config": cfg.model_dump(mode="json"),
+            "parameters": n_params,
+            "vocab": len(tokenizer),
+            "seconds": {"data": round(t_data, 1), "pretrain": round(t_train, 1)},
+            "loss_first": losses[0],
+            "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+        },
+    )
+    write_json_atomic(done, {"fingerprint": fp})
+    return base_dir / "model"
+
+
+def measure_base(engine, heldout: pd.DataFrame, n: int = 8, max_tokens: int = 160) -> dict:
+    """The testbed targets on the held-out set: greedy accuracy, and the share of problems whose
+    pass rate over `n` samples at temperature 1.0 lies strictly between 0 and 1."""
+    from pipeline.engines.base import SamplingParams
+
+    prompts = [arith.PROMPT_TEMPLATE.format(problem=p) for p in heldout["problem"]]
+    answers = list(heldout["answer"])
+    greedy = engine.generate(prompts, 1, SamplingParams(temperature=0, max_tokens=max_tokens))
+    greedy_ok = [arith.grade(c[0].text, a)[0] == "correct" for c, a in zip(greedy, answers)]
+    sampled = engine.generate(
+        prompts, n, SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=1)
+    )
+    rates = [
+        sum(arith.grade(c.text, a)[0] == "correct" for c in group) / n
+        for group, a in zip(sampled, answers)
+    ]
+    return {
+        "greedy_accuracy": sum(greedy_ok) / len(greedy_ok),
+        "sampled_accuracy": sum(rates) / len(rates),
+        "mixed_share": sum(0 < r < 1 for r in rates) / len(rates),
+        "all_wrong_share": sum(r == 0 for r in rates) / len(rates),
+        "n_problems": len(rates),
+        "samples_per_problem": n,
+    }

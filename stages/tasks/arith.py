@@ -1,0 +1,286 @@
+"""The `arith` task: multi-step left-to-right arithmetic whose every step is exactly checkable.
+
+A problem is a start value and a chain of operations, evaluated left to right:
+
+    Compute left to right: 48 + 17 - 29 * 3
+
+Its reference solution has one step per line and ends in a boxed answer:
+
+    48 + 17 = 65
+    65 - 29 = 36
+    36 * 3 = 108
+    \\boxed{108}
+
+A reflection line ("Wait, step 2 is wrong: ...") may stand between steps; it sends the checker
+back to the step it names, so reflective solutions are checked too.
+
+Everything here is pure and deterministic: the generator takes a seed, the checker takes text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROMPT_TEMPLATE = "Q: {problem}\nA:\n"
+PROBLEM_PREFIX = "Compute left to right: "
+REFLECTION_PREFIX = "Wait, step "
+
+_STEP_RE = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
+_REFLECTION_RE = re.compile(r"^\s*Wait, step (\d+) is wrong\b")
+_PROBLEM_TOKEN_RE = re.compile(r"-?\d+|[+\-*]")
+_MAX_ANSWER_DIGITS = 40  # a "number" longer than this is garbage, never int()-ed
+
+
+class ArithConfig(BaseModel):
+    """Difficulty knobs of the generator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_steps: int = Field(3, ge=1, le=12)
+    max_steps: int = Field(5, ge=1, le=12)
+    operand_max: int = Field(99, ge=2, le=9999, description="largest + / - operand")
+    multiplier_max: int = Field(9, ge=2, le=99, description="largest * operand")
+    value_max: int = Field(999, ge=10, description="intermediate values stay in [0, value_max]")
+    ops: str = Field("+-*", pattern=r"^[+\-*]+$", description="operators to draw from")
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> ArithConfig:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) > max_steps ({self.max_steps})")
+        return self
+
+
+@dataclass(frozen=True)
+class ArithProblem:
+    start: int
+    ops: tuple[tuple[str, int], ...]  # (operator, operand) in order
+
+    @property
+    def text(self) -> str:
+        return PROBLEM_PREFIX + " ".join([str(self.start)] + [f"{o} {b}" for o, b in self.ops])
+
+    @property
+    def key(self) -> str:
+        """Canonical identity: two problems are the same iff their keys are equal."""
+        return self.text
+
+    @property
+    def problem_id(self) -> str:
+        return "arith-" + hashlib.sha256(self.key.encode()).hexdigest()[:12]
+
+    def values(self) -> list[int]:
+        """The running values: start, then the value after each step."""
+        out = [self.start]
+        for op, b in self.ops:
+            out.append(apply(out[-1], op, b))
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.values()[-1]
+
+    def step_line(self, k: int) -> str:
+        """The correct line for step k (1-based)."""
+        values = self.values()
+        op, b = self.ops[k - 1]
+        return f"{values[k - 1]} {op} {b} = {values[k]}"
+
+    def solution(self) -> str:
+        lines = [self.step_line(k) for k in range(1, len(self.ops) + 1)]
+        return "\n".join(lines + [f"\\boxed{{{self.answer}}}"])
+
+
+def apply(a: int, op: str, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def parse_problem(text: str) -> ArithProblem:
+    """Inverse of ArithProblem.text. Raises ValueError on anything else."""
+    if not text.startswith(PROBLEM_PREFIX):
+        raise ValueError(f"not an arith problem: {text[:60]!r}")
+    tokens = _PROBLEM_TOKEN_RE.findall(text[len(PROBLEM_PREFIX) :])
+    if len(tokens) < 3 or len(tokens) % 2 == 0:
+        raise ValueError(f"malformed arith problem: {text[:60]!r}")
+    ops = tuple((tokens[i], int(tokens[i + 1])) for i in range(1, len(tokens), 2))
+    return ArithProblem(start=int(tokens[0]), ops=ops)
+
+
+def generate_problem(rng: random.Random, cfg: ArithConfig) -> ArithProblem:
+    """Draw one problem; every intermediate value stays in [0, cfg.value_max]."""
+    n_steps = rng.randint(cfg.min_steps, cfg.max_steps)
+    value = rng.randint(2, cfg.operand_max)
+    start, ops = value, []
+    for _ in range(n_steps):
+        choices = []
+        for op in cfg.ops:
+            if op == "+" and value + 1 <= cfg.value_max:
+                choices.append((op, rng.randint(1, min(cfg.operand_max, cfg.value_max - value))))
+            elif op == "-" and value >= 1:
+                choices.append((op, rng.randint(1, min(cfg.operand_max, value))))
+            elif op == "*" and 2 <= value <= cfg.value_max // 2:
+                top = min(cfg.multiplier_max, cfg.value_max // value)
+                choices.append((op, rng.randint(2, top)))
+        op, b = rng.choice(choices) if choices else ("+", 0)
+        ops.append((op, b))
+        value = apply(value, op, b)
+    return ArithProblem(start=start, ops=tuple(ops))
+
+
+def split_of(problem: ArithProblem, heldout_buckets: int = 1, pretrain_buckets: int = 5) -> str:
+    """Which split a problem belongs to, from a hash of its key (so splits are disjoint by
+    construction, whatever the seeds or sizes): of 10 buckets, `heldout_buckets` are held out,
+    the next `pretrain_buckets` are the base model's pretraining corpus, the rest are RL/train."""
+    bucket = int(hashlib.sha256(problem.key.encode()).hexdigest()[:8], 16) % 10
+    if bucket < heldout_buckets:
+        return "heldout"
+    if bucket < heldout_buckets + pretrain_buckets:
+        return "pretrain"
+    return "train"
+
+
+def generate_split(split: str, n: int, seed: int, cfg: ArithConfig) -> list[ArithProblem]:
+    """`n` distinct problems of one split, deterministic in (split, n, seed, cfg)."""
+    rng = random.Random(f"{seed}:{split}")
+    seen: set[str] = set()
+    out: list[ArithProblem] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise RuntimeError(f"could not draw {n} distinct {split!r} problems with {cfg}")
+        p = generate_problem(rng, cfg)
+        if p.key in seen or split_of(p) != split:
+            continue
+        seen.add(p.key)
+        out.append(p)
+    return out
+
+
+# --- answers and grading --------------------------------------------------------------------
+
+
+def extract_answer(text: str) -> str | None:
+    """The content of the last \\boxed{...} (nested braces allowed), stripped; None if absent."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        i, depth = start + len("\\boxed{"), 1
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{") : i - 1].strip()
+        start = text.rfind("\\boxed{", 0, start)
+    return None
+
+
+def grade(text: str, reference: str) -> tuple[str, str]:
+    """(label, reason): label in correct / incorrect / no_answer; exact integer comparison."""
+    answer = extract_answer(text)
+    if answer is None:
+        return "no_answer", "no \\boxed{} in the response"
+    if not re.fullmatch(rf"-?\d{{1,{_MAX_ANSWER_DIGITS}}}", answer):
+        return "incorrect", f"boxed answer {answer[:40]!r} is not an integer"
+    if int(answer) == int(reference):
+        return "correct", "exact match"
+    return "incorrect", f"boxed {answer} != reference {reference}"
+
+
+# --- steps and the exact step checker -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int  # 1-based, over the non-empty lines of the text
+    text: str
+    start: int  # character offsets in the solution text
+    end: int
+
+
+def split_steps(text: str) -> list[Step]:
+    """One step per non-empty line, with its character span."""
+    steps, pos = [], 0
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped:
+            lead = len(line) - len(line.lstrip())
+            steps.append(Step(len(steps) + 1, stripped, pos + lead, pos + lead + len(stripped)))
+        pos += len(line)
+    return steps
+
+
+@dataclass(frozen=True)
+class StepError:
+    step: Step | None  # the first wrong line; None when the text ends before the solution does
+    chain_step: int  # which step of the problem's chain was expected there (len(ops)+1: answer)
+    expected: str  # the correct line
+    found: str  # what stood there ("" when missing)
+    char_start: int  # the prefix to keep is text[:char_start]
+
+
+def first_wrong_step(problem: ArithProblem, text: str) -> StepError | None:
+    """The first line of `text` that departs from a correct solution of `problem`, or None if
+    `text` is a correct solution. Any text is accepted (garbage gives an error at line 1).
+
+    A line is correct when it equals the expected next step (whitespace aside) or, after the last
+    step, the boxed answer. A reflection line "Wait, step k is wrong..." is skipped and sends the
+    expectation back to step k, so a corrected continuation after a reflection is checked as well.
+    """
+    n = len(problem.ops)
+    expected_k = 1  # next chain step expected; n + 1 means the boxed answer
+    for step in split_steps(text):
+        reflection = _REFLECTION_RE.match(step.text)
+        if reflection:
+            k = int(reflection.group(1)) if len(reflection.group(1)) < 4 else 0
+            if 1 <= k <= expected_k:
+                expected_k = k
+                continue
+            return StepError(step, expected_k, _expected_line(problem, expected_k), step.text,
+                             step.start)
+        want = _expected_line(problem, expected_k)
+        if expected_k > n + 1 or _normalize(step.text) != _normalize(want):
+            return StepError(step, expected_k, want, step.text, step.start)
+        expected_k += 1
+    if expected_k <= n + 1:
+        return StepError(None, expected_k, _expected_line(problem, expected_k), "", len(text))
+    return None
+
+
+def _expected_line(problem: ArithProblem, k: int) -> str:
+    n = len(problem.ops)
+    if k <= n:
+        return problem.step_line(k)
+    if k == n + 1:
+        return f"\\boxed{{{problem.answer}}}"
+    return ""  # nothing may follow the boxed answer
+
+
+def _normalize(line: str) -> str:
+    return re.sub(r"\s+", "", line)
+
+
+def parse_step(line: str) -> tuple[int, str, int, int] | None:
+    """(a, op, b, c) of a step line `a op b = c`, or None."""
+    m = _STEP_RE.match(line)
+    if not m or any(len(g) > _MAX_ANSWER_DIGITS for g in (m.group(1), m.group(3), m.group(4))):
+        return None
+    return int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+
+
+def reflection_line(k: int, found: str, expected: str) -> str:
+    """The diagnosis sentence for a wrong step k (the rule constructor's reflection)."""
+    parsed = parse_step(found)
+    if parsed is not None and parse_step(expected) is not None:
+        a, op, b, c = parse_step(expected)
+        return f"{REFLECTION_PREFIX}{k} is wrong: {a} {op} {b} = {c}, not {parsed[3]}."
+    return f"{REFLECTION_PREFIX}{k} is wrong: it should be {expected}."

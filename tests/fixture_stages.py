@@ -1,0 +1,48 @@
+"""Small real stages used by the runner tests (importable by spawned worker processes)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow as pa
+
+from pipeline.runner import Stage, StageOutput
+
+SCHEMA_IN = pa.schema([("id", pa.int64()), ("x", pa.int64())])
+
+
+class Square(Stage):
+    """Keeps rows with x >= 0 as (id, x, y = x * x); drops negative x as `negative`.
+    Raises on x == 13 (a "bad row"). Sleeps `SQUARE_SLEEP` seconds per shard if set."""
+
+    name = "square"
+    sections = ("run",)
+    input_schema = SCHEMA_IN
+    output_schema = pa.schema([("id", pa.int64()), ("x", pa.int64()), ("y", pa.int64())])
+
+    def process(self, rows):
+        if os.environ.get("SQUARE_SLEEP"):
+            time.sleep(float(os.environ["SQUARE_SLEEP"]))
+        out = StageOutput()
+        for row in rows:
+            if row["x"] == 13:
+                raise ValueError(f"unlucky row {row['id']}")
+            if row["x"] < 0:
+                out.drop(row, "negative", f"x={row['x']}")
+            else:
+                out.keep({**row, "y": row["x"] * row["x"]})
+        return out
+
+
+class Total(Stage):
+    """Whole-input stage: one row with the sum of x over every shard."""
+
+    name = "total"
+    whole_input = True
+    output_schema = pa.schema([("n", pa.int64()), ("sum", pa.int64())])
+
+    def process(self, rows):
+        out = StageOutput()
+        out.keep({"n": len(rows), "sum": sum(r["x"] for r in rows)})
+        return out

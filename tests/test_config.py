@@ -1,0 +1,83 @@
+import pytest
+import yaml
+
+from pipeline.config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    load_config,
+    section_fingerprint,
+    write_resolved,
+)
+
+
+def test_default_config_loads():
+    cfg = load_config()
+    assert cfg.task.name == "arith" and cfg.run.name == "testbed"
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["testbed.steps=7", "testbed.arith.ops=+-", "run.name=x1"])
+    assert cfg.testbed.steps == 7 and cfg.testbed.arith.ops == "+-" and cfg.run.name == "x1"
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["testbed.stepz=3"])
+    msg = str(e.value)
+    assert "testbed.stepz" in msg and "steps" in msg and "hidden_size" in msg
+
+
+def test_unknown_key_in_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("run:\n  nmae: a\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'run.nmae'; allowed: name, root, seed"):
+        load_config(p)
+
+
+def test_bad_choice_lists_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["task.name=chess"])
+    assert "task.name" in str(e.value) and "'arith'" in str(e.value) and "'math'" in str(e.value)
+
+
+def test_bad_value_type_and_range():
+    with pytest.raises(ConfigError, match="testbed.steps"):
+        load_config(None, ["testbed.steps=many"])
+    with pytest.raises(ConfigError, match="testbed.arith.min_steps"):
+        load_config(None, ["testbed.arith.min_steps=0"])
+    with pytest.raises(ConfigError, match="min_steps .* > max_steps"):
+        load_config(None, ["testbed.arith.min_steps=9", "testbed.arith.max_steps=4"])
+
+
+def test_malformed_override_and_file(tmp_path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["testbed.steps"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_fingerprint_stable_and_section_scoped():
+    a, b = load_config(), load_config()
+    assert section_fingerprint(a, ["testbed"]) == section_fingerprint(b, ["testbed"])
+    c = load_config(None, ["run.name=other"])
+    assert section_fingerprint(a, ["testbed"]) == section_fingerprint(c, ["testbed"])
+    assert section_fingerprint(a, ["run"]) != section_fingerprint(c, ["run"])
+
+
+def test_resolved_config_roundtrips(tmp_path):
+    cfg = load_config(None, ["testbed.steps=11"])
+    path = write_resolved(cfg, tmp_path / "run" / "config.yaml")
+    data = yaml.safe_load(path.read_text())
+    assert data["testbed"]["steps"] == 11 and "runner" in data
+    assert Config.model_validate(data) == cfg
+    assert load_config(path) == cfg
+
+
+def test_shipped_configs_validate():
+    for path in DEFAULT_CONFIG.parent.glob("*.yaml"):
+        load_config(path)

@@ -1,0 +1,143 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from pipeline.config import load_config
+from pipeline.io import read_pandas, write_table_atomic
+from pipeline.runner import load_stage_class, run_stage
+from pipeline.status import render_status
+from tests.fixture_stages import SCHEMA_IN, Square, Total
+
+CFG = load_config()
+EXPECTED_IDS = [i for i in range(30) if i >= 3 and i != 16]  # x<0 dropped; x==13 raises
+
+
+def test_excluded_accounting_and_bad_row(shards, tmp_path):
+    out = tmp_path / "out"
+    res = run_stage(Square, CFG, shards(), out, progress=False)
+    assert not res.skipped
+    kept = read_pandas(out)
+    assert sorted(kept["id"]) == EXPECTED_IDS
+    assert (kept["y"] == kept["x"] ** 2).all()
+    excluded = read_pandas(out / "excluded")
+    assert sorted(excluded["id"]) == [0, 1, 2, 16]
+    reasons = dict(zip(excluded["id"], excluded["reason"]))
+    assert reasons == {0: "negative", 1: "negative", 2: "negative", 16: "error"}
+    assert "unlucky row 16" in excluded.set_index("id").loc[16, "detail"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats == {"rows_in": 30, "rows_out": 26, "dropped_error": 1, "dropped_negative": 3}
+    manifest = json.loads((out / "_SUCCESS").read_text())
+    assert manifest["rows"] == stats and manifest["stage"] == "square"
+    assert {"fingerprint", "inputs", "versions", "git_commit", "config"} <= set(manifest)
+    assert manifest["versions"]["pyarrow"]
+
+
+def test_rerun_is_noop_and_changes_rerun(shards, tmp_path):
+    inp, out = shards(), tmp_path / "out"
+    run_stage(Square, CFG, inp, out, progress=False)
+    mtime = (out / "part-00000.parquet").stat().st_mtime_ns
+    assert run_stage(Square, CFG, inp, out, progress=False).skipped
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == mtime
+
+    # a config section the stage reads changes its fingerprint ...
+    changed = load_config(None, ["run.seed=1"])
+    assert not run_stage(Square, changed, inp, out, progress=False).skipped
+    # ... a section it does not read does not
+    unrelated = load_config(None, ["run.seed=1", "testbed.steps=3"])
+    assert run_stage(Square, unrelated, inp, out, progress=False).skipped
+
+    # a changed input file re-runs, and stale shards are not kept
+    write_table_atomic(pd.DataFrame({"id": [100], "x": [5]}), inp / "part-00000.parquet",
+                       schema=SCHEMA_IN)
+    assert not run_stage(Square, unrelated, inp, out, progress=False).skipped
+    assert 100 in set(read_pandas(out)["id"]) and 3 not in set(read_pandas(out)["id"])
+
+
+def test_workers_give_identical_output(shards, tmp_path):
+    inp = shards()
+    run_stage(Square, CFG, inp, tmp_path / "one", workers=1, progress=False)
+    run_stage(Square, CFG, inp, tmp_path / "two", workers=2, progress=False)
+    pd.testing.assert_frame_equal(read_pandas(tmp_path / "one"), read_pandas(tmp_path / "two"))
+
+
+def test_whole_input_stage(shards, tmp_path):
+    run_stage(Total, CFG, shards(), tmp_path / "t", progress=False)
+    assert read_pandas(tmp_path / "t").to_dict("records") == [{"n": 30, "sum": sum(range(-3, 27))}]
+
+
+def test_input_schema_checked(tmp_path):
+    write_table_atomic(pd.DataFrame({"id": [1]}), tmp_path / "in" / "part-00000.parquet")
+    with pytest.raises(Exception, match="missing column 'x'"):
+        run_stage(Square, CFG, tmp_path / "in", tmp_path / "out", progress=False)
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "pipeline", *args]
+
+
+def test_resume_after_sigkill(shards, tmp_path):
+    """SIGKILL a real `tapo stage` process mid-run, start it again: the output equals an
+    uninterrupted run's, row for row, with no duplicates, and finished shards are kept."""
+    inp = shards(n_shards=6)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    run_stage(Square, CFG, inp, ref, progress=False)
+
+    stage = "tests.fixture_stages:Square"
+    env = {**os.environ, "SQUARE_SLEEP": "0.7"}
+    proc = subprocess.Popen(_cli("stage", stage, "--in", str(inp), "--out", str(out)), env=env)
+    deadline = time.time() + 60
+    while len(list((out / "_shards").glob("*.json"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = sorted(p.name for p in (out / "_shards").glob("*.json"))
+    assert 2 <= len(done_before) < 6 and not (out / "_SUCCESS").exists()
+    kept_mtime = (out / "part-00000.parquet").stat().st_mtime_ns
+
+    r = subprocess.run(_cli("stage", stage, "--in", str(inp), "--out", str(out)),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (out / "part-00000.parquet").stat().st_mtime_ns == kept_mtime  # not recomputed
+    got, want = read_pandas(out), read_pandas(ref)
+    pd.testing.assert_frame_equal(got, want)
+    assert got["id"].is_unique
+    pd.testing.assert_frame_equal(read_pandas(out / "excluded"), read_pandas(ref / "excluded"))
+    assert json.loads((out / "stats.json").read_text()) == json.loads(
+        (ref / "stats.json").read_text())
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_cli_stage_status_and_errors(shards, tmp_path):
+    inp, run = shards(), tmp_path / "run"
+    out = run / "iter_0001" / "square"
+    r = subprocess.run(_cli("stage", "tests.fixture_stages:Square", "--in", str(inp), "--out",
+                            str(out), "run.seed=3"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "rows_out" in r.stdout
+    r = subprocess.run(_cli("stage", "tests.fixture_stages:Square", "--in", str(inp), "--out",
+                            str(out), "run.seed=3"), capture_output=True, text=True)
+    assert "already complete" in r.stdout
+
+    table = render_status(run)
+    assert "iter_0001/square" in table and "complete" in table
+    assert "negative=3" in table and "error=1" in table and "30" in table and "26" in table
+    r = subprocess.run(_cli("status", str(run)), capture_output=True, text=True)
+    assert r.returncode == 0 and "iter_0001/square" in r.stdout
+
+    r = subprocess.run(_cli("stage", "nope", "--in", str(inp), "--out", str(out)),
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "unknown stage 'nope'" in r.stderr
+    r = subprocess.run(_cli("stage", "tests.fixture_stages:Square", "--in", str(inp), "--out",
+                            str(out), "run.bogus=1"), capture_output=True, text=True)
+    assert r.returncode == 2 and "run.bogus" in r.stderr
+
+
+def test_load_stage_class_rejects_non_stage():
+    with pytest.raises(TypeError):
+        load_stage_class("pipeline.io:SchemaError")

@@ -1,0 +1,113 @@
+"""Supervised causal-LM training on (context, target) token pairs: the loss covers target tokens.
+
+Used for the testbed's pretraining on reference solutions and for the cold-start SFT. Reads token
+ids in memory; writes nothing itself (the caller saves the model).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class LMExample:
+    context: list[int]  # prompt (and any kept prefix): conditioned on, no loss
+    target: list[int]  # trained tokens (the caller appends EOS if it wants it learned)
+
+
+@dataclass(frozen=True)
+class TrainSchedule:
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def collate(examples: Sequence[LMExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels (IGNORE outside targets)."""
+    length = max(len(e.context) + len(e.target) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, e in enumerate(examples):
+        seq = e.context + e.target
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(e.context) : len(seq)] = torch.tensor(e.target)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over target tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE,
+    )
+
+
+def cosine_lr(step: int, sched: TrainSchedule) -> float:
+    if step < sched.warmup_steps:
+        return sched.lr * (step + 1) / sched.warmup_steps
+    progress = (step - sched.warmup_steps) / max(1, sched.steps - sched.warmup_steps)
+    return sched.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_lm(
+    model: torch.nn.Module,
+    examples: Sequence[LMExample],
+    sched: TrainSchedule,
+    pad_id: int,
+    desc: str = "train",
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Trains `model` in place for `sched.steps` AdamW steps on batches drawn without
+    replacement (reshuffled each epoch, seeded); returns the loss of every step."""
+    if not examples:
+        raise ValueError("train_lm needs at least one example")
+    rng = random.Random(sched.seed)
+    torch.manual_seed(sched.seed)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": sched.weight_decay}, {"params": no_decay}],
+        lr=sched.lr,
+        betas=(0.9, 0.95),
+    )
+    order: list[int] = []
+    losses = []
+    model.train()
+    bar = tqdm(range(sched.steps), desc=desc, unit="step", mininterval=2.0)
+    for step in bar:
+        if len(order) < sched.batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        idx, order = order[: sched.batch_size], order[sched.batch_size :]
+        batch = collate([examples[i] for i in idx], pad_id)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, sched)
+        loss = lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), sched.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
