@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stages.tasks.base import Step, extract_boxed, split_steps
+
 PROMPT_TEMPLATE = "Q: {problem}\nA:\n"
 PROBLEM_PREFIX = "Compute left to right: "
 REFLECTION_PREFIX = "Wait, step "
@@ -170,23 +172,9 @@ def generate_split(split: str, n: int, seed: int, cfg: ArithConfig) -> list[Arit
 # --- answers and grading --------------------------------------------------------------------
 
 
-def extract_answer(text: str) -> str | None:
-    """The content of the last \\boxed{...} (nested braces allowed), stripped; None if absent."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        i, depth = start + len("\\boxed{"), 1
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{") : i - 1].strip()
-        start = text.rfind("\\boxed{", 0, start)
-    return None
-
-
 def grade(text: str, reference: str) -> tuple[str, str]:
     """(label, reason): label in correct / incorrect / no_answer; exact integer comparison."""
-    answer = extract_answer(text)
+    answer = extract_boxed(text)
     if answer is None:
         return "no_answer", "no \\boxed{} in the response"
     if not re.fullmatch(rf"-?\d{{1,{_MAX_ANSWER_DIGITS}}}", answer):
@@ -197,26 +185,6 @@ def grade(text: str, reference: str) -> tuple[str, str]:
 
 
 # --- steps and the exact step checker -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Step:
-    index: int  # 1-based, over the non-empty lines of the text
-    text: str
-    start: int  # character offsets in the solution text
-    end: int
-
-
-def split_steps(text: str) -> list[Step]:
-    """One step per non-empty line, with its character span."""
-    steps, pos = [], 0
-    for line in text.splitlines(keepends=True):
-        stripped = line.strip()
-        if stripped:
-            lead = len(line) - len(line.lstrip())
-            steps.append(Step(len(steps) + 1, stripped, pos + lead, pos + lead + len(stripped)))
-        pos += len(line)
-    return steps
 
 
 @dataclass(frozen=True)

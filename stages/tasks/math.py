@@ -1,0 +1,57 @@
+"""The `math` task: real competition problems with LaTeX answers, graded by math-verify.
+
+Grading is two-tier: `fast_verdict` settles identical answers and integer pairs in microseconds;
+everything else goes to `verify_answer` (math-verify), which the grader pool runs in worker
+processes under a hard timeout. Model output is parsed, never evaluated.
+"""
+
+from __future__ import annotations
+
+import re
+
+from stages.tasks.base import Step, extract_boxed, split_steps
+
+__all__ = ["Step", "extract_boxed", "split_steps"]
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+PROMPT_TEMPLATE = "{problem}\n" + INSTRUCTION + "\n"
+
+_INT_RE = re.compile(r"^[+-]?\d{1,15}$")
+_STRIP_RE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\$|\s+")
+
+
+def chat_messages(problem: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{problem}\n{INSTRUCTION}"}]
+
+
+def normalize(answer: str) -> str:
+    """Spacing and sizing commands removed, `\\dfrac`/`\\tfrac` -> `\\frac`, a trailing period
+    dropped: two answers equal after this are the same answer."""
+    out = _STRIP_RE.sub("", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return out.rstrip(".")
+
+
+def fast_verdict(answer: str, reference: str) -> tuple[str, str] | None:
+    """(label, reason) when the answer is settled without math-verify, else None."""
+    a, r = normalize(answer), normalize(reference)
+    if a and a == r:
+        return "correct", "exact match"
+    if _INT_RE.match(a) and _INT_RE.match(r):
+        return ("correct", "equal integers") if int(a) == int(r) else (
+            "incorrect", f"integer {a} != {r}")
+    return None
+
+
+def verify_answer(answer: str, reference: str) -> tuple[str, str]:
+    """math-verify on the two boxed answers. No timeout of its own: the caller bounds it."""
+    from math_verify import parse, verify
+
+    gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=None)
+    pred = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
+    if not gold:
+        return "error", f"reference {reference[:60]!r} does not parse"
+    if not pred:
+        return "incorrect", f"answer {answer[:60]!r} does not parse"
+    if verify(gold, pred, timeout_seconds=None):
+        return "correct", "math-verify: equivalent"
+    return "incorrect", "math-verify: not equivalent"

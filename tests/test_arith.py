@@ -1,0 +1,126 @@
+import random
+
+import pytest
+
+from stages.tasks import arith
+from stages.tasks.arith import ArithConfig, ArithProblem, first_wrong_step
+
+P = ArithProblem(start=48, ops=(("+", 17), ("-", 29), ("*", 3)))  # 65, 36, 108
+
+
+def test_problem_text_solution_and_parse():
+    assert P.text == "Compute left to right: 48 + 17 - 29 * 3"
+    assert P.solution() == "48 + 17 = 65\n65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}"
+    assert arith.parse_problem(P.text) == P
+    with pytest.raises(ValueError):
+        arith.parse_problem("What is 2 + 2?")
+
+
+def test_generator_is_deterministic_and_bounded():
+    cfg = ArithConfig()
+    a = arith.generate_split("train", 300, seed=7, cfg=cfg)
+    b = arith.generate_split("train", 300, seed=7, cfg=cfg)
+    c = arith.generate_split("train", 300, seed=8, cfg=cfg)
+    assert a == b and a != c
+    assert len({p.key for p in a}) == 300
+    for p in a:
+        assert cfg.min_steps <= len(p.ops) <= cfg.max_steps
+        assert all(0 <= v <= cfg.value_max for v in p.values())
+        assert all(op in cfg.ops for op, _ in p.ops)
+
+
+def test_splits_are_disjoint_by_construction():
+    cfg = ArithConfig(min_steps=1, max_steps=2, operand_max=9, value_max=50)  # a small space
+    seen = {}
+    for split in ("pretrain", "train", "heldout"):
+        for seed in (0, 1):
+            for p in arith.generate_split(split, 40, seed, cfg):
+                assert arith.split_of(p) == split
+                assert seen.setdefault(p.key, split) == split
+
+
+def test_difficulty_knobs():
+    cfg = ArithConfig(min_steps=6, max_steps=6, ops="+", operand_max=5)
+    for p in arith.generate_split("train", 50, 0, cfg):
+        assert len(p.ops) == 6 and all(op == "+" and 1 <= b <= 5 for op, b in p.ops)
+
+
+def test_grade_and_extract():
+    assert arith.extract_boxed("x \\boxed{1} y \\boxed{ 108 }") == "108"
+    assert arith.extract_boxed("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert arith.extract_boxed("\\boxed{12") is None
+    assert arith.grade(P.solution(), "108")[0] == "correct"
+    assert arith.grade("\\boxed{107}", "108")[0] == "incorrect"
+    assert arith.grade("no answer here", "108")[0] == "no_answer"
+    assert arith.grade("\\boxed{1" + "0" * 5000 + "}", "108")[0] == "incorrect"
+
+
+def test_checker_right_solution():
+    assert first_wrong_step(P, P.solution()) is None
+    assert first_wrong_step(P, "  48+17=65\n\n65 - 29 = 36\n36 * 3=108\n\\boxed{108}\n") is None
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_checker_first_error_at_step_k(k):
+    lines = P.solution().split("\n")
+    a, op, b, c = arith.parse_step(lines[k - 1])
+    lines[k - 1] = f"{a} {op} {b} = {c + 10}"  # arithmetic slip at step k, then carried on
+    text = "\n".join(lines)
+    err = first_wrong_step(P, text)
+    assert err is not None and err.chain_step == k and err.step.index == k
+    assert err.expected == P.step_line(k) and err.found == lines[k - 1]
+    assert text[: err.char_start] == "".join(x + "\n" for x in lines[: k - 1])
+
+
+def test_checker_wrong_operand_missing_steps_and_wrong_answer():
+    err = first_wrong_step(P, "48 + 71 = 119\n")  # copied the wrong operand
+    assert err.chain_step == 1
+    err = first_wrong_step(P, "48 + 17 = 65\n65 - 29 = 36")  # stops early
+    assert err.step is None and err.chain_step == 3 and err.char_start == len("48 + 17 = 65\n65 - 29 = 36")
+    err = first_wrong_step(P, "48 + 17 = 65\n65 - 29 = 36\n36 * 3 = 108\n\\boxed{18}")
+    assert err.chain_step == 4 and err.expected == "\\boxed{108}"
+    err = first_wrong_step(P, P.solution() + "\n1 + 1 = 2")  # trailing junk after the answer
+    assert err.chain_step == 5
+
+
+def test_checker_reflection_then_correction():
+    text = "48 + 17 = 65\n65 - 29 = 46\nWait, step 2 is wrong: 65 - 29 = 36, not 46.\n"
+    text += "65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}"
+    err = first_wrong_step(P, text)
+    assert err.chain_step == 2 and err.step.index == 2  # the original slip is still found
+    fixed = "48 + 17 = 65\nWait, step 1 is wrong: nothing.\n48 + 17 = 65\n65 - 29 = 36\n"
+    assert first_wrong_step(P, fixed + "36 * 3 = 108\n\\boxed{108}") is None
+    assert first_wrong_step(P, "Wait, step 9 is wrong: x\n").chain_step == 1
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["", "\\boxed{", "}}}{{{", "Wait, step 99999999999999999999 is wrong", "\x00\xff" * 50,
+     "1" * 10000 + " + 1 = 2", "= = = =\n+ - *", "\n\n\n"],
+)
+def test_checker_survives_garbage(garbage):
+    err = first_wrong_step(P, garbage)
+    assert err is not None and err.chain_step == 1
+    assert 0 <= err.char_start <= len(garbage)
+
+
+def test_checker_random_text_never_crashes():
+    rng = random.Random(0)
+    alphabet = "0123456789 +-*=\n\\boxed{}Wait, step is wrong"
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        err = first_wrong_step(P, text)
+        assert err is not None
+
+
+def test_split_steps_spans():
+    text = "a\n\n  b c \nd"
+    steps = arith.split_steps(text)
+    assert [s.text for s in steps] == ["a", "b c", "d"]
+    assert all(text[s.start : s.end] == s.text for s in steps)
+
+
+def test_reflection_line():
+    assert arith.reflection_line(2, "65 - 29 = 46", "65 - 29 = 36") == (
+        "Wait, step 2 is wrong: 65 - 29 = 36, not 46.")
+    assert arith.reflection_line(3, "garbage", "36 * 3 = 108").startswith("Wait, step 3 is wrong")
