@@ -76,7 +76,8 @@ def test_checker_wrong_operand_missing_steps_and_wrong_answer():
     err = first_wrong_step(P, "48 + 71 = 119\n")  # copied the wrong operand
     assert err.chain_step == 1
     err = first_wrong_step(P, "48 + 17 = 65\n65 - 29 = 36")  # stops early
-    assert err.step is None and err.chain_step == 3 and err.char_start == len("48 + 17 = 65\n65 - 29 = 36")
+    assert err.step is None and err.chain_step == 3
+    assert err.char_start == len("48 + 17 = 65\n65 - 29 = 36")
     err = first_wrong_step(P, "48 + 17 = 65\n65 - 29 = 36\n36 * 3 = 108\n\\boxed{18}")
     assert err.chain_step == 4 and err.expected == "\\boxed{108}"
     err = first_wrong_step(P, P.solution() + "\n1 + 1 = 2")  # trailing junk after the answer

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 Label = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
 LABELS: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
+_BRACES = re.compile(r"\\boxed\{|[{}]")
 
 
 def extract_boxed(text: str) -> str | None:
-    """The content of the last \\boxed{...} (nested braces allowed), stripped; None if absent
-    or unclosed. Linear in len(text); never evaluates anything."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        i, depth = start + len("\\boxed{"), 1
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{") : i - 1].strip()
-        start = text.rfind("\\boxed{", 0, start)
-    return None
+    """The content of the last closed \\boxed{...} (nested braces allowed), stripped; None if
+    there is none. One linear pass over the braces; never evaluates anything."""
+    stack: list[int | None] = []  # per open brace: content start if it opens a \boxed, else None
+    last: tuple[int, int] | None = None
+    for m in _BRACES.finditer(text):
+        if m.group() == "}":
+            if stack and (start := stack.pop()) is not None and (last is None or start > last[0]):
+                last = (start, m.start())
+        else:
+            stack.append(m.end() if m.group() != "{" else None)
+    return text[last[0] : last[1]].strip() if last else None
 
 
 @dataclass(frozen=True)

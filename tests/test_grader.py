@@ -1,0 +1,79 @@
+import time
+
+import pytest
+
+from pipeline.grader import Grader, fast_grade
+from stages.tasks import math as math_task
+from stages.tasks.base import extract_boxed
+
+
+@pytest.fixture(scope="module")
+def grader():
+    with Grader("math", workers=2, timeout_s=3.0) as g:
+        yield g
+
+
+@pytest.mark.parametrize(
+    "response, reference, label",
+    [
+        ("so \\boxed{0.5}", "\\frac{1}{2}", "correct"),
+        ("\\boxed{ 42 }", "42", "correct"),
+        ("\\boxed{042}", "42", "correct"),
+        ("\\boxed{\\dfrac{1}{2}}", "\\frac12", "correct"),
+        ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", "correct"),
+        ("\\boxed{[1,2)}", "[1, 2)", "correct"),
+        ("\\boxed{(1,2]}", "[1,2)", "incorrect"),
+        ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", "correct"),
+        ("\\boxed{\\text{Bob}}", "\\text{Evelyn}", "incorrect"),
+        ("first \\boxed{3} then \\boxed{4}", "4", "correct"),
+        ("\\boxed{41}", "42", "incorrect"),
+        ("The answer is 42.", "42", "no_answer"),
+        ("\\boxed{42", "42", "no_answer"),
+        ("\\boxed{x^2+1}", "1+x^2", "correct"),
+    ],
+)
+def test_equivalent_forms(grader, response, reference, label):
+    [v] = grader.grade([response], [reference])
+    assert v.label == label, v
+
+
+def test_huge_nested_expression_times_out_not_hangs(grader):
+    hostile = ["\\boxed{9^{9^{9^{9^{9^{9}}}}}}", "\\boxed{" + "{" * 3000 + "1" + "}" * 3000 + "}"]
+    t = time.time()
+    verdicts = grader.grade(hostile + ["\\boxed{1/2}"], ["2", "1", "\\frac{1}{2}"])
+    assert time.time() - t < 3.0 * 2 + 10
+    assert [v.label for v in verdicts] == ["timeout", "timeout", "correct"]
+    assert "3 s" in verdicts[0].reason
+    # the pool recovered: later items are graded normally
+    assert grader.grade(["\\boxed{0.25}"], ["\\frac14"])[0].label == "correct"
+
+
+def test_every_item_gets_label_and_reason(grader):
+    responses = ["\\boxed{1}", "nothing", "\\boxed{\\sqrt{}}", "\\boxed{}", "\\boxed{2}"]
+    verdicts = grader.grade(responses, ["1", "1", "2", "3", "\\frac{4}{2}"])
+    assert len(verdicts) == len(responses)
+    assert all(v.label in ("correct", "incorrect", "no_answer", "timeout", "error") and v.reason
+               for v in verdicts)
+    assert [v.label for v in verdicts][:2] == ["correct", "no_answer"]
+    assert verdicts[-1].label == "correct"
+
+
+def test_length_mismatch_and_unknown_task():
+    with pytest.raises(ValueError):
+        Grader("math").grade(["a"], [])
+    with pytest.raises(ValueError, match="unknown task"):
+        Grader("chess")
+
+
+def test_fast_path_needs_no_pool():
+    assert fast_grade("math", "\\boxed{ 7 }", "7").label == "correct"
+    assert fast_grade("math", "\\boxed{8}", "7").label == "incorrect"
+    assert fast_grade("math", "\\boxed{x}", "7") is None
+    assert fast_grade("arith", "\\boxed{7}", "7").label == "correct"
+
+
+def test_extract_boxed_is_linear_on_huge_input():
+    t = time.time()
+    assert extract_boxed("\\boxed{" * 20000) is None
+    assert time.time() - t < 5
+    assert math_task.normalize("\\left( 1 , 2 \\right).") == "(1,2)"

@@ -1,0 +1,110 @@
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import load_config
+from pipeline.engines.base import SamplingParams
+from pipeline.engines.hf import HFEngine
+from pipeline.testbed import build_base, measure_base
+from stages.tasks import arith
+
+TINY = [
+    "testbed.n_pretrain=300", "testbed.n_train=50", "testbed.n_heldout=20",
+    "testbed.hidden_size=32", "testbed.num_layers=1", "testbed.num_heads=1",
+    "testbed.steps=3", "testbed.batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    cfg = load_config(None, TINY).testbed
+    base = tmp_path_factory.mktemp("base")
+    return cfg, base, build_base(cfg, base)
+
+
+def test_tiny_build_writes_splits_model_and_manifest(tiny_base):
+    cfg, base, model_dir = tiny_base
+    splits = {s: pd.read_parquet(base / "data" / f"{s}.parquet") for s in
+              ("pretrain", "train", "heldout")}
+    assert [len(splits[s]) for s in ("pretrain", "train", "heldout")] == [300, 50, 20]
+    ids = [set(df["problem_id"]) for df in splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    for df in splits.values():
+        for row in df.itertuples():  # every reference solution checks and grades correct
+            p = arith.parse_problem(row.problem)
+            assert arith.first_wrong_step(p, row.solution) is None
+            assert arith.grade(row.solution, row.answer)[0] == "correct"
+    build = json.loads((base / "build.json").read_text())
+    assert build["parameters"] > 0 and build["loss_last"] > 0
+    assert (base / "_SUCCESS").exists()
+
+
+def test_saved_model_loads_by_path_and_generates(tiny_base):
+    _, _, model_dir = tiny_base
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.model_type == "qwen2"
+    prompt = arith.PROMPT_TEMPLATE.format(problem="Compute left to right: 12 + 30 - 5")
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    text = "48 + 17 = 65\nWait, step 2 is wrong: ünïcode ∑ 😀"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    assert all(len(t.lstrip("Ġ")) <= 1 for t in tok.tokenize("1234567890") )  # digit-level
+
+
+def test_rebuild_is_noop_and_config_change_rebuilds(tiny_base, tmp_path):
+    cfg, base, model_dir = tiny_base
+    stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
+    build_base(cfg, base)
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    other = cfg.model_copy(update={"base_dir": "elsewhere"})  # the location is not the build
+    build_base(other, base)
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_build_is_deterministic(tiny_base, tmp_path):
+    cfg, base, model_dir = tiny_base
+    again = build_base(cfg, tmp_path / "again")
+    a = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(again).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for split in ("train", "heldout"):
+        pd.testing.assert_frame_equal(pd.read_parquet(base / "data" / f"{split}.parquet"),
+                                      pd.read_parquet(tmp_path / "again/data" / f"{split}.parquet"))
+
+
+def test_measure_base_reports_targets(tiny_base):
+    _, base, model_dir = tiny_base
+    heldout = pd.read_parquet(base / "data" / "heldout.parquet").head(5)
+    m = measure_base(HFEngine(model_dir), heldout, n=2, max_tokens=8)
+    assert m["n_problems"] == 5 and 0 <= m["greedy_accuracy"] <= 1 and 0 <= m["mixed_share"] <= 1
+
+
+def test_hf_engine_seeded_and_shapes(tiny_base):
+    _, _, model_dir = tiny_base
+    eng = HFEngine(model_dir, batch_size=4)
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=3, logprobs=True)
+    a = eng.generate(["Q: a\nA:\n", "Q: bb\nA:\n"], 3, params)
+    b = eng.generate(["Q: a\nA:\n", "Q: bb\nA:\n"], 3, params)
+    assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
+    assert len(a) == 2 and all(len(g) == 3 for g in a)
+    for c in a[0]:
+        assert len(c.logprobs) == len(c.token_ids) == c.length and c.finish_reason in ("stop", "length")
+        assert all(lp <= 0 for lp in c.logprobs)
+
+
+@pytest.mark.slow
+def test_full_build_meets_targets(tmp_path):
+    """The real `make base` build: the targets of the testbed issue on the held-out set."""
+    cfg = load_config().testbed
+    model_dir = build_base(cfg, tmp_path / "base")
+    heldout = pd.read_parquet(tmp_path / "base" / "data" / "heldout.parquet")
+    m = measure_base(HFEngine(model_dir), heldout)
+    assert 0.25 <= m["greedy_accuracy"] <= 0.75, m
+    assert m["mixed_share"] >= 0.30, m
