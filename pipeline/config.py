@@ -66,6 +66,26 @@ class TestbedConfig(Section):
     seed: int = 0
 
 
+class EngineConfig(Section):
+    """Which generation backend, and its knobs. `auto`: vllm when installed, else hf."""
+
+    backend: typing.Literal["auto", "hf", "vllm", "openai"] = "auto"
+    batch_size: int = Field(64, ge=1, description="hf: sequences per generate call")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm (CPU: RAM share)")
+    max_model_len: int = Field(1024, ge=16, description="vllm: context length")
+    dtype: str = Field("auto", description="vllm: auto, float32, bfloat16, ...")
+    base_urls: list[str] = Field(default_factory=list, description="openai: server base URLs")
+    served_model: str = Field("", description="openai: model name (default: the model path)")
+    concurrency: int = Field(8, ge=1, description="openai: requests in flight")
+    timeout_s: float = Field(300.0, gt=0, description="openai: per-request timeout")
+    retries: int = Field(4, ge=0, description="openai: retries with exponential backoff")
+
+
+class GraderConfig(Section):
+    workers: int = Field(2, ge=1, description="math-verify worker processes")
+    timeout_s: float = Field(5.0, gt=0, description="hard limit per graded item")
+
+
 class RunnerConfig(Section):
     workers: int = Field(1, ge=1, description="worker processes per stage")
 
@@ -74,6 +94,8 @@ class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     testbed: TestbedConfig = Field(default_factory=TestbedConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    grader: GraderConfig = Field(default_factory=GraderConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     def section(self, name: str) -> Section:

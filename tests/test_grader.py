@@ -76,4 +76,5 @@ def test_extract_boxed_is_linear_on_huge_input():
     t = time.time()
     assert extract_boxed("\\boxed{" * 20000) is None
     assert time.time() - t < 5
-    assert math_task.normalize("\\left( 1 , 2 \\right).") == "(1,2)"
+    assert math_task.normalize("\\left( 1 ,2 \\right).") == "(1,2)"
+    assert math_task.normalize("58, 500") != math_task.normalize("58,500")

@@ -17,7 +17,8 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 PROMPT_TEMPLATE = "{problem}\n" + INSTRUCTION + "\n"
 
 _INT_RE = re.compile(r"^[+-]?\d{1,15}$")
-_STRIP_RE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\$|\s+")
+_STRIP_RE = re.compile(r"\\left|\\right|\$")
+_SPACE_RE = re.compile(r"(?<!,)\s+")  # a space after a comma can matter ("1, 5" vs "1,5")
 
 
 def chat_messages(problem: str) -> list[dict[str, str]]:
@@ -25,10 +26,11 @@ def chat_messages(problem: str) -> list[dict[str, str]]:
 
 
 def normalize(answer: str) -> str:
-    """Spacing and sizing commands removed, `\\dfrac`/`\\tfrac` -> `\\frac`, a trailing period
-    dropped: two answers equal after this are the same answer."""
-    out = _STRIP_RE.sub("", answer).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    return out.rstrip(".")
+    """`\\left`, `\\right` and `$` removed, whitespace removed except after a comma,
+    `\\dfrac`/`\\tfrac` -> `\\frac`, a trailing period dropped: two answers equal after this
+    are the same answer to math-verify too (so the fast path never changes a verdict)."""
+    out = _SPACE_RE.sub("", _STRIP_RE.sub("", answer).strip())
+    return out.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
 
 
 def fast_verdict(answer: str, reference: str) -> tuple[str, str] | None:
