@@ -95,7 +95,8 @@ def test_hf_engine_seeded_and_shapes(tiny_base):
     assert [[c.token_ids for c in g] for g in a] == [[c.token_ids for c in g] for g in b]
     assert len(a) == 2 and all(len(g) == 3 for g in a)
     for c in a[0]:
-        assert len(c.logprobs) == len(c.token_ids) == c.length and c.finish_reason in ("stop", "length")
+        assert len(c.logprobs) == len(c.token_ids) == c.length
+        assert c.finish_reason in ("stop", "length")
         assert all(lp <= 0 for lp in c.logprobs)
 
 

@@ -20,7 +20,8 @@ class SamplingParams:
 
 @dataclass
 class Completion:
-    """One sampled continuation of one prompt."""
+    """One sampled continuation of one prompt. `token_ids` are the sampled ids, ending in the
+    EOS id when the model stopped by itself; `text` is their decoding without special tokens."""
 
     text: str
     token_ids: list[int]

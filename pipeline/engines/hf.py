@@ -80,11 +80,12 @@ class HFEngine:
         for i in range(len(prompts)):
             tokens = new[i].tolist()
             finish = "length"
-            if self.eos_id in tokens:
-                tokens = tokens[: tokens.index(self.eos_id)]
+            if self.eos_id in tokens:  # kept, as vLLM keeps it: the trainer learns to stop
+                tokens = tokens[: tokens.index(self.eos_id) + 1]
                 finish = "stop"
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            text, tokens, finish = _apply_stop(text, tokens, finish, params.stop, self.tokenizer)
+            if any(s and s in text for s in params.stop):
+                text, tokens, finish = self._cut_at_stop(tokens, params.stop)
             completions.append(
                 Completion(
                     text=text,
@@ -95,16 +96,19 @@ class HFEngine:
             )
         return completions
 
+    def _cut_at_stop(self, tokens: list[int], stops: tuple[str, ...]):
+        """As vLLM: the text ends before the first stop string; the tokens run through the one
+        that completes it (found by binary search over decoded prefixes)."""
 
-def _apply_stop(text, tokens, finish, stops, tokenizer):
-    """Cut at the first stop string (the stop string itself is dropped, as vLLM does)."""
-    cuts = [text.find(s) for s in stops if s and s in text]
-    if not cuts:
-        return text, tokens, finish
-    text = text[: min(cuts)]
-    kept = tokens
-    while kept and not tokenizer.decode(kept, skip_special_tokens=True).startswith(text):
-        kept = kept[:-1]
-    while kept and len(tokenizer.decode(kept[:-1], skip_special_tokens=True)) >= len(text):
-        kept = kept[:-1]
-    return text, kept, "stop"
+        def decoded(k: int) -> str:
+            return self.tokenizer.decode(tokens[:k], skip_special_tokens=True)
+
+        lo, hi = 1, len(tokens)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s and s in decoded(mid) for s in stops):
+                hi = mid
+            else:
+                lo = mid + 1
+        text = decoded(lo)
+        return text[: min(text.find(s) for s in stops if s and s in text)], tokens[:lo], "stop"

