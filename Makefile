@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 CONFIG  ?= configs/testbed.yaml
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test test-slow lint base coldstart iterate eval compare bench clean
+.PHONY: help setup test test-slow lint base bench check-grader coldstart iterate eval compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -31,7 +31,15 @@ lint:  ## ruff
 base:  ## build the testbed base model (no-op when up to date)
 	$(BIN)/tapo base --config $(CONFIG)
 
-coldstart iterate eval compare bench:
+bench:  ## benchmarks, with ratios against the raw dependency (builds the base model if missing)
+	$(BIN)/python -m bench.grader
+	$(BIN)/tapo base --config $(CONFIG)
+	$(BIN)/python -m bench.engines --config $(CONFIG)
+
+check-grader:  ## grade every bundled reference solution against its own reference answer
+	$(BIN)/python -m pipeline.grader_check
+
+coldstart iterate eval compare:
 	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1
 
 clean:  ## remove runs/ (everything runs produced)

@@ -79,7 +79,10 @@ def cmd_base(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     model_dir = build_base(cfg.testbed, cfg.testbed.base_dir)
+    build = json.loads((model_dir.parent / "build.json").read_text())
     print(f"base model: {model_dir}")
+    print(f"held-out: {json.dumps(build['heldout'])}")
+    print(f"seconds: {json.dumps(build['seconds'])}")
     return 0
 
 

@@ -52,16 +52,16 @@ class TestbedConfig(Section):
 
     arith: ArithConfig = Field(default_factory=ArithConfig)
     base_dir: str = Field("runs/base", description="where `make base` builds the base model")
-    n_pretrain: int = Field(20000, ge=1, description="reference solutions to pretrain on")
+    n_pretrain: int = Field(50000, ge=1, description="reference solutions to pretrain on")
     n_train: int = Field(4000, ge=1, description="problems for cold start and RL")
     n_heldout: int = Field(200, ge=1, description="the fixed held-out evaluation set")
     vocab_size: int = Field(384, ge=300, le=8192)
-    hidden_size: int = Field(256, ge=32)
+    hidden_size: int = Field(128, ge=32)
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
     max_positions: int = Field(1024, ge=128)
-    steps: int = Field(400, ge=1)
-    batch_size: int = Field(64, ge=1)
+    steps: int = Field(2800, ge=1)
+    batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-3, gt=0)
     seed: int = 0
 

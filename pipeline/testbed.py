@@ -4,7 +4,8 @@
 
     base_dir/data/{pretrain,train,heldout}.parquet   problems (disjoint by construction)
     base_dir/model/                                 HF model + tokenizer (save_pretrained)
-    base_dir/build.json                             config, fingerprint, losses, timings, metrics
+    base_dir/build.json                             config, fingerprint, losses, timings, and
+                                                    the held-out targets (measure_base)
     base_dir/_SUCCESS                               written last; a rebuild with the same
                                                     fingerprint is a no-op
 """
@@ -22,6 +23,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.config import TestbedConfig
+from pipeline.engines.base import SamplingParams
+from pipeline.engines.hf import HFEngine
 from pipeline.io import write_table_atomic
 from pipeline.util import fingerprint, write_json_atomic
 from stages.tasks import arith
@@ -153,6 +156,10 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
     model.save_pretrained(base_dir / "model")
     tokenizer.save_pretrained(base_dir / "model")
     n_params = sum(p.numel() for p in model.parameters())
+    t2 = time.time()
+    heldout = problem_rows(splits["heldout"], "heldout")
+    metrics = measure_base(HFEngine(model, tokenizer, batch_size=200), heldout)
+    t_measure = time.time() - t2
     write_json_atomic(
         base_dir / "build.json",
         {
@@ -160,7 +167,9 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
             "config": cfg.model_dump(mode="json"),
             "parameters": n_params,
             "vocab": len(tokenizer),
-            "seconds": {"data": round(t_data, 1), "pretrain": round(t_train, 1)},
+            "seconds": {"data": round(t_data, 1), "pretrain": round(t_train, 1),
+                        "measure": round(t_measure, 1)},
+            "heldout": metrics,
             "loss_first": losses[0],
             "loss_last": sum(losses[-20:]) / len(losses[-20:]),
         },
@@ -172,8 +181,6 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
 def measure_base(engine, heldout: pd.DataFrame, n: int = 8, max_tokens: int = 160) -> dict:
     """The testbed targets on the held-out set: greedy accuracy, and the share of problems whose
     pass rate over `n` samples at temperature 1.0 lies strictly between 0 and 1."""
-    from pipeline.engines.base import SamplingParams
-
     prompts = [arith.PROMPT_TEMPLATE.format(problem=p) for p in heldout["problem"]]
     answers = list(heldout["answer"])
     greedy = engine.generate(prompts, 1, SamplingParams(temperature=0, max_tokens=max_tokens))

@@ -127,8 +127,9 @@ class FlakyProxy:
                 if proxy.seen == 2:
                     self.send_error(500, "flaky")
                     return
-                req = urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"),
-                                             data=body, headers={"Content-Type": "application/json"})
+                url = proxy.upstream + self.path.removeprefix("/v1")
+                req = urllib.request.Request(url, data=body,
+                                             headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=60) as r:
                     data = r.read()
                 self.send_response(200)

@@ -1,0 +1,102 @@
+"""Engine throughput vs the raw dependency, on the same prompts, in the same run:
+our `vllm` engine vs a bare `LLM.generate`, our `hf` engine vs a bare `model.generate` loop.
+
+    python -m bench.engines [--config C] [--n 8] [--problems 200]
+
+Reads the testbed base model (build it with `make base`); prints one JSON line per backend with
+tokens/s of both sides and the ratio (goal: at least 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pandas as pd
+import torch
+
+from pipeline.config import load_config
+from pipeline.engines.base import SamplingParams
+from pipeline.engines.hf import HFEngine
+from pipeline.engines.vllm import VLLMEngine, vllm_available
+from stages.tasks import arith
+
+MAX_TOKENS = 160
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bench_vllm(model_dir, prompts, n, engine_cfg) -> dict:
+    from vllm import SamplingParams as VSamplingParams
+    from vllm.inputs import TokensPrompt
+
+    eng = VLLMEngine(model_dir, max_model_len=engine_cfg.max_model_len,
+                     gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
+                     dtype=engine_cfg.dtype)
+    params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, logprobs=True)
+    raw_params = VSamplingParams(n=n, temperature=1.0, max_tokens=MAX_TOKENS, logprobs=0)
+    raw_prompts = [TokensPrompt(prompt_token_ids=eng.tokenizer(p, add_special_tokens=False)
+                                ["input_ids"]) for p in prompts]
+    eng.generate(prompts[:8], n, params)  # warm up
+    ours, t_ours = timed(lambda: eng.generate(prompts, n, params))
+    raw, t_raw = timed(lambda: eng.llm.generate(raw_prompts, raw_params, use_tqdm=False))
+    tok_ours = sum(c.length for g in ours for c in g)
+    tok_raw = sum(len(o.token_ids) for r in raw for o in r.outputs)
+    return report("vllm", tok_ours / t_ours, tok_raw / t_raw)
+
+
+def bench_hf(model_dir, prompts, n, batch_size) -> dict:
+    eng = HFEngine(model_dir, batch_size=batch_size)
+    params = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS)
+    tok, model = eng.tokenizer, eng.model
+
+    def bare():
+        flat = [p for p in prompts for _ in range(n)]
+        count = 0
+        tok.padding_side = "left"
+        for start in range(0, len(flat), batch_size):
+            enc = tok(flat[start : start + batch_size], return_tensors="pt", padding=True,
+                      add_special_tokens=False)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=MAX_TOKENS, do_sample=True,
+                                     temperature=1.0, top_p=None, top_k=0,
+                                     pad_token_id=tok.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1] :]
+            count += int(((new != tok.pad_token_id) & (new != tok.eos_token_id)).sum())
+            count += int((new == tok.eos_token_id).any(dim=1).sum())  # the EOS we keep
+        return count
+
+    eng.generate(prompts[:4], 2, params)  # warm up
+    ours, t_ours = timed(lambda: eng.generate(prompts, n, params))
+    tok_raw, t_raw = timed(bare)
+    return report("hf", sum(c.length for g in ours for c in g) / t_ours, tok_raw / t_raw)
+
+
+def report(backend: str, ours: float, raw: float) -> dict:
+    return {"bench": f"engine_{backend}", "tapo_tokens_per_s": round(ours, 1),
+            "raw_tokens_per_s": round(raw, 1), "ratio": round(ours / raw, 3)}
+
+
+def main() -> None:
+    """Prints one JSON line per backend."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--problems", type=int, default=200)
+    args = parser.parse_args()
+    cfg = load_config(args.config)
+    base = cfg.testbed.base_dir
+    heldout = pd.read_parquet(f"{base}/data/heldout.parquet").head(args.problems)
+    prompts = [arith.PROMPT_TEMPLATE.format(problem=p) for p in heldout["problem"]]
+    if vllm_available():
+        print(json.dumps(bench_vllm(f"{base}/model", prompts, args.n, cfg.engine)), flush=True)
+    print(json.dumps(bench_hf(f"{base}/model", prompts[:50], args.n, cfg.engine.batch_size)))
+
+
+if __name__ == "__main__":
+    main()
