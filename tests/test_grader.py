@@ -78,3 +78,21 @@ def test_extract_boxed_is_linear_on_huge_input():
     assert time.time() - t < 5
     assert math_task.normalize("\\left( 1 ,2 \\right).") == "(1,2)"
     assert math_task.normalize("58, 500") != math_task.normalize("58,500")
+
+
+def test_reference_solutions_grade_correct_on_real_data():
+    """MATH-500 and GSM8K reference solutions against their own answers (50 of each), and AIME /
+    HMMT answers round-tripping: the grader check's agreement target is 99%."""
+    from pipeline.grader_check import run_check
+
+    report = run_check(limit=50)
+    assert report["total"] == 50 * 2 + 30 * 3
+    assert report["agreement"] >= 0.99, report["disagreements"]
+    assert set(report["per_source"]) == {"math500", "gsm8k", "aime2024", "aime2025",
+                                         "hmmt2025_feb"}
+
+
+def test_gsm8k_final_line_becomes_boxed():
+    from pipeline.grader_check import gsm8k_response
+
+    assert gsm8k_response("She has 3.\n#### 1,234") == "She has 3.\n\\boxed{1234}"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.engines.base import Completion, Engine, SamplingParams
+from pipeline.engines.base import Completion, Engine, Prompt, SamplingParams, render_prompt
 
-__all__ = ["Completion", "Engine", "SamplingParams", "make_engine", "resolve_backend"]
+__all__ = ["Completion", "Engine", "Prompt", "SamplingParams", "make_engine", "render_prompt",
+           "resolve_backend"]
 
 
 def resolve_backend(backend: str) -> str:
@@ -36,7 +37,12 @@ def make_engine(cfg, model: str | Path, seed: int = 0) -> Engine:
 
         if not cfg.base_urls:
             raise ValueError("engine.backend=openai needs engine.base_urls=[http://host:port/v1]")
+        tokenizer = None
+        if Path(model).is_dir():  # a local copy renders chat prompts as the server would
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(model))
         return OpenAIEngine(cfg.base_urls, cfg.served_model or str(model),
                             concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
-                            retries=cfg.retries)
+                            retries=cfg.retries, tokenizer=tokenizer)
     raise ValueError(f"unknown engine backend {backend!r}")

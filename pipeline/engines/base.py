@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
+Prompt = str | list[dict[str, str]]  # plain text, or chat messages [{"role", "content"}]
+
+
+def render_prompt(prompt: Prompt, tokenizer: Any) -> str:
+    """Plain text as is; chat messages through the tokenizer's chat template (with the
+    generation prompt). A chat prompt for a model without a chat template is an error."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat messages need a model with a chat template, and this model has "
+                         "none: give the task a plain prompt template instead")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,8 @@ class Engine(Protocol):
     name: str
 
     def generate(
-        self, prompts: list[str], n: int, params: SamplingParams
+        self, prompts: list[Prompt], n: int, params: SamplingParams
     ) -> list[list[Completion]]:
-        """`n` completions for each prompt, in prompt order."""
+        """`n` completions for each prompt, in prompt order; chat prompts are rendered with
+        the model's chat template (render_prompt)."""
         ...

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from pipeline.engines.base import Completion, SamplingParams
+from pipeline.engines.base import Completion, Prompt, SamplingParams, render_prompt
 
 
 class HFEngine:
@@ -38,11 +38,11 @@ class HFEngine:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[str], n: int, params: SamplingParams
+        self, prompts: list[Prompt], n: int, params: SamplingParams
     ) -> list[list[Completion]]:
         """`n` completions per prompt. Sampling is seeded per batch, so the same prompts, n,
         params and batch size give the same completions."""
-        flat = [p for p in prompts for _ in range(n)]
+        flat = [render_prompt(p, self.tokenizer) for p in prompts for _ in range(n)]
         out: list[Completion] = []
         for b, start in enumerate(range(0, len(flat), self.batch_size)):
             out.extend(self._batch(flat[start : start + self.batch_size], params, params.seed + b))

@@ -16,7 +16,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from itertools import cycle
 
-from pipeline.engines.base import Completion, SamplingParams
+from pipeline.engines.base import Completion, Prompt, SamplingParams, render_prompt
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -37,6 +37,7 @@ class OpenAIEngine:
         retries: int = 4,
         backoff_s: float = 0.5,
         api_key: str = "EMPTY",
+        tokenizer=None,
     ):
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
@@ -45,12 +46,14 @@ class OpenAIEngine:
         self.model, self.concurrency = model, concurrency
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.api_key = api_key
+        self.tokenizer = tokenizer  # renders chat prompts; plain prompts need none
 
     def generate(
-        self, prompts: list[str], n: int, params: SamplingParams
+        self, prompts: list[Prompt], n: int, params: SamplingParams
     ) -> list[list[Completion]]:
         urls = cycle(self.base_urls)
-        jobs = [(next(urls), self._body(p, n, params)) for p in prompts]
+        texts = [render_prompt(p, self.tokenizer) for p in prompts]
+        jobs = [(next(urls), self._body(t, n, params)) for t in texts]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             answers = list(pool.map(lambda job: self._post(*job), jobs))
         return [self._completions(a, n, params) for a in answers]

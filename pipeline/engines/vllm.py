@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from pipeline.engines.base import Completion, SamplingParams
+from pipeline.engines.base import Completion, Prompt, SamplingParams, render_prompt
 
 
 def vllm_available() -> bool:
@@ -53,8 +53,15 @@ class VLLMEngine:
         # own seed has a chunked prefill; on CPU, sampling is seeded once, by LLM(seed=...).
         self.per_request_seed = not current_platform.is_cpu()
 
+    def close(self) -> None:
+        """Stops vLLM's engine process now (rather than at interpreter exit) and frees its
+        memory; the engine cannot generate afterwards."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+
     def generate(
-        self, prompts: list[str], n: int, params: SamplingParams
+        self, prompts: list[Prompt], n: int, params: SamplingParams
     ) -> list[list[Completion]]:
         """`n` completions per prompt; prompts are tokenized without special tokens, as the
         hf engine does, so both engines see the same prompt ids."""
@@ -72,7 +79,8 @@ class VLLMEngine:
             stop=list(params.stop) or None,
         )
         requests = [
-            TokensPrompt(prompt_token_ids=self.tokenizer(p, add_special_tokens=False)["input_ids"])
+            TokensPrompt(prompt_token_ids=self.tokenizer(
+                render_prompt(p, self.tokenizer), add_special_tokens=False)["input_ids"])
             for p in prompts
         ]
         outputs = self.llm.generate(requests, sampling, use_tqdm=False)
