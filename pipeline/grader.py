@@ -43,20 +43,22 @@ def fast_grade(task: str, response: str, reference: str) -> Verdict | None:
 
 
 def _serve(conn: Connection) -> None:
-    """Worker loop: (index, answer, reference) in, (index, label, reason) out."""
+    """Worker loop: a chunk of (index, answer, reference) in; one (index, label, reason) out
+    per item as soon as it is graded, so a hung item is known by its missing answer."""
     import logging
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     while True:
         try:
-            index, answer, reference = conn.recv()
+            chunk = conn.recv()
         except EOFError:
             return
-        try:
-            label, reason = math_task.verify_answer(answer, reference)
-        except Exception as e:  # the checker failed on this item: say so, keep serving
-            label, reason = "error", f"{type(e).__name__}: {str(e)[:200]}"
-        conn.send((index, label, reason))
+        for index, answer, reference in chunk:
+            try:
+                label, reason = math_task.verify_answer(answer, reference)
+            except Exception as e:  # the checker failed on this item: say so, keep serving
+                label, reason = "error", f"{type(e).__name__}: {str(e)[:200]}"
+            conn.send((index, label, reason))
 
 
 class _Worker:
@@ -65,7 +67,8 @@ class _Worker:
         self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
         self.proc.start()
         child.close()
-        self.job: tuple[int, float] | None = None  # (item index, deadline)
+        self.chunk: deque[tuple[int, str, str]] = deque()  # sent, not yet answered
+        self.deadline = 0.0  # for the item at the head of the chunk
 
     def kill(self) -> None:
         self.proc.kill()
@@ -109,36 +112,49 @@ class Grader:
             self._run_pool(slow, verdicts, {i: a for i, a, _ in slow})
         return verdicts  # type: ignore[return-value]
 
-    def _run_pool(self, queue, verdicts, answers) -> None:
+    def _run_pool(self, queue: deque, verdicts: list, answers: dict) -> None:
+        """Feeds chunks to idle workers; each answer restarts the clock for the next item of
+        its chunk. A worker past its deadline is killed: the item it was on is a timeout, the
+        rest of its chunk goes back to the queue."""
         while len(self._workers) < min(self.n_workers, len(queue)):
             self._workers.append(_Worker(self._ctx))
+        chunk_size = max(1, min(32, len(queue) // (4 * len(self._workers))))
         pending = len(queue)
         while pending:
             for w in self._workers:
-                if w.job is None and queue:
-                    index, answer, reference = queue.popleft()
-                    w.conn.send((index, answer, reference))
-                    w.job = (index, time.monotonic() + self.timeout_s)
-            busy = [w for w in self._workers if w.job is not None]
-            next_deadline = min(w.job[1] for w in busy)
-            ready = wait([w.conn for w in busy], timeout=max(0.0, next_deadline - time.monotonic()))
+                if not w.chunk and queue:
+                    w.chunk.extend(queue.popleft() for _ in range(min(chunk_size, len(queue))))
+                    w.conn.send(list(w.chunk))
+                    w.deadline = time.monotonic() + self.timeout_s
+            busy = [w for w in self._workers if w.chunk]
+            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+            ready = wait([w.conn for w in busy], timeout=timeout)
             for w in busy:
-                index = w.job[0]
                 if w.conn in ready:
                     try:
-                        _, label, reason = w.conn.recv()
+                        while w.conn.poll():
+                            index, label, reason = w.conn.recv()
+                            w.chunk.popleft()
+                            verdicts[index] = Verdict(label, reason, answers[index])
+                            pending -= 1
+                            w.deadline = time.monotonic() + self.timeout_s
                     except (EOFError, OSError):  # the worker died (e.g. out of memory)
-                        label, reason = "error", "grader worker died"
-                        self._replace(w)
-                    verdicts[index] = Verdict(label, reason, answers[index])
-                elif time.monotonic() >= w.job[1]:
-                    verdicts[index] = Verdict(
-                        "timeout", f"grading took over {self.timeout_s:g} s", answers[index])
-                    self._replace(w)
-                else:
-                    continue
-                w.job = None
-                pending -= 1
+                        pending -= self._fail_head(w, "error", "grader worker died", verdicts,
+                                                   answers, queue)
+                elif time.monotonic() >= w.deadline:
+                    pending -= self._fail_head(w, "timeout",
+                                               f"grading took over {self.timeout_s:g} s",
+                                               verdicts, answers, queue)
+
+    def _fail_head(self, w: _Worker, label: str, reason: str, verdicts, answers, queue) -> int:
+        """The worker's current item gets `label`; its unanswered rest is re-queued; the
+        worker is replaced. Returns the number of items settled (1)."""
+        index = w.chunk.popleft()[0]
+        verdicts[index] = Verdict(label, reason, answers[index])
+        queue.extendleft(reversed(w.chunk))
+        w.chunk.clear()
+        self._replace(w)
+        return 1
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()

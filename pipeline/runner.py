@@ -149,12 +149,12 @@ def run_stage(
     workers = max(1, min(workers or config.runner.workers, len(pending) or 1))
     bar = tqdm(total=len(units), initial=len(units) - len(pending), unit="shard",
                desc=stage_cls.name, disable=not progress)
-    if workers == 1:
+    if workers == 1 and pending:  # (a stage may load a model: only build it when needed)
         stage = stage_cls(config)
         for i in pending:
             _process_unit(stage, units[i], out_dir, i, fp)
             bar.update()
-    else:
+    elif pending:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_init_worker,

@@ -96,3 +96,17 @@ def test_gsm8k_final_line_becomes_boxed():
     from pipeline.grader_check import gsm8k_response
 
     assert gsm8k_response("She has 3.\n#### 1,234") == "She has 3.\n\\boxed{1234}"
+
+
+def test_hung_items_inside_chunks_requeue_the_rest():
+    """With many items per worker message, a hung item is still pinpointed: it times out, and
+    the unanswered rest of its chunk is graded normally."""
+    responses = [f"\\boxed{{\\frac{{{i}}}{{{i + 1}}}}}" for i in range(40)]
+    references = [f"\\frac{{{2 * i}}}{{{2 * i + 2}}}" for i in range(40)]
+    for hostile in (7, 8, 23):
+        responses[hostile] = "\\boxed{9^{9^{9^{9^{9^{9}}}}}}"
+    with Grader("math", workers=2, timeout_s=2.0) as g:
+        verdicts = g.grade(responses, references)
+    labels = [v.label for v in verdicts]
+    assert [i for i, lab in enumerate(labels) if lab == "timeout"] == [7, 8, 23]
+    assert all(lab == "correct" for i, lab in enumerate(labels) if i not in (7, 8, 23))
