@@ -227,3 +227,27 @@ def test_openrlhf_and_vllm_import_side_by_side():
 
     assert openrlhf.__name__ and vllm.__version__
     assert int(transformers.__version__.split(".")[0]) >= 5
+
+
+def test_make_engine_picks_backends(tiny_base):  # noqa: F811
+    from pipeline.config import load_config
+    from pipeline.engines import make_engine, resolve_backend
+
+    assert resolve_backend("auto") == ("vllm" if vllm_available() else "hf")
+    cfg = load_config(None, ["engine.backend=hf"]).engine
+    assert isinstance(make_engine(cfg, tiny_base[2]), HFEngine)
+    with pytest.raises(ValueError, match="engine.base_urls"):
+        make_engine(load_config(None, ["engine.backend=openai"]).engine, tiny_base[2])
+    cfg = load_config(None, ["engine.backend=openai", "engine.base_urls=[http://127.0.0.1:1/v1]"])
+    eng = make_engine(cfg.engine, tiny_base[2])
+    assert isinstance(eng, OpenAIEngine) and eng.tokenizer is not None  # renders chat prompts
+
+
+def test_math_chat_prompt_renders(chat_model):
+    from pipeline.engines.base import render_prompt
+    from stages.tasks import math as math_task
+
+    eng = HFEngine(chat_model)
+    text = render_prompt(math_task.chat_messages("What is $1+1$?"), eng.tokenizer)
+    assert text.startswith("<|im_start|>user\nWhat is $1+1$?\n" + math_task.INSTRUCTION)
+    assert text.endswith("<|im_start|>assistant\n")

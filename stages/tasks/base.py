@@ -1,13 +1,10 @@
-"""What every task plugin shares: the last-\\boxed{} extractor, step splitting, grade labels."""
+"""What every task plugin shares: the last-\\boxed{} extractor and step splitting."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
 
-Label = Literal["correct", "incorrect", "no_answer", "timeout", "error"]
-LABELS: tuple[str, ...] = ("correct", "incorrect", "no_answer", "timeout", "error")
 _BRACES = re.compile(r"\\boxed\{|[{}]")
 
 
