@@ -1,6 +1,7 @@
 """The `tapo` command line (also `python -m pipeline`).
 
-    tapo stage NAME --in DIR --out DIR [--config C] [--workers N] [section.key=value ...]
+    tapo stage NAME --in DIR --out DIR [--side NAME=DIR] [--config C] [--workers N] [key=value ...]
+    tapo round RUN_DIR --iteration K [--algo tapo|grpo] [--model PATH] [--config C] [key=value ...]
     tapo status RUN_DIR
     tapo base [--config C] [section.key=value ...]
 """
@@ -27,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", dest="out_dir", required=True, type=Path)
     _config_args(p)
     p.add_argument("--workers", type=int, default=None, help="worker processes (runner.workers)")
+    p.add_argument("--side", action="append", default=[], metavar="NAME=DIR",
+                   help="a side input of the stage (assemble: trajectories=DIR)")
+
+    p = sub.add_parser("round", help="run one round's stages, sample to assemble")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--iteration", type=int, required=True, help="round number K (from 1)")
+    p.add_argument("--algo", choices=("tapo", "grpo"), default="tapo")
+    p.add_argument("--model", default=None, help="the policy checkpoint (default: see README)")
+    _config_args(p)
 
     p = sub.add_parser("status", help="completion, row counts and drops of a run's stages")
     p.add_argument("run_dir", type=Path)
@@ -42,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = args.overrides + extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"stage": cmd_stage, "status": cmd_status, "base": cmd_base}[args.command](args)
+        commands = {"stage": cmd_stage, "round": cmd_round, "status": cmd_status,
+                    "base": cmd_base}
+        return commands[args.command](args)
     except ConfigError as e:
         print(f"tapo: config error: {e}", file=sys.stderr)
         return 2
@@ -61,10 +73,47 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     stage_cls = load_stage_class(args.name)
-    result = run_stage(stage_cls, cfg, args.in_dir, args.out_dir, workers=args.workers)
+    side = {}
+    for item in args.side:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--side {item!r} is not of the form NAME=DIR")
+        side[name] = Path(path)
+    result = run_stage(stage_cls, cfg, args.in_dir, args.out_dir, workers=args.workers,
+                       side=side)
     state = "already complete, nothing to do" if result.skipped else "done"
     print(f"{stage_cls.name}: {state}: {json.dumps(result.stats)}")
     return 0
+
+
+def cmd_round(args: argparse.Namespace) -> int:
+    from pipeline.config import write_resolved
+    from pipeline.round import run_round
+
+    saved = args.run_dir / "config.yaml"
+    cfg = load_config(args.config or (saved if saved.exists() else None), args.overrides)
+    if args.model:
+        cfg.policy.path = args.model
+    write_resolved(cfg, saved)
+    summary = run_round(args.run_dir, args.iteration, cfg, algo=args.algo)
+    print(render_round(summary))
+    return 0
+
+
+def render_round(summary: dict) -> str:
+    """A few lines: rows and drops per stage, seconds, and the acceptance share."""
+    lines = [f"round {summary['iteration']} ({summary['algo']}), policy {summary['policy']}"]
+    for name, stats in summary["stats"].items():
+        drops = ", ".join(f"{k[8:]} {v}" for k, v in stats.items() if k.startswith("dropped_"))
+        rows = (f"{stats.get('rows_in', '')} -> {stats.get('rows_out', stats.get('problems'))}")
+        lines.append(f"  {name:<10} {rows:>14}  {summary['seconds'][name]:7.1f} s"
+                     + (f"  dropped: {drops}" if drops else ""))
+    lines.append(f"  pass rate {summary['pass_rate']:.3f} over {summary['rollouts']} rollouts; "
+                 f"training rows {summary['training_rows']} ({summary['augmented']} augmented)")
+    if "candidates" in summary:
+        lines.append(f"  candidates {summary['candidates']}, accepted {summary['accepted']} "
+                     f"({summary['acceptance']:.0%})")
+    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

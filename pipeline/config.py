@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.util import fingerprint
 from stages.tasks.arith import ArithConfig
@@ -43,6 +43,57 @@ class RunConfig(Section):
 
 class TaskConfig(Section):
     name: typing.Literal["arith", "math"] = "arith"
+    chat: bool = Field(False, description="math: prompt with the model's chat template")
+
+
+class PolicyConfig(Section):
+    """The model being trained. `tapo round` sets `path` to the round's checkpoint."""
+
+    path: str = Field("", description="HF model directory; empty: the testbed base model")
+
+
+class RolloutConfig(Section):
+    """Which problems a round samples, and how (the `sample` stage)."""
+
+    problems: str = Field("", description="parquet of training problems; empty: testbed train")
+    problems_per_round: int = Field(64, ge=1)
+    shard_size: int = Field(32, ge=1, description="problems per shard")
+    group_size: int = Field(8, ge=2, description="G: rollouts per problem")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(160, ge=1)
+
+
+class SelectConfig(Section):
+    """Difficulty-aware candidate selection (PAPER.md, DCS defaults)."""
+
+    p_low: float = Field(0.0, ge=0, le=1, description="lowest group pass rate selected")
+    p_high: float = Field(0.5, ge=0, le=1, description="highest group pass rate selected")
+    budget_fraction: float = Field(0.25, ge=0, le=1,
+                                   description="max constructions as a share of the round")
+    max_constructions: int | None = Field(None, ge=0, description="overrides budget_fraction")
+    seed: int = Field(0, description="tie-breaking among equals")
+
+    @model_validator(mode="after")
+    def _window_ordered(self) -> SelectConfig:
+        if self.p_low > self.p_high:
+            raise ValueError(f"p_low ({self.p_low}) > p_high ({self.p_high})")
+        return self
+
+
+class LocateConfig(Section):
+    method: typing.Literal["rule", "llm"] = Field("rule", description="rule: arith only")
+    model: str = Field("", description="llm: a teacher model directory; empty: the policy")
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0)
+
+
+class ConstructConfig(Section):
+    method: typing.Literal["rule", "llm"] = Field("rule", description="rule: arith only")
+    mode: typing.Literal["prefix", "full_reconstruction"] = "prefix"
+    model: str = Field("", description="llm: a teacher model directory; empty: the policy")
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0)
 
 
 class TestbedConfig(Section):
@@ -97,6 +148,11 @@ class Config(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     grader: GraderConfig = Field(default_factory=GraderConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    locate: LocateConfig = Field(default_factory=LocateConfig)
+    construction: ConstructConfig = Field(default_factory=ConstructConfig)
 
     def section(self, name: str) -> Section:
         if name not in type(self).model_fields:

@@ -58,16 +58,17 @@ def write_table_atomic(
     return path
 
 
-def read_table(directory: str | Path) -> pa.Table:
+def read_table(directory: str | Path, columns: list[str] | None = None) -> pa.Table:
     """All shards of a stage directory as one Arrow table (an empty dir raises)."""
     parts = list_parts(directory)
     if not parts:
         raise FileNotFoundError(f"no part-*.parquet shards in {directory}")
-    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in parts],
+                            promote_options="default")
 
 
-def read_pandas(directory: str | Path) -> pd.DataFrame:
-    return read_table(directory).to_pandas()
+def read_pandas(directory: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    return read_table(directory, columns).to_pandas()
 
 
 def iter_batches(directory: str | Path, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
@@ -76,13 +77,19 @@ def iter_batches(directory: str | Path, batch_size: int = 1024) -> Iterator[pa.R
         yield from pq.ParquetFile(part).iter_batches(batch_size=batch_size)
 
 
+def _same_type(found: pa.DataType, want: pa.DataType) -> bool:
+    """Equal types, counting string and large_string (what pandas writes) as one."""
+    strings = (pa.string(), pa.large_string())
+    return found.equals(want) or (found in strings and want in strings)
+
+
 def check_schema(schema: pa.Schema, required: pa.Schema, where: str = "") -> None:
     """Raises SchemaError naming every missing column and every type mismatch."""
     problems = []
     for field in required:
         if field.name not in schema.names:
             problems.append(f"missing column {field.name!r} ({field.type})")
-        elif not schema.field(field.name).type.equals(field.type):
+        elif not _same_type(schema.field(field.name).type, field.type):
             problems.append(
                 f"column {field.name!r} is {schema.field(field.name).type}, expected {field.type}"
             )

@@ -8,6 +8,10 @@ Output directory layout (all written by this module; stages never open files):
     stats.json                rows_in, rows_out, dropped_<reason> over all shards
     _SUCCESS                  manifest, written last: the directory is complete
 
+A stage may also read whole *side inputs* (complete stage directories named in its
+`side_inputs`, e.g. assemble reads the constructed trajectories beside the rollouts it
+processes shard by shard); their files enter the fingerprint like the main input's.
+
 A killed run resumes at shard granularity: shards with a marker of the current fingerprint are
 kept, the rest are recomputed and their part files replaced atomically, so no row is lost or
 duplicated. A complete directory with the same fingerprint is a no-op; a changed config section
@@ -24,7 +28,7 @@ import shutil
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +76,10 @@ class Stage:
     (config sections read; they enter the fingerprint), `output_schema`, optionally
     `input_schema`, and implement `process`. `whole_input = True` gives `process` every input
     row at once (for stages that rank or budget across shards) and writes one output shard.
+    `side_inputs` names extra inputs, read whole into `self.side[name]` (a list of rows; empty
+    when the run gives none). `close()` releases what the stage opened (engines, pools).
+    `row_fallback = False` is for stages whose rows only make sense together (groups): a batch
+    that raises then fails the stage instead of being retried row by row.
     """
 
     name: ClassVar[str]
@@ -80,12 +88,18 @@ class Stage:
     input_schema: ClassVar[pa.Schema | None] = None
     output_schema: ClassVar[pa.Schema]
     whole_input: ClassVar[bool] = False
+    side_inputs: ClassVar[tuple[str, ...]] = ()
+    row_fallback: ClassVar[bool] = True
 
     def __init__(self, config: Config):
         self.config = config
+        self.side: dict[str, list[dict[str, Any]]] = {name: [] for name in self.side_inputs}
 
     def process(self, rows: list[dict[str, Any]]) -> StageOutput:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases resources; the runner calls it once the stage is done."""
 
 
 def stage_ref(stage_cls: type[Stage]) -> str:
@@ -124,19 +138,25 @@ def run_stage(
     out_dir: str | Path,
     workers: int | None = None,
     progress: bool = True,
+    side: Mapping[str, str | Path] | None = None,
 ) -> StageResult:
-    """Runs `stage_cls` over every shard of `in_dir` into `out_dir`; see the module docstring."""
+    """Runs `stage_cls` over every shard of `in_dir` into `out_dir`; see the module docstring.
+    `side` maps names of the stage's `side_inputs` to complete stage directories."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     inputs = list_parts(in_dir)
     if not inputs:
         raise FileNotFoundError(f"{in_dir} has no part-*.parquet shards to process")
+    side_dirs = _check_side(stage_cls, side or {})
     input_hashes = {p.name: file_sha256(p) for p in inputs}
+    side_hashes = {name: {p.name: file_sha256(p) for p in list_parts(d)}
+                   for name, d in side_dirs.items()}
     fp = fingerprint(
         {
             "stage": stage_ref(stage_cls),
             "version": stage_cls.version,
             "config": section_fingerprint(config, stage_cls.sections),
             "inputs": input_hashes,
+            **({"side": side_hashes} if side_hashes else {}),
         }
     )
     manifest = _read_json(out_dir / SUCCESS)
@@ -150,15 +170,18 @@ def run_stage(
     bar = tqdm(total=len(units), initial=len(units) - len(pending), unit="shard",
                desc=stage_cls.name, disable=not progress)
     if workers == 1 and pending:  # (a stage may load a model: only build it when needed)
-        stage = stage_cls(config)
-        for i in pending:
-            _process_unit(stage, units[i], out_dir, i, fp)
-            bar.update()
+        stage = _make_stage(stage_cls, config, side_dirs)
+        try:
+            for i in pending:
+                _process_unit(stage, units[i], out_dir, i, fp)
+                bar.update()
+        finally:
+            stage.close()
     elif pending:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
             workers, mp_context=ctx, initializer=_init_worker,
-            initargs=(stage_ref(stage_cls), config.model_dump(mode="json")),
+            initargs=(stage_ref(stage_cls), config.model_dump(mode="json"), side_dirs),
         ) as pool:
             futures = [pool.submit(_worker_unit, units[i], out_dir, i, fp) for i in pending]
             for future in as_completed(futures):
@@ -178,6 +201,7 @@ def run_stage(
             "config": {s: config.section(s).model_dump(mode="json") for s in stage_cls.sections},
             "input_dir": str(in_dir),
             "inputs": input_hashes,
+            "side_inputs": {name: str(d) for name, d in side_dirs.items()},
             "rows": stats,
             "versions": package_versions(),
             "git_commit": git_commit(),
@@ -188,6 +212,25 @@ def run_stage(
 
 
 # --- internals ----------------------------------------------------------------------------
+
+
+def _check_side(stage_cls: type[Stage], side: Mapping[str, str | Path]) -> dict[str, Path]:
+    unknown = set(side) - set(stage_cls.side_inputs)
+    if unknown:
+        raise ValueError(f"stage {stage_cls.name!r} has no side input {sorted(unknown)}; "
+                         f"its side inputs: {', '.join(stage_cls.side_inputs) or '(none)'}")
+    for name, d in side.items():
+        if not (Path(d) / SUCCESS).exists():
+            raise FileNotFoundError(f"side input {name!r}: {d} is not a complete stage directory "
+                                    f"(no {SUCCESS})")
+    return {name: Path(d) for name, d in sorted(side.items())}
+
+
+def _make_stage(stage_cls: type[Stage], config: Config, side_dirs: dict[str, Path]) -> Stage:
+    stage = stage_cls(config)
+    for name, d in side_dirs.items():
+        stage.side[name] = [row for p in list_parts(d) for row in pq.read_table(p).to_pylist()]
+    return stage
 
 
 def _prepare(out_dir: Path, fp: str) -> None:
@@ -219,9 +262,9 @@ def _marker_ok(out_dir: Path, index: int, fp: str) -> bool:
 _WORKER_STAGE: Stage | None = None
 
 
-def _init_worker(ref: str, config: dict[str, Any]) -> None:
+def _init_worker(ref: str, config: dict[str, Any], side_dirs: dict[str, Path]) -> None:
     global _WORKER_STAGE
-    _WORKER_STAGE = load_stage_class(ref)(Config.model_validate(config))
+    _WORKER_STAGE = _make_stage(load_stage_class(ref), Config.model_validate(config), side_dirs)
 
 
 def _worker_unit(paths: list[Path], out_dir: Path, index: int, fp: str) -> None:
@@ -257,7 +300,7 @@ def _safe_process(stage: Stage, rows: list[dict[str, Any]]) -> StageOutput:
     try:
         return stage.process(rows)
     except Exception as e:
-        if not rows:
+        if not rows or not stage.row_fallback:
             raise
         if len(rows) == 1:
             return _drop_error(rows[0], e)

@@ -1,3 +1,10 @@
 """TAPO stages, one file each. REGISTRY maps a stage name to `module:Class` for `tapo stage`."""
 
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    "sample": "stages.sample:Sample",
+    "classify": "stages.classify:Classify",
+    "select": "stages.select:Select",
+    "locate": "stages.locate:Locate",
+    "construct": "stages.construct:Construct",
+    "assemble": "stages.assemble:Assemble",
+}

@@ -1,8 +1,13 @@
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
+from pipeline.config import load_config
 from pipeline.io import part_name, write_table_atomic
 from tests.fixture_stages import SCHEMA_IN
+
+SMALL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "testbed-small.yaml"
 
 
 @pytest.fixture
@@ -18,3 +23,19 @@ def shards(tmp_path):
         return d
 
     return make
+
+
+@pytest.fixture(scope="session")
+def small_base(tmp_path_factory):
+    """The small testbed (configs/testbed-small.yaml) built once per session (about 20 s):
+    returns a function giving its config with extra overrides."""
+    from pipeline.testbed import build_base
+
+    base = tmp_path_factory.mktemp("small") / "base"
+    overrides = [f"testbed.base_dir={base}", "engine.backend=hf"]
+    build_base(load_config(SMALL_CONFIG, overrides).testbed, base)
+
+    def config(*extra: str):
+        return load_config(SMALL_CONFIG, overrides + list(extra))
+
+    return config

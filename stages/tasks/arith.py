@@ -213,18 +213,19 @@ def first_wrong_step(problem: ArithProblem, text: str) -> StepError | None:
             if 1 <= k <= expected_k:
                 expected_k = k
                 continue
-            return StepError(step, expected_k, _expected_line(problem, expected_k), step.text,
+            return StepError(step, expected_k, expected_line(problem, expected_k), step.text,
                              step.start)
-        want = _expected_line(problem, expected_k)
+        want = expected_line(problem, expected_k)
         if expected_k > n + 1 or _normalize(step.text) != _normalize(want):
             return StepError(step, expected_k, want, step.text, step.start)
         expected_k += 1
     if expected_k <= n + 1:
-        return StepError(None, expected_k, _expected_line(problem, expected_k), "", len(text))
+        return StepError(None, expected_k, expected_line(problem, expected_k), "", len(text))
     return None
 
 
-def _expected_line(problem: ArithProblem, k: int) -> str:
+def expected_line(problem: ArithProblem, k: int) -> str:
+    """The correct line at chain step k: step k, the boxed answer (k = n + 1), or nothing."""
     n = len(problem.ops)
     if k <= n:
         return problem.step_line(k)

@@ -1,0 +1,157 @@
+"""One TAPO round: problems -> sample -> classify -> select -> locate -> construct -> assemble.
+
+    run_round(run_dir, iteration=1, cfg=cfg)
+
+Writes `RUN_DIR/iter_KKKK/<stage>/` for each stage (see pipeline/runner.py for the layout) and
+`RUN_DIR/iter_KKKK/round.json`: the policy, seconds and stats per stage, and the share of
+candidates that became accepted trajectories. Every stage is resumable and a no-op when
+complete, so a killed round re-run continues from the last complete stage. `algo="grpo"` skips
+select/locate/construct: the training shard holds the rollouts only.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.io import part_name, read_pandas, write_table_atomic
+from pipeline.runner import SUCCESS, Stage, run_stage
+from pipeline.util import file_sha256, fingerprint, write_json_atomic
+from stages.assemble import Assemble
+from stages.classify import Classify
+from stages.construct import Construct
+from stages.locate import Locate
+from stages.sample import Sample
+from stages.select import Select
+
+AUGMENT_CHAIN: list[tuple[str, type[Stage], str]] = [  # (dir, stage, input dir)
+    ("select", Select, "classify"),
+    ("locate", Locate, "select"),
+    ("construct", Construct, "locate"),
+]
+
+
+def iter_dir(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / f"iter_{iteration:04d}"
+
+
+def resolve_policy(run_dir: str | Path, iteration: int, cfg: Config) -> Path:
+    """The checkpoint a round samples from: `policy.path` when set; else the previous round's
+    checkpoint (models/iter_K-1), else the cold-start checkpoint (models/coldstart), else the
+    testbed base model (built when missing)."""
+    if cfg.policy.path:
+        return Path(cfg.policy.path)
+    models = Path(run_dir) / "models"
+    for candidate in (models / f"iter_{iteration - 1:04d}", models / "coldstart"):
+        if iteration > 1 or candidate.name == "coldstart":
+            if (candidate / "config.json").exists():
+                return candidate
+    from pipeline.testbed import build_base
+
+    return build_base(cfg.testbed, cfg.testbed.base_dir)
+
+
+def problem_pool(cfg: Config) -> Path:
+    """The training problems: `rollout.problems`, or the testbed's train split."""
+    if cfg.rollout.problems:
+        return Path(cfg.rollout.problems)
+    return Path(cfg.testbed.base_dir) / "data" / "train.parquet"
+
+
+def write_round_problems(cfg: Config, iteration: int, out_dir: Path) -> dict[str, int]:
+    """Round K's problems: positions (K-1)*B .. K*B-1 (wrapping) of a seeded permutation of the
+    pool, B = rollout.problems_per_round, in shards of rollout.shard_size. A no-op when done."""
+    pool_path = problem_pool(cfg)
+    if not pool_path.exists():
+        raise FileNotFoundError(f"no training problems at {pool_path} (set rollout.problems)")
+    r = cfg.rollout
+    fp = fingerprint({"pool": file_sha256(pool_path), "iteration": iteration,
+                      "seed": cfg.run.seed, "per_round": r.problems_per_round,
+                      "shard_size": r.shard_size})
+    done = out_dir / SUCCESS
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
+        return {"problems": r.problems_per_round}
+    pool = pd.read_parquet(pool_path)
+    missing = {"problem_id", "problem", "answer"} - set(pool.columns)
+    if missing:
+        raise ValueError(f"{pool_path} lacks columns {sorted(missing)}")
+    order = list(range(len(pool)))
+    random.Random(cfg.run.seed).shuffle(order)
+    start = (iteration - 1) * r.problems_per_round
+    picked = [order[(start + i) % len(order)] for i in range(min(r.problems_per_round, len(pool)))]
+    table = pool.iloc[picked].reset_index(drop=True)
+    table["answer"] = table["answer"].astype(str)
+    for old in out_dir.glob("part-*.parquet"):
+        old.unlink()
+    for i, lo in enumerate(range(0, len(table), r.shard_size)):
+        write_table_atomic(table.iloc[lo : lo + r.shard_size], out_dir / part_name(i))
+    write_json_atomic(done, {"fingerprint": fp, "pool": str(pool_path), "rows": len(table)})
+    return {"problems": len(table)}
+
+
+def run_round(run_dir: str | Path, iteration: int, cfg: Config, algo: str = "tapo",
+              progress: bool = True) -> dict[str, Any]:
+    """Runs one round's stages into RUN_DIR/iter_KKKK and returns (and writes) its summary."""
+    if algo not in ("tapo", "grpo"):
+        raise ValueError(f"algo must be tapo or grpo, not {algo!r}")
+    if iteration < 1:
+        raise ValueError(f"iteration must be 1 or more, not {iteration}")
+    here = iter_dir(run_dir, iteration)
+    policy = resolve_policy(run_dir, iteration, cfg)
+    cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"path": str(policy)})})
+    timings: dict[str, float] = {}
+    stats: dict[str, dict[str, int]] = {}
+    reused: list[str] = []  # stages already complete (a resumed round)
+
+    t = time.time()
+    stats["problems"] = write_round_problems(cfg, iteration, here / "problems")
+    timings["problems"] = time.time() - t
+    chain: list[tuple[str, type[Stage], str]] = [("sample", Sample, "problems"),
+                                                 ("classify", Classify, "sample")]
+    if algo == "tapo":
+        chain += AUGMENT_CHAIN
+    for name, stage_cls, source in chain:
+        t = time.time()
+        result = run_stage(stage_cls, cfg, here / source, here / name, progress=progress)
+        stats[name], timings[name] = result.stats, time.time() - t
+        reused += [name] if result.skipped else []
+    t = time.time()
+    side = {"trajectories": here / "construct"} if algo == "tapo" else {}
+    result = run_stage(Assemble, cfg, here / "classify", here / "assemble", progress=progress,
+                       side=side)
+    stats["assemble"], timings["assemble"] = result.stats, time.time() - t
+    reused += ["assemble"] if result.skipped else []
+
+    summary = summarize(here, algo, stats)
+    summary.update({"iteration": iteration, "algo": algo, "policy": str(policy),
+                    "seconds": {k: round(v, 2) for k, v in timings.items()}, "reused": reused})
+    write_json_atomic(here / "round.json", summary)
+    return summary
+
+
+def summarize(here: Path, algo: str, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Pass rate, candidates, accepted trajectories; checks that assemble lost none."""
+    classified = read_pandas(here / "classify", columns=["label"])
+    training = read_pandas(here / "assemble", columns=["kind"])
+    augmented = int((training["kind"] == "augmented").sum())
+    out: dict[str, Any] = {
+        "rollouts": len(classified),
+        "pass_rate": float((classified["label"] == "correct").mean()) if len(classified) else 0.0,
+        "training_rows": len(training), "augmented": augmented, "stats": stats,
+    }
+    if algo == "tapo":
+        candidates = stats["select"]["rows_out"]
+        accepted = stats["construct"]["rows_out"]
+        if augmented + stats["assemble"].get("dropped_tokenization_mismatch", 0) != accepted:
+            raise RuntimeError(f"{here}: {accepted} trajectories constructed but {augmented} "
+                               "assembled: a trajectory's problem is in no rollout shard")
+        out.update({"candidates": candidates, "accepted": accepted,
+                    "acceptance": accepted / candidates if candidates else 0.0})
+    return out
+

@@ -1,0 +1,112 @@
+"""What several stages share: the policy's path and tokenizer, the task's prompt, the engine,
+the token boundary of a kept prefix, and seeded tie-breaking."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from pipeline.config import Config
+from pipeline.engines import Engine, Prompt, make_engine, render_prompt
+from stages.tasks import arith
+from stages.tasks import math as math_task
+
+
+class Rejection(NamedTuple):
+    """Why a row is dropped: `reason` (a short key, counted) and a `detail` for the reader."""
+
+    reason: str
+    detail: str
+
+
+def policy_path(cfg: Config) -> Path:
+    """The model being trained: `policy.path`, or the testbed base model when empty."""
+    return Path(cfg.policy.path) if cfg.policy.path else Path(cfg.testbed.base_dir) / "model"
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no model directory at {path} (build the testbed base with "
+                                "`make base`, or set policy.path)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def task_prompt(cfg: Config, problem: str) -> Prompt:
+    """The task's prompt for a problem: plain text, or chat messages (math with task.chat)."""
+    if cfg.task.name == "arith":
+        return arith.PROMPT_TEMPLATE.format(problem=problem)
+    if cfg.task.chat:
+        return math_task.chat_messages(problem)
+    return math_task.PROMPT_TEMPLATE.format(problem=problem)
+
+
+def instruction_prompt(text: str, tokenizer: Any) -> str:
+    """An instruction to a model: a user turn when it has a chat template, else plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        return render_prompt([{"role": "user", "content": text}], tokenizer)
+    return text + "\n"
+
+
+class EngineHolder:
+    """Builds an engine on first use (a stage that never generates never loads a model)."""
+
+    def __init__(self, cfg: Config, model: str | Path):
+        self.cfg, self.model = cfg, Path(model)
+        self._engine: Engine | None = None
+
+    def get(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.cfg.engine, self.model, seed=self.cfg.run.seed)
+        return self._engine
+
+    def set(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def close(self) -> None:
+        close = getattr(self._engine, "close", None)
+        if close is not None:
+            close()
+        self._engine = None
+
+
+def prefix_boundary(tokenizer: Any, token_ids: list[int], text: str, chars: int) -> tuple[int, int]:
+    """(n_tokens, n_chars) of the longest run of the rollout's own tokens whose decoding is a
+    prefix of `text[:chars]`; n_chars <= chars (a token straddling the boundary is left out, and
+    so are special tokens at the end).
+    Binary search over decoded prefixes. Raises ValueError when the ids do not decode to `text`.
+    """
+
+    def decoded(n: int) -> str:
+        return tokenizer.decode(token_ids[:n], skip_special_tokens=True)
+
+    if decoded(len(token_ids)) != text:
+        raise ValueError("the response's token ids do not decode to its text")
+    lo, hi = 0, len(token_ids)  # invariant: decoded(lo) fits; answer in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        d = decoded(mid)
+        if len(d) <= chars and text.startswith(d):
+            lo = mid
+        else:
+            hi = mid - 1
+    special = set(tokenizer.all_special_ids)
+    while lo and token_ids[lo - 1] in special:  # the prefix never ends in EOS
+        lo -= 1
+    return lo, len(decoded(lo))
+
+
+def tiebreak(seed: int, key: str) -> int:
+    """A seeded, stable pseudo-random rank for `key` (same seed and key, same number)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
+
+
+def numbered_steps(text: str) -> str:
+    """The response's steps (non-empty lines), numbered `[1] ...`, one per line."""
+    from stages.tasks.base import split_steps
+
+    return "\n".join(f"[{s.index}] {s.text}" for s in split_steps(text))

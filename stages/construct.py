@@ -1,0 +1,204 @@
+"""construct: the micro-reflective trajectory for each located candidate, verified.
+
+Reads located candidates (schema.LOCATED); writes trajectories (schema.TRAJECTORIES):
+`response = prefix + diagnosis + correction`, where `prefix` is the wrong rollout's own text up
+to the failure (`prefix_token_ids`: its own tokens), `diagnosis` starts with the transition
+phrase "Wait, step k is wrong: ", and `correction` continues from step k to a boxed answer.
+`construction.mode=full_reconstruction` (the ablation) keeps no prefix and no diagnosis: the
+correction is a whole corrected solution.
+
+Constructors (`construction.method`):
+- `rule` (arith): the diagnosis names the wrong step and its right value; the correction is
+  the exact remaining steps. A prefix that itself contains an error (an llm locator pointed too
+  late) is dropped as `prefix_has_error`.
+- `llm`: a model (the policy: self-distillation; or a teacher, `construction.model`) gets the
+  problem, the numbered steps, the failure step and the reference, and answers
+  `<analysis>...</analysis><reconstruction>...</reconstruction>`.
+
+Every trajectory is verified; a failure is dropped with its reason: `tags_missing` (llm answer
+without both tags), `prefix_mismatch` (the prefix or its tokens differ from the rollout's),
+`copied_reference` (llm: the correction contains the reference response whole),
+`wrong_final_answer` / `no_final_answer` / `grading_failed` (the response does not grade correct).
+"""
+
+from __future__ import annotations
+
+import re
+
+from pipeline.engines import SamplingParams
+from pipeline.grader import Grader
+from pipeline.runner import Stage, StageOutput
+from stages import schema
+from stages.common import (
+    EngineHolder,
+    Rejection,
+    instruction_prompt,
+    load_tokenizer,
+    numbered_steps,
+    policy_path,
+)
+from stages.tasks import arith
+from stages.tasks.base import split_steps
+
+TRANSITION = "Wait, step {k} is wrong: "
+
+CONSTRUCT_INSTRUCTION = """\
+A student's solution to a problem goes wrong at step {k}. Diagnose the mistake and correct it.
+
+Problem:
+{problem}
+
+Student's solution, one numbered step per line:
+{steps}
+
+A correct solution, for reference (use it to check your work; do not copy it):
+{reference}
+
+Reply in exactly this format:
+<analysis>what is wrong with step {k}, and what it should be</analysis>
+<reconstruction>{what}, ending with the final answer in \\boxed{{}}</reconstruction>"""
+
+WHAT = {
+    "prefix": "the corrected reasoning, continuing the student's work from step {k}",
+    "full_reconstruction": "a complete corrected solution, from the beginning",
+}
+
+_ANALYSIS = re.compile(r"<analysis>(.*?)</analysis>", re.DOTALL)
+_RECONSTRUCTION = re.compile(r"<reconstruction>(.*?)</reconstruction>", re.DOTALL)
+_GRADE_REJECTION = {"incorrect": "wrong_final_answer", "no_answer": "no_final_answer"}
+
+
+class Construct(Stage):
+    name = "construct"
+    sections = ("task", "testbed", "policy", "construction", "engine", "grader", "run")
+    input_schema = schema.LOCATED
+    output_schema = schema.TRAJECTORIES
+
+    def __init__(self, config):
+        super().__init__(config)
+        cfg = config.construction
+        if cfg.method == "rule" and config.task.name != "arith":
+            raise ValueError(f"construction.method=rule needs the arith task; task "
+                             f"{config.task.name!r} needs construction.method=llm")
+        self.engine = EngineHolder(config, cfg.model or policy_path(config))
+        self.grader = Grader(config.task.name, config.grader.workers, config.grader.timeout_s)
+
+    def process(self, rows):
+        cfg = self.config.construction
+        full = cfg.mode == "full_reconstruction"
+        if cfg.method == "rule":
+            built = [rule_trajectory(row, full) for row in rows]
+        else:
+            built = self._llm(rows, full)
+        tokenizer = load_tokenizer(str(policy_path(self.config)))
+        out = StageOutput()
+        checked = []
+        for row, parts in zip(rows, built, strict=True):
+            if isinstance(parts, Rejection):
+                out.drop(row, parts.reason, parts.detail)
+                continue
+            rejection = check_prefix(row, parts[0], tokenizer, full)
+            if rejection is None and cfg.method == "llm":
+                rejection = check_not_copied(parts[2], row["reference_response"])
+            if rejection is not None:
+                out.drop(row, rejection.reason, rejection.detail)
+            else:
+                checked.append((row, parts))
+        responses = ["".join(parts) for _, parts in checked]
+        verdicts = self.grader.grade(responses, [row["answer"] for row, _ in checked])
+        for (row, (prefix, diagnosis, correction)), response, v in zip(checked, responses,
+                                                                       verdicts):
+            if v.label != "correct":
+                out.drop(row, _GRADE_REJECTION.get(v.label, "grading_failed"), v.reason)
+                continue
+            out.keep({
+                "trajectory_id": f"{row['wrong_rollout_id']}/{'full' if full else 'tapo'}",
+                "problem_id": row["problem_id"], "problem": row["problem"],
+                "answer": row["answer"], "prompt": row["prompt"],
+                "source_rollout_id": row["wrong_rollout_id"],
+                "reference_rollout_id": row["reference_rollout_id"], "mode": cfg.mode,
+                "constructor": cfg.method, "failure_step": row["failure_step"],
+                "prefix": prefix, "diagnosis": diagnosis, "correction": correction,
+                "response": response,
+                "prefix_token_ids": [] if full else row["wrong_token_ids"][: row["prefix_tokens"]],
+            })
+        return out
+
+    def _llm(self, rows, full: bool):
+        cfg = self.config.construction
+        tokenizer = load_tokenizer(str(self.engine.model))
+        prompts = []
+        for r in rows:
+            k = r["failure_step"]
+            prompts.append(instruction_prompt(CONSTRUCT_INSTRUCTION.format(
+                k=k, problem=r["problem"], steps=numbered_steps(r["wrong_response"]),
+                reference=r["reference_response"].strip(),
+                what=WHAT[cfg.mode].format(k=k)), tokenizer))
+        params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                seed=self.config.run.seed)
+        answers = [g[0].text for g in self.engine.get().generate(prompts, 1, params)]
+        return [llm_trajectory(r, a, full) for r, a in zip(rows, answers, strict=True)]
+
+    def close(self):
+        self.engine.close()
+        self.grader.close()
+
+
+def _separator(prefix: str) -> str:
+    return "\n" if prefix and not prefix.endswith("\n") else ""
+
+
+def rule_trajectory(row, full: bool):
+    """(prefix, diagnosis, correction) built exactly for an arith candidate, or a Rejection."""
+    problem = arith.parse_problem(row["problem"])
+    if full:
+        return "", "", problem.solution()
+    prefix = row["wrong_response"][: row["prefix_chars"]]
+    state = arith.first_wrong_step(problem, prefix)
+    if state is None:
+        return Rejection("prefix_is_complete", "the kept prefix already solves the problem")
+    if state.step is not None:
+        return Rejection("prefix_has_error", f"step {state.step.index} of the prefix is wrong")
+    k, n = state.chain_step, len(problem.ops)
+    steps = split_steps(row["wrong_response"])
+    found = steps[row["failure_step"] - 1].text if row["failure_step"] <= len(steps) else ""
+    expected = arith.expected_line(problem, k)
+    diagnosis = _separator(prefix) + arith.reflection_line(k, found, expected) + "\n"
+    correction = "\n".join(arith.expected_line(problem, j) for j in range(k, n + 2))
+    return prefix, diagnosis, correction
+
+
+def llm_trajectory(row, answer: str, full: bool):
+    """(prefix, diagnosis, correction) from a constructor model's tagged answer, or a
+    Rejection when either tag is missing or empty."""
+    analysis, reconstruction = _ANALYSIS.search(answer), _RECONSTRUCTION.search(answer)
+    if not (analysis and analysis.group(1).strip() and reconstruction
+            and reconstruction.group(1).strip()):
+        return Rejection("tags_missing", f"need <analysis> and <reconstruction>: {answer[:200]!r}")
+    correction = reconstruction.group(1).strip()
+    if full:
+        return "", "", correction
+    prefix = row["wrong_response"][: row["prefix_chars"]]
+    diagnosis = (_separator(prefix) + TRANSITION.format(k=row["failure_step"])
+                 + analysis.group(1).strip() + "\n")
+    return prefix, diagnosis, correction
+
+
+def check_prefix(row, prefix: str, tokenizer, full: bool) -> Rejection | None:
+    """The prefix must be the rollout's own text and tokens, byte for byte."""
+    if full:
+        return None if prefix == "" else Rejection("prefix_mismatch", "full mode keeps no prefix")
+    ids = row["wrong_token_ids"][: row["prefix_tokens"]]
+    if prefix != row["wrong_response"][: row["prefix_chars"]]:
+        return Rejection("prefix_mismatch", "the prefix is not the rollout's text")
+    if tokenizer.decode(ids, skip_special_tokens=True) != prefix:
+        return Rejection("prefix_mismatch", "the prefix tokens do not decode to the prefix")
+    return None
+
+
+def check_not_copied(correction: str, reference: str) -> Rejection | None:
+    """Rejects a correction that contains the whole reference response (whitespace aside)."""
+    ref = re.sub(r"\s+", "", reference)
+    if ref and ref in re.sub(r"\s+", "", correction):
+        return Rejection("copied_reference", "the correction contains the whole reference")
+    return None

@@ -1,0 +1,128 @@
+"""locate: the first wrong step of each candidate's wrong rollout, and the prefix to keep.
+
+Reads candidates (schema.CANDIDATES); writes them with `n_steps`, `failure_step`, and the kept
+prefix's end in characters and in the rollout's own tokens (schema.LOCATED). Steps are the
+non-empty lines of the response. The prefix is steps 1..k-1 of a failure at step k.
+
+Locators (`locate.method`):
+- `rule`: the task's exact step checker (arith only).
+- `llm`: a model (the policy, or `locate.model`) is shown the problem, the numbered steps and the
+  reference, and answers `<step>k</step>`. An answer without that tag is dropped as
+  `locator_unparseable`; a k outside 1..n_steps as `locator_out_of_range`.
+Other drops: `no_error_found` (the checker finds the response correct), `token_mismatch` (the
+token ids do not decode to the response text).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pipeline.engines import SamplingParams
+from pipeline.runner import Stage, StageOutput
+from stages import schema
+from stages.common import (
+    EngineHolder,
+    Rejection,
+    instruction_prompt,
+    load_tokenizer,
+    numbered_steps,
+    policy_path,
+    prefix_boundary,
+)
+from stages.tasks import arith
+from stages.tasks.base import split_steps
+
+LOCATE_INSTRUCTION = """\
+A student solved a problem step by step and got the final answer wrong. Find the first wrong step.
+
+Problem:
+{problem}
+
+Student's solution, one numbered step per line:
+{steps}
+
+A correct solution, for reference:
+{reference}
+
+Which step is the first wrong one? Reply with its number inside <step></step> tags, for \
+example <step>2</step>."""
+
+_STEP_TAG = re.compile(r"<step>\s*(\d{1,6})\s*</step>")
+
+
+class Locate(Stage):
+    name = "locate"
+    sections = ("task", "testbed", "policy", "locate", "engine", "run")
+    input_schema = schema.CANDIDATES
+    output_schema = schema.LOCATED
+
+    def __init__(self, config):
+        super().__init__(config)
+        cfg = config.locate
+        if cfg.method == "rule" and config.task.name != "arith":
+            raise ValueError(f"locate.method=rule needs a task with an exact step checker "
+                             f"(arith); task {config.task.name!r} needs locate.method=llm")
+        self.engine = EngineHolder(config, cfg.model or policy_path(config))
+
+    def process(self, rows):
+        tokenizer = load_tokenizer(str(policy_path(self.config)))
+        if self.config.locate.method == "rule":
+            found = [self._rule(row) for row in rows]
+        else:
+            found = self._llm(rows)
+        out = StageOutput()
+        for row, result in zip(rows, found, strict=True):
+            if isinstance(result, Rejection):
+                out.drop(row, result.reason, result.detail)
+                continue
+            step, chars, detail = result
+            try:
+                n_tokens, chars = prefix_boundary(tokenizer, row["wrong_token_ids"],
+                                                  row["wrong_response"], chars)
+            except ValueError as e:
+                out.drop(row, "token_mismatch", str(e))
+                continue
+            out.keep({**row, "n_steps": len(split_steps(row["wrong_response"])),
+                      "failure_step": step, "prefix_chars": chars, "prefix_tokens": n_tokens,
+                      "locator": self.config.locate.method, "locate_detail": detail})
+        return out
+
+    @staticmethod
+    def _rule(row):
+        """(failure_step, prefix_chars, detail) by the arith checker, or a Rejection."""
+        error = arith.first_wrong_step(arith.parse_problem(row["problem"]), row["wrong_response"])
+        if error is None:
+            return Rejection("no_error_found", "the step checker finds every step correct")
+        n_steps = len(split_steps(row["wrong_response"]))
+        step = error.step.index if error.step is not None else n_steps + 1
+        detail = json.dumps({"chain_step": error.chain_step, "expected": error.expected,
+                             "found": error.found})
+        return step, error.char_start, detail
+
+    def _llm(self, rows):
+        cfg = self.config.locate
+        tokenizer = load_tokenizer(str(self.engine.model))
+        prompts = [instruction_prompt(LOCATE_INSTRUCTION.format(
+            problem=r["problem"], steps=numbered_steps(r["wrong_response"]),
+            reference=r["reference_response"].strip()), tokenizer) for r in rows]
+        params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                seed=self.config.run.seed)
+        answers = [g[0].text for g in self.engine.get().generate(prompts, 1, params)]
+        return [parse_located_step(a, r["wrong_response"]) for r, a in zip(rows, answers)]
+
+    def close(self):
+        self.engine.close()
+
+
+def parse_located_step(answer: str, response: str):
+    """(failure_step, prefix_chars, detail) from a locator model's answer, or a Rejection when
+    it names no valid step."""
+    m = _STEP_TAG.search(answer)
+    if m is None:
+        return Rejection("locator_unparseable", f"no <step>k</step> in {answer[:200]!r}")
+    steps = split_steps(response)
+    k = int(m.group(1))
+    if not 1 <= k <= len(steps):
+        return Rejection("locator_out_of_range", f"step {k} of {len(steps)}")
+    return k, steps[k - 1].start, json.dumps({"answer": answer[:500]})

@@ -1,0 +1,109 @@
+"""One whole round on the small testbed model: every stage for real, end to end."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from pipeline.io import read_pandas
+from pipeline.round import run_round
+
+STAGES = ["sample", "classify", "select", "locate", "construct", "assemble"]
+
+
+def _check_accounting(here, summary):
+    """Every row of every stage is kept or dropped with a reason: nothing lost, nothing twice."""
+    stats = summary["stats"]
+    problems = summary["stats"]["problems"]["problems"]
+    assert stats["sample"]["rows_in"] == problems
+    for name in ("classify", "locate", "construct"):
+        dropped = sum(v for k, v in stats[name].items() if k.startswith("dropped_"))
+        assert stats[name]["rows_out"] + dropped == stats[name]["rows_in"], name
+    select_dropped = sum(v for k, v in stats["select"].items() if k.startswith("dropped_"))
+    assert stats["select"]["rows_out"] + select_dropped == problems  # select counts problems
+    assert stats["locate"]["rows_in"] == stats["select"]["rows_out"]
+    assert stats["construct"]["rows_in"] == stats["locate"]["rows_out"]
+    training = read_pandas(here / "assemble")
+    assert training["sample_id"].is_unique
+    assert (training["kind"] == "augmented").sum() == stats["construct"]["rows_out"]
+    assert (training["kind"] == "rollout").sum() == stats["classify"]["rows_out"]
+    per_problem = training[training.kind == "augmented"].groupby("problem_id").size()
+    assert (per_problem == 1).all()  # at most one trajectory per problem
+
+
+def test_round_end_to_end_and_resume(small_base, tmp_path):
+    cfg = small_base("rollout.problems_per_round=24", "select.p_high=0.75")
+    summary = run_round(tmp_path / "run", 1, cfg, progress=False)
+    here = tmp_path / "run" / "iter_0001"
+    assert summary["reused"] == [] and summary["rollouts"] == 24 * 4
+    for name in STAGES:
+        assert (here / name / "_SUCCESS").exists()
+    assert summary["candidates"] > 0 and summary["accepted"] == summary["candidates"]
+    _check_accounting(here, summary)
+    training = read_pandas(here / "assemble")
+    aug = training[training.kind == "augmented"]
+    assert (aug.reward == 1.0).all()
+    assert ((aug.prefix_len + aug.diagnosis_len + aug.correction_len)
+            == aug.response_token_ids.map(len)).all()
+    assert json.loads((here / "round.json").read_text())["accepted"] == summary["accepted"]
+
+    again = run_round(tmp_path / "run", 1, cfg, progress=False)  # complete: a no-op
+    assert again["reused"] == STAGES and again["stats"] == summary["stats"]
+    (here / "construct" / "_SUCCESS").unlink()  # as if killed inside construct
+    resumed = run_round(tmp_path / "run", 1, cfg, progress=False)
+    assert resumed["reused"] == STAGES[:4] + ["assemble"]
+    pd.testing.assert_frame_equal(read_pandas(here / "assemble"), training)
+
+
+def test_grpo_round_has_no_augmentation(small_base, tmp_path):
+    summary = run_round(tmp_path / "run", 1, small_base(), algo="grpo", progress=False)
+    assert summary["augmented"] == 0 and "candidates" not in summary
+    assert not (tmp_path / "run" / "iter_0001" / "select").exists()
+
+
+def test_rounds_draw_different_problems(small_base, tmp_path):
+    cfg = small_base("rollout.problems_per_round=8")
+    ids = [set(read_pandas(tmp_path / "run" / f"iter_{k:04d}" / "problems")["problem_id"])
+           for k in (1, 2) if run_round(tmp_path / "run", k, cfg, algo="grpo", progress=False)]
+    assert len(ids[0]) == len(ids[1]) == 8 and not ids[0] & ids[1]
+
+
+def test_llm_locator_and_constructor_live_with_the_testbed_model(small_base, tmp_path):
+    """The testbed model cannot follow the instructions: every malformed answer must be a
+    counted rejection, and the round must still complete."""
+    cfg = small_base("locate.method=llm", "construction.method=llm", "select.p_high=1",
+                     "locate.max_tokens=24", "construction.max_tokens=48")
+    summary = run_round(tmp_path / "run", 1, cfg, progress=False)
+    _check_accounting(tmp_path / "run" / "iter_0001", summary)
+    stats = summary["stats"]
+    assert stats["locate"]["rows_in"] > 0
+    rejected = (stats["locate"]["rows_in"] - stats["locate"]["rows_out"]
+                + stats["construct"]["rows_in"] - stats["construct"]["rows_out"])
+    assert rejected > 0
+    excluded = pd.read_parquet(tmp_path / "run/iter_0001/locate/excluded/part-00000.parquet")
+    assert set(excluded["reason"]) <= {"locator_unparseable", "locator_out_of_range"}
+
+
+def test_cli_round_and_status(small_base, tmp_path, capsys):
+    cfg = small_base()
+    run = tmp_path / "run"
+    argv = ["round", str(run), "--iteration", "1", "--config", str(cfg_path := tmp_path / "c.yaml")]
+    from pipeline.config import write_resolved
+
+    write_resolved(cfg, cfg_path)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "select" in out and "candidates" in out
+    assert (run / "config.yaml").exists() and (run / "iter_0001" / "round.json").exists()
+    assert main(["status", str(run)]) == 0
+    assert "construct" in capsys.readouterr().out
+    assert main(["round", str(run), "--iteration", "0"]) != 0
+
+
+@pytest.mark.parametrize("backend", ["vllm"])
+def test_round_with_vllm_engine(small_base, tmp_path, backend):
+    summary = run_round(tmp_path / "run", 1, small_base(f"engine.backend={backend}"),
+                        progress=False)
+    assert summary["rollouts"] == 16 * 4
+    _check_accounting(tmp_path / "run" / "iter_0001", summary)

@@ -1,0 +1,330 @@
+"""Each TAPO stage on hand-built rows (malformed ones included), with the small testbed's real
+tokenizer and model, real grading, and recorded chat-model answers for the llm locator and
+constructor."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.engines import Completion
+from stages.assemble import Assemble
+from stages.classify import Classify
+from stages.common import load_tokenizer, policy_path, prefix_boundary
+from stages.construct import Construct, llm_trajectory
+from stages.locate import Locate, parse_located_step
+from stages.sample import Sample
+from stages.select import Select
+from stages.tasks import arith
+
+FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "llm_outputs.json").read_text())
+PROBLEM = arith.parse_problem("Compute left to right: 48 + 17 - 29 * 3")  # 65, 36, 108
+
+
+class ReplayEngine:
+    """Answers each prompt with the next recorded text (the recorded chat-model outputs)."""
+
+    name = "replay"
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.prompts = []
+
+    def generate(self, prompts, n, params):
+        self.prompts += prompts
+        return [[Completion(self.answers.pop(0), [], "stop")] for _ in prompts]
+
+
+def reasons(out):
+    return sorted(d["reason"] for d in out.dropped)
+
+
+def rollout(pid, k, response, answer="108", label=None, problem=PROBLEM.text, tok=None):
+    ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] if tok else []
+    row = {"problem_id": pid, "problem": problem, "answer": answer, "rollout_id": f"{pid}/{k}",
+           "sample_index": k, "prompt": f"Q: {problem}\nA:\n", "response": response,
+           "response_token_ids": ids, "finish_reason": "stop", "response_len": len(response)}
+    if label:
+        row.update(label=label, reason="", extracted_answer=None,
+                   reward=float(label == "correct"))
+    return row
+
+
+def candidate(tok, wrong, reference=None, problem=PROBLEM, pid="p1", answer=None):
+    return {
+        "problem_id": pid, "problem": problem if isinstance(problem, str) else problem.text,
+        "answer": answer or str(problem.answer), "prompt": "Q: ...\nA:\n", "group_size": 4,
+        "pass_rate": 0.25, "rank": 0, "wrong_rollout_id": f"{pid}/1", "wrong_label": "incorrect",
+        "wrong_response": wrong,
+        "wrong_token_ids": tok(wrong, add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
+        "reference_rollout_id": f"{pid}/0",
+        "reference_response": reference or (problem.solution() if not isinstance(problem, str)
+                                            else ""),
+    }
+
+
+# --- sample ---------------------------------------------------------------------------------
+
+
+def test_sample_groups_ids_and_tokens(small_base):
+    cfg = small_base("rollout.group_size=3", "rollout.max_tokens=24")
+    rows = [{"problem_id": "a", "problem": PROBLEM.text, "answer": "108"},
+            {"problem_id": "b", "problem": "Compute left to right: 5 + 6", "answer": "11"},
+            {"problem_id": "a", "problem": PROBLEM.text, "answer": "108"},
+            {"problem_id": "", "problem": "x", "answer": "1"}]
+    stage = Sample(cfg)
+    out = stage.process(rows)
+    stage.close()
+    assert [r["rollout_id"] for r in out.rows] == ["a/0", "a/1", "a/2", "b/0", "b/1", "b/2"]
+    assert reasons(out) == ["bad_problem", "duplicate_problem"]
+    tok = load_tokenizer(str(policy_path(cfg)))
+    for r in out.rows:
+        assert r["prompt"] == arith.PROMPT_TEMPLATE.format(problem=r["problem"])
+        assert tok.decode(r["response_token_ids"], skip_special_tokens=True) == r["response"]
+        assert r["response_len"] == len(r["response_token_ids"]) <= 24
+        assert r["finish_reason"] in ("stop", "length")
+    assert Sample(cfg).process(rows[:2]).rows == out.rows  # seeded: same rows again
+
+
+# --- classify -------------------------------------------------------------------------------
+
+
+def test_classify_labels_rewards_and_group_pass_rate(small_base):
+    cfg = small_base()
+    rows = [rollout("p", 0, PROBLEM.solution()), rollout("p", 1, "48 + 17 = 65\n\\boxed{7}"),
+            rollout("p", 2, "garbage \\boxed{"), rollout("p", 3, "\\boxed{108}"),
+            rollout("p", 3, "duplicate"), rollout("q", 0, "\\boxed{3}", answer="3"),
+            {**rollout("q", 1, "x"), "response": None}]
+    stage = Classify(cfg)
+    out = stage.process(rows)
+    stage.close()
+    got = {r["rollout_id"]: (r["label"], r["reward"], r["pass_rate"], r["group_size"])
+           for r in out.rows}
+    assert got == {"p/0": ("correct", 1.0, 0.5, 4), "p/1": ("incorrect", 0.0, 0.5, 4),
+                   "p/2": ("no_answer", 0.0, 0.5, 4), "p/3": ("correct", 1.0, 0.5, 4),
+                   "q/0": ("correct", 1.0, 1.0, 1)}
+    assert reasons(out) == ["bad_rollout", "duplicate_rollout"]
+    assert out.rows[1]["extracted_answer"] == "7" and out.rows[2]["extracted_answer"] is None
+
+
+# --- select ---------------------------------------------------------------------------------
+
+
+def _group(pid, labels, lengths=None):
+    rows = []
+    for k, label in enumerate(labels):
+        r = rollout(pid, k, f"{pid} response {k}", label=label)
+        r["response_len"] = (lengths or [10] * len(labels))[k]
+        rows.append(r)
+    return rows
+
+
+def test_select_window_budget_and_choices(small_base):
+    c, w, n = "correct", "incorrect", "no_answer"
+    rows = (_group("zero", [w, w, w, w]) + _group("all", [c, c, c, c])
+            + _group("easy", [c, c, c, w]) + _group("quarter", [c, n, w, w], [30, 90, 50, 70])
+            + _group("half", [c, c, w, n], [40, 20, 10, 10]) + _group("unknown", [c, "timeout",
+                                                                                "error", c])
+            + _group("half2", [w, c, w, c]))
+    cfg = small_base("select.max_constructions=2")
+    out = Select(cfg).process(rows)
+    assert [r["problem_id"] for r in out.rows] == ["quarter", out.rows[1]["problem_id"]]
+    assert out.rows[1]["problem_id"] in ("half", "half2")  # equal p: seeded order
+    quarter = out.rows[0]
+    assert quarter["wrong_rollout_id"] == "quarter/3"  # incorrect before no_answer; longest
+    assert quarter["reference_rollout_id"] == "quarter/0" and quarter["rank"] == 0
+    by_reason = {d["problem_id"]: d["reason"] for d in out.dropped}
+    assert by_reason == {"zero": "no_correct_reference", "all": "no_wrong_rollout",
+                         "easy": "outside_window", "unknown": "no_repairable_rollout",
+                         ({"half", "half2"} - {out.rows[1]["problem_id"]}).pop(): "over_budget"}
+    # every problem is accounted for exactly once
+    assert len(out.rows) + len(out.dropped) == len({r["problem_id"] for r in rows})
+    # the default budget is a quarter of the round's problems, rounded up: ceil(7 / 4) = 2
+    assert len(Select(small_base()).process(rows).rows) == 2
+    half = next(r for r in Select(small_base("select.max_constructions=5")).process(rows).rows
+                if r["problem_id"] == "half")
+    assert half["reference_rollout_id"] == "half/1"  # the shortest correct
+    other_seed = Select(small_base("select.seed=7", "select.max_constructions=5")).process(rows)
+    assert {r["problem_id"] for r in other_seed.rows} == {"quarter", "half", "half2"}
+
+
+# --- locate ---------------------------------------------------------------------------------
+
+
+def test_rule_locator_finds_failure_and_token_boundary(small_base):
+    cfg = small_base()
+    tok = load_tokenizer(str(policy_path(cfg)))
+    wrong = "48 + 17 = 65\n65 - 29 = 38\n38 * 3 = 114\n\\boxed{114}"
+    rows = [candidate(tok, wrong), candidate(tok, "48 + 17 = 65\n"),
+            candidate(tok, "%%% garbage"), candidate(tok, PROBLEM.solution()),
+            {**candidate(tok, wrong), "wrong_token_ids": [5, 6, 7]}]
+    out = Locate(cfg).process(rows)
+    assert reasons(out) == ["no_error_found", "token_mismatch"]
+    first, early, garbage = out.rows
+    assert (first["failure_step"], first["n_steps"], first["prefix_chars"]) == (2, 4, 13)
+    assert json.loads(first["locate_detail"])["expected"] == "65 - 29 = 36"
+    assert (early["failure_step"], early["prefix_chars"]) == (2, 13)  # stopped after step 1
+    assert (garbage["failure_step"], garbage["prefix_chars"], garbage["prefix_tokens"]) == (1, 0, 0)
+    for r in out.rows:
+        prefix = r["wrong_response"][: r["prefix_chars"]]
+        assert tok.decode(r["wrong_token_ids"][: r["prefix_tokens"]]) == prefix
+
+
+def test_prefix_boundary_leaves_out_a_straddling_token(small_base):
+    tok = load_tokenizer(str(policy_path(small_base())))
+    text = "48 + 17 = 65\nWait"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for chars in range(len(text) + 1):
+        n, got = prefix_boundary(tok, ids, text, chars)
+        assert got <= chars and tok.decode(ids[:n]) == text[:got]
+        assert n == len(ids) or len(tok.decode(ids[: n + 1])) > chars
+    with pytest.raises(ValueError):
+        prefix_boundary(tok, ids[:-1], text, 3)
+
+
+@pytest.mark.parametrize("case", FIXTURES["cases"], ids=lambda c: c["name"])
+def test_llm_locator_on_recorded_chat_answers(small_base, case):
+    cfg = small_base("locate.method=llm", "task.name=math")
+    tok = load_tokenizer(str(policy_path(cfg)))
+    row = candidate(tok, case["wrong_response"], case["reference_response"],
+                    problem=case["problem"], answer=case["answer"])
+    answers = case["locate"]
+    stage = Locate(cfg)
+    stage.engine.set(ReplayEngine(answers.values()))
+    out = stage.process([{**row, "problem_id": name} for name in answers])
+    assert [r["problem_id"] for r in out.rows] == ["well_formed"]
+    assert out.rows[0]["failure_step"] == case["true_step"]
+    assert {d["problem_id"]: d["reason"] for d in out.dropped} == {
+        "missing_tag": "locator_unparseable", "wrong_step_index": "locator_out_of_range"}
+    prompt = stage.engine.get().prompts[0]
+    assert case["problem"] in prompt and "[3] " in prompt and case["reference_response"] in prompt
+    step3 = case["wrong_response"].split("\n")[[i for i, line in enumerate(
+        case["wrong_response"].split("\n")) if line.strip()][2]]
+    assert case["wrong_response"][out.rows[0]["prefix_chars"]:].startswith(step3)
+
+
+def test_parse_located_step_edge_cases():
+    response = "a\n\nb\nc"
+    assert parse_located_step("<step>2</step>", response)[:2] == (2, 3)
+    assert parse_located_step("<step>3</step> then <step>1</step>", response)[:2] == (3, 5)
+    assert parse_located_step("<step>4</step>", response).reason == "locator_out_of_range"
+    assert parse_located_step("<step>two</step>", response).reason == "locator_unparseable"
+    assert parse_located_step("9" * 5000, response).reason == "locator_unparseable"
+
+
+# --- construct ------------------------------------------------------------------------------
+
+
+def _located(tok, wrong, cfg, **extra):
+    out = Locate(cfg).process([candidate(tok, wrong, **extra)])
+    assert out.rows, out.dropped
+    return out.rows[0]
+
+
+def test_rule_constructor_builds_verified_trajectories(small_base):
+    cfg = small_base()
+    tok = load_tokenizer(str(policy_path(cfg)))
+    rows = [_located(tok, w, cfg) for w in (
+        "48 + 17 = 65\n65 - 29 = 38\n38 * 3 = 114\n\\boxed{114}",  # slip at step 2
+        "48 + 17 = 65\n65 - 29 = 36\n36 * 3 = 108\n\\boxed{180}",  # wrong boxed answer
+        "48 + 17 = 65",  # stopped early, no newline at the end
+        "nonsense")]
+    out = Construct(cfg).process(rows)
+    assert not out.dropped
+    slip, boxed, early, garbage = out.rows
+    assert slip["response"] == ("48 + 17 = 65\nWait, step 2 is wrong: 65 - 29 = 36, not 38.\n"
+                                "65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}")
+    assert (slip["prefix"], slip["trajectory_id"]) == ("48 + 17 = 65\n", "p1/1/tapo")
+    assert boxed["diagnosis"].startswith("Wait, step 4 is wrong")
+    assert early["diagnosis"].startswith("\nWait, step 2")  # a line break, not in the prefix
+    assert garbage["prefix"] == "" and garbage["diagnosis"].startswith("Wait, step 1")
+    for t in out.rows:  # the checker accepts each (it follows the reflection back)
+        assert arith.first_wrong_step(PROBLEM, t["response"]) is None
+        assert t["response"] == t["prefix"] + t["diagnosis"] + t["correction"]
+        assert tok.decode(t["prefix_token_ids"]) == t["prefix"]
+
+    full = Construct(small_base("construction.mode=full_reconstruction")).process(rows[:1])
+    assert full.rows[0]["response"] == PROBLEM.solution()
+    assert full.rows[0]["prefix_token_ids"] == [] and full.rows[0]["trajectory_id"] == "p1/1/full"
+
+
+def test_constructor_rejects_bad_prefixes(small_base):
+    cfg = small_base()
+    tok = load_tokenizer(str(policy_path(cfg)))
+    row = _located(tok, "48 + 17 = 65\n65 - 29 = 38\n38 * 3 = 114\n\\boxed{114}", cfg)
+    too_late = {**row, "prefix_chars": row["prefix_chars"] + 13, "failure_step": 3}
+    tampered = {**row, "wrong_token_ids": tok("48 + 17 = 66\n", add_special_tokens=False)[
+        "input_ids"]}
+    out = Construct(cfg).process([too_late, tampered])
+    assert reasons(out) == ["prefix_has_error", "prefix_mismatch"]
+
+
+@pytest.mark.parametrize("case", FIXTURES["cases"], ids=lambda c: c["name"])
+def test_llm_constructor_on_recorded_chat_answers(small_base, case):
+    cfg = small_base("construction.method=llm", "task.name=math", "locate.method=llm")
+    tok = load_tokenizer(str(policy_path(cfg)))
+    locate = Locate(cfg)
+    locate.engine.set(ReplayEngine([case["locate"]["well_formed"]]))
+    located = locate.process([candidate(tok, case["wrong_response"], case["reference_response"],
+                                        problem=case["problem"], answer=case["answer"])]).rows[0]
+    answers = case["construct"]
+    stage, replay = Construct(cfg), ReplayEngine(answers.values())
+    stage.engine.set(replay)
+    out = stage.process([{**located, "wrong_rollout_id": name} for name in answers])
+    stage.close()
+    assert {d["wrong_rollout_id"]: d["reason"] for d in out.dropped} == {
+        "missing_tags": "tags_missing", "wrong_final_answer": "wrong_final_answer",
+        "copied_reference": "copied_reference"}
+    (t,) = out.rows
+    assert t["trajectory_id"] == "well_formed/tapo" and t["constructor"] == "llm"
+    assert t["prefix"] == case["wrong_response"][: located["prefix_chars"]]
+    assert t["diagnosis"].startswith(f"Wait, step {case['true_step']} is wrong: ")
+    assert "<analysis>" not in t["response"] and t["response"].endswith(t["correction"])
+    prompt = replay.prompts[0]
+    assert f"goes wrong at step {case['true_step']}" in prompt and "<reconstruction>" in prompt
+
+
+def test_llm_trajectory_full_mode_and_empty_tags():
+    row = {"wrong_response": "a\nb\n", "prefix_chars": 2, "failure_step": 2}
+    answer = "<analysis>b is wrong</analysis><reconstruction>c \\boxed{1}</reconstruction>"
+    assert llm_trajectory(row, answer, full=True) == ("", "", "c \\boxed{1}")
+    assert llm_trajectory(row, answer, full=False) == ("a\n", "Wait, step 2 is wrong: b is wrong\n",
+                                                       "c \\boxed{1}")
+    empty = "<analysis> </analysis><reconstruction>c</reconstruction>"
+    assert llm_trajectory(row, empty, full=False).reason == "tags_missing"
+
+
+# --- assemble -------------------------------------------------------------------------------
+
+
+def test_assemble_segments_and_rewards(small_base):
+    cfg = small_base()
+    tok = load_tokenizer(str(policy_path(cfg)))
+    wrong = "48 + 17 = 65\n65 - 29 = 38\n38 * 3 = 114\n\\boxed{114}"
+    located = _located(tok, wrong, cfg)
+    (trajectory,) = Construct(cfg).process([located]).rows
+    rows = [rollout("p1", 0, PROBLEM.solution(), label="correct", tok=tok),
+            rollout("p1", 1, wrong, label="incorrect", tok=tok),
+            rollout("p2", 0, "\\boxed{1}", label="incorrect", tok=tok)]
+    for r in rows:
+        r.update(group_size=2, group_correct=1, pass_rate=0.5)
+    stage = Assemble(cfg)
+    stage.side["trajectories"] = [trajectory]
+    out = stage.process(rows)
+    assert [r["kind"] for r in out.rows] == ["rollout", "rollout", "rollout", "augmented"]
+    aug = out.rows[-1]
+    assert aug["sample_id"] == "p1/1/tapo" and aug["reward"] == 1.0
+    assert aug["response_token_ids"][: aug["prefix_len"]] == rows[1]["response_token_ids"][
+        : located["prefix_tokens"]]  # the rollout's own tokens
+    ids, p, d = aug["response_token_ids"], aug["prefix_len"], aug["diagnosis_len"]
+    assert p + d + aug["correction_len"] == len(ids) and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[p : p + d]) == trajectory["diagnosis"]
+    assert tok.decode(ids[p + d :], skip_special_tokens=True) == trajectory["correction"]
+    assert aug["prompt_token_ids"] == tok(rows[0]["prompt"], add_special_tokens=False)[
+        "input_ids"]
+    for r in out.rows[:3]:
+        assert r["correction_len"] == len(r["response_token_ids"]) and r["prefix_len"] == 0
+    bad = {**trajectory, "diagnosis": "something else"}
+    stage.side["trajectories"] = [bad]
+    assert reasons(stage.process(rows)) == ["tokenization_mismatch"]
+    assert [r["kind"] for r in Assemble(cfg).process(rows).rows] == ["rollout"] * 3  # GRPO
