@@ -105,7 +105,7 @@ def render_round(summary: dict) -> str:
     lines = [f"round {summary['iteration']} ({summary['algo']}), policy {summary['policy']}"]
     for name, stats in summary["stats"].items():
         drops = ", ".join(f"{k[8:]} {v}" for k, v in stats.items() if k.startswith("dropped_"))
-        rows = (f"{stats.get('rows_in', '')} -> {stats.get('rows_out', stats.get('problems'))}")
+        rows = f"{stats['rows_in']} -> {stats['rows_out']}"
         lines.append(f"  {name:<10} {rows:>14}  {summary['seconds'][name]:7.1f} s"
                      + (f"  dropped: {drops}" if drops else ""))
     lines.append(f"  pass rate {summary['pass_rate']:.3f} over {summary['rollouts']} rollouts; "

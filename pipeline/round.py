@@ -21,7 +21,7 @@ import pandas as pd
 
 from pipeline.config import Config
 from pipeline.io import part_name, read_pandas, write_table_atomic
-from pipeline.runner import SUCCESS, Stage, run_stage
+from pipeline.runner import STATS, SUCCESS, Stage, run_stage
 from pipeline.util import file_sha256, fingerprint, write_json_atomic
 from stages.assemble import Assemble
 from stages.classify import Classify
@@ -66,7 +66,8 @@ def problem_pool(cfg: Config) -> Path:
 
 def write_round_problems(cfg: Config, iteration: int, out_dir: Path) -> dict[str, int]:
     """Round K's problems: positions (K-1)*B .. K*B-1 (wrapping) of a seeded permutation of the
-    pool, B = rollout.problems_per_round, in shards of rollout.shard_size. A no-op when done."""
+    pool, B = rollout.problems_per_round, in shards of rollout.shard_size. A no-op when done.
+    Returns its stats: the pool size in, the problems out."""
     pool_path = problem_pool(cfg)
     if not pool_path.exists():
         raise FileNotFoundError(f"no training problems at {pool_path} (set rollout.problems)")
@@ -76,7 +77,7 @@ def write_round_problems(cfg: Config, iteration: int, out_dir: Path) -> dict[str
                       "shard_size": r.shard_size})
     done = out_dir / SUCCESS
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
-        return {"problems": r.problems_per_round}
+        return json.loads((out_dir / STATS).read_text())
     pool = pd.read_parquet(pool_path)
     missing = {"problem_id", "problem", "answer"} - set(pool.columns)
     if missing:
@@ -91,8 +92,9 @@ def write_round_problems(cfg: Config, iteration: int, out_dir: Path) -> dict[str
         old.unlink()
     for i, lo in enumerate(range(0, len(table), r.shard_size)):
         write_table_atomic(table.iloc[lo : lo + r.shard_size], out_dir / part_name(i))
+    write_json_atomic(out_dir / STATS, {"rows_in": len(pool), "rows_out": len(table)})
     write_json_atomic(done, {"fingerprint": fp, "pool": str(pool_path), "rows": len(table)})
-    return {"problems": len(table)}
+    return {"rows_in": len(pool), "rows_out": len(table)}
 
 
 def run_round(run_dir: str | Path, iteration: int, cfg: Config, algo: str = "tapo",

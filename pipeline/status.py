@@ -7,11 +7,15 @@ from pathlib import Path
 
 from pipeline.runner import MARKERS, STATS, SUCCESS
 
+PIPELINE_ORDER = {name: i for i, name in enumerate(
+    ["problems", "sample", "classify", "select", "locate", "construct", "assemble"])}
+
 
 def stage_dirs(run_dir: Path) -> list[Path]:
     """Directories under `run_dir` that a stage has written to (sorted)."""
     found = {p.parent for p in run_dir.rglob(SUCCESS)} | {p.parent for p in run_dir.rglob(MARKERS)}
-    return sorted(d for d in found if (d / SUCCESS).exists() or (d / MARKERS).is_dir())
+    found = {d for d in found if (d / SUCCESS).exists() or (d / MARKERS).is_dir()}
+    return sorted(found, key=lambda d: (str(d.parent), PIPELINE_ORDER.get(d.name, 99), d.name))
 
 
 def stage_row(d: Path) -> dict[str, str]:

