@@ -328,3 +328,11 @@ def test_assemble_segments_and_rewards(small_base):
     stage.side["trajectories"] = [bad]
     assert reasons(stage.process(rows)) == ["tokenization_mismatch"]
     assert [r["kind"] for r in Assemble(cfg).process(rows).rows] == ["rollout"] * 3  # GRPO
+
+
+def test_rule_methods_need_the_arith_task(small_base):
+    cfg = small_base("task.name=math")
+    with pytest.raises(ValueError, match="locate.method=llm"):
+        Locate(cfg)
+    with pytest.raises(ValueError, match="construction.method=llm"):
+        Construct(cfg)
