@@ -34,8 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("round", help="run one round's stages, sample to assemble")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--iteration", type=int, required=True, help="round number K (from 1)")
-    p.add_argument("--algo", choices=("tapo", "grpo"), default="tapo")
+    p.add_argument("--algo", choices=("tapo", "grpo"), default=None, help="sets algo.name")
     p.add_argument("--model", default=None, help="the policy checkpoint (default: see README)")
+    _config_args(p)
+
+    p = sub.add_parser("iterate", help="N rounds of the stages + training (make iterate)")
+    p.add_argument("run_dir", type=Path, nargs="?", default=None,
+                   help="default: run.root/run.name")
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--algo", choices=("tapo", "grpo"), default=None, help="sets algo.name")
+    _config_args(p)
+
+    p = sub.add_parser("train", help="one policy update on an assembled shard")
+    p.add_argument("--policy", type=Path, required=True, help="the starting checkpoint")
+    p.add_argument("--shard", type=Path, required=True, help="an assemble stage directory")
+    p.add_argument("--out", type=Path, required=True, help="the new checkpoint directory")
     _config_args(p)
 
     p = sub.add_parser("status", help="completion, row counts and drops of a run's stages")
@@ -52,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = args.overrides + extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"stage": cmd_stage, "round": cmd_round, "status": cmd_status,
-                    "base": cmd_base}
+        commands = {"stage": cmd_stage, "round": cmd_round, "iterate": cmd_iterate,
+                    "train": cmd_train, "status": cmd_status, "base": cmd_base}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"tapo: config error: {e}", file=sys.stderr)
@@ -94,9 +107,39 @@ def cmd_round(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or (saved if saved.exists() else None), args.overrides)
     if args.model:
         cfg.policy.path = args.model
+    if args.algo:
+        cfg.algo.name = args.algo
     write_resolved(cfg, saved)
-    summary = run_round(args.run_dir, args.iteration, cfg, algo=args.algo)
+    summary = run_round(args.run_dir, args.iteration, cfg)
     print(render_round(summary))
+    return 0
+
+
+def cmd_iterate(args: argparse.Namespace) -> int:
+    from pipeline.iterate import iterate
+
+    cfg = load_config(args.config, args.overrides)
+    if args.algo:
+        cfg.algo.name = args.algo
+    run_dir = args.run_dir or cfg.run.dir
+    columns = ["round", "pass_rate", "candidates", "accepted", "loss", "clip_fraction",
+               "reflection_rate", "seconds_sample", "seconds_train"]
+
+    def show(row):
+        print("  ".join(f"{c}={row[c]:.3g}" if isinstance(row[c], float) else f"{c}={row[c]}"
+                        for c in columns), flush=True)
+
+    table = iterate(run_dir, args.rounds, cfg, on_round=show)
+    print(f"{run_dir}/metrics.csv:")
+    print(table[columns].to_string(index=False))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.rl import train_round
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(train_round(args.policy, args.shard, args.out, cfg)))
     return 0
 
 

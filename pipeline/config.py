@@ -50,6 +50,9 @@ class PolicyConfig(Section):
     """The model being trained. `tapo round` sets `path` to the round's checkpoint."""
 
     path: str = Field("", description="HF model directory; empty: the testbed base model")
+    coldstart: str = Field("runs/coldstart/model",
+                           description="where `make coldstart` writes; rounds start from it "
+                                       "when it is complete")
 
 
 class RolloutConfig(Section):
@@ -141,6 +144,34 @@ class RunnerConfig(Section):
     workers: int = Field(1, ge=1, description="worker processes per stage")
 
 
+class AlgoConfig(Section):
+    """The RL objective (trainer/objective.py documents each rule); `name=grpo` turns the
+    augmentation off, everything else equal."""
+
+    name: typing.Literal["tapo", "grpo"] = "tapo"
+    dae: bool = Field(True, description="decoupled advantages; off: the ablation w/o DAE")
+    ood: typing.Literal["mask", "shaping", "off"] = Field("mask", description="OOD suppression")
+    ood_threshold: float = Field(1e-3, gt=0, lt=1, description="mask: pi_old below this")
+    shaping_gamma: float = Field(0.1, gt=0, description="shaping: p / (p + gamma)")
+    negative_samples: bool = Field(True, description="off: the ablation w/o negative samples")
+    clip_low: float = Field(0.2, ge=0, lt=1)
+    clip_high: float = Field(0.28, ge=0)
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the round's starting policy")
+
+
+class TrainConfig(Section):
+    """The local trainer: one pass (or `epochs`) over a round's training shard."""
+
+    lr: float = Field(1e-4, gt=0)
+    epochs: int = Field(1, ge=1)
+    mini_batch_size: int = Field(64, ge=1, description="sequences per optimizer step")
+    micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    save_every: int = Field(1, ge=1, description="optimizer steps between resumable states")
+    seed: int = 0
+
+
 class Config(Section):
     run: RunConfig = Field(default_factory=RunConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
@@ -153,6 +184,8 @@ class Config(Section):
     select: SelectConfig = Field(default_factory=SelectConfig)
     locate: LocateConfig = Field(default_factory=LocateConfig)
     construction: ConstructConfig = Field(default_factory=ConstructConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def section(self, name: str) -> Section:
         if name not in type(self).model_fields:

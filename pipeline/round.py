@@ -5,8 +5,8 @@
 Writes `RUN_DIR/iter_KKKK/<stage>/` for each stage (see pipeline/runner.py for the layout) and
 `RUN_DIR/iter_KKKK/round.json`: the policy, seconds and stats per stage, and the share of
 candidates that became accepted trajectories. Every stage is resumable and a no-op when
-complete, so a killed round re-run continues from the last complete stage. `algo="grpo"` skips
-select/locate/construct: the training shard holds the rollouts only.
+complete, so a killed round re-run continues from the last complete stage. `algo.name=grpo`
+skips select/locate/construct: the training shard holds the rollouts only.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from stages.construct import Construct
 from stages.locate import Locate
 from stages.sample import Sample
 from stages.select import Select
+from stages.tasks.base import reflects
 
 AUGMENT_CHAIN: list[tuple[str, type[Stage], str]] = [  # (dir, stage, input dir)
     ("select", Select, "classify"),
@@ -42,16 +43,22 @@ def iter_dir(run_dir: str | Path, iteration: int) -> Path:
 
 
 def resolve_policy(run_dir: str | Path, iteration: int, cfg: Config) -> Path:
-    """The checkpoint a round samples from: `policy.path` when set; else the previous round's
-    checkpoint (models/iter_K-1), else the cold-start checkpoint (models/coldstart), else the
-    testbed base model (built when missing)."""
+    """The checkpoint a round samples from: `policy.path` when set; for round K > 1 the
+    previous round's checkpoint (RUN_DIR/models/iter_K-1, which must be complete); for round 1
+    the cold-start checkpoint (`policy.coldstart`) when complete, else the testbed base model
+    (built when missing)."""
     if cfg.policy.path:
         return Path(cfg.policy.path)
-    models = Path(run_dir) / "models"
-    for candidate in (models / f"iter_{iteration - 1:04d}", models / "coldstart"):
-        if iteration > 1 or candidate.name == "coldstart":
-            if (candidate / "config.json").exists():
-                return candidate
+    if iteration > 1:
+        previous = Path(run_dir) / "models" / f"iter_{iteration - 1:04d}"
+        if not (previous / SUCCESS).exists():
+            raise FileNotFoundError(f"round {iteration} samples from {previous}, which is not a "
+                                    f"complete checkpoint: train round {iteration - 1} first, "
+                                    "or give the policy with --model")
+        return previous
+    coldstart = Path(cfg.policy.coldstart)
+    if (coldstart / SUCCESS).exists():
+        return coldstart
     from pipeline.testbed import build_base
 
     return build_base(cfg.testbed, cfg.testbed.base_dir)
@@ -97,11 +104,11 @@ def write_round_problems(cfg: Config, iteration: int, out_dir: Path) -> dict[str
     return {"rows_in": len(pool), "rows_out": len(table)}
 
 
-def run_round(run_dir: str | Path, iteration: int, cfg: Config, algo: str = "tapo",
+def run_round(run_dir: str | Path, iteration: int, cfg: Config,
               progress: bool = True) -> dict[str, Any]:
-    """Runs one round's stages into RUN_DIR/iter_KKKK and returns (and writes) its summary."""
-    if algo not in ("tapo", "grpo"):
-        raise ValueError(f"algo must be tapo or grpo, not {algo!r}")
+    """Runs one round's stages into RUN_DIR/iter_KKKK and returns (and writes) its summary.
+    `algo.name=grpo` skips the augmentation stages."""
+    algo = cfg.algo.name
     if iteration < 1:
         raise ValueError(f"iteration must be 1 or more, not {iteration}")
     here = iter_dir(run_dir, iteration)
@@ -139,12 +146,14 @@ def run_round(run_dir: str | Path, iteration: int, cfg: Config, algo: str = "tap
 
 def summarize(here: Path, algo: str, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
     """Pass rate, candidates, accepted trajectories; checks that assemble lost none."""
-    classified = read_pandas(here / "classify", columns=["label"])
+    classified = read_pandas(here / "classify", columns=["label", "response"])
     training = read_pandas(here / "assemble", columns=["kind"])
     augmented = int((training["kind"] == "augmented").sum())
     out: dict[str, Any] = {
         "rollouts": len(classified),
         "pass_rate": float((classified["label"] == "correct").mean()) if len(classified) else 0.0,
+        "reflection_rate": float(classified["response"].map(reflects).mean())
+        if len(classified) else 0.0,
         "training_rows": len(training), "augmented": augmented, "stats": stats,
     }
     if algo == "tapo":

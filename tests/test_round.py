@@ -57,15 +57,16 @@ def test_round_end_to_end_and_resume(small_base, tmp_path):
 
 
 def test_grpo_round_has_no_augmentation(small_base, tmp_path):
-    summary = run_round(tmp_path / "run", 1, small_base(), algo="grpo", progress=False)
+    summary = run_round(tmp_path / "run", 1, small_base("algo.name=grpo"), progress=False)
     assert summary["augmented"] == 0 and "candidates" not in summary
     assert not (tmp_path / "run" / "iter_0001" / "select").exists()
 
 
 def test_rounds_draw_different_problems(small_base, tmp_path):
-    cfg = small_base("rollout.problems_per_round=8")
+    cfg = small_base("rollout.problems_per_round=8", "algo.name=grpo")
+    cfg.policy.path = cfg.testbed.base_dir + "/model"  # round 2 without training round 1
     ids = [set(read_pandas(tmp_path / "run" / f"iter_{k:04d}" / "problems")["problem_id"])
-           for k in (1, 2) if run_round(tmp_path / "run", k, cfg, algo="grpo", progress=False)]
+           for k in (1, 2) if run_round(tmp_path / "run", k, cfg, progress=False)]
     assert len(ids[0]) == len(ids[1]) == 8 and not ids[0] & ids[1]
 
 

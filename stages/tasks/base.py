@@ -1,4 +1,5 @@
-"""What every task plugin shares: the last-\\boxed{} extractor and step splitting."""
+"""What every task plugin shares: the last-\\boxed{} extractor, step splitting, and the
+reflection detector."""
 
 from __future__ import annotations
 
@@ -40,3 +41,12 @@ def split_steps(text: str) -> list[Step]:
             steps.append(Step(len(steps) + 1, stripped, pos + lead, pos + lead + len(stripped)))
         pos += len(line)
     return steps
+
+
+REFLECTION_RE = re.compile(r"Wait, step \d+ is wrong|<analysis>")
+
+
+def reflects(text: str) -> bool:
+    """Whether a response reflects: it contains the transition phrase of our trajectories
+    ("Wait, step k is wrong") or the construction format's `<analysis>` tag."""
+    return REFLECTION_RE.search(text) is not None

@@ -1,0 +1,83 @@
+"""`make iterate`: N rounds of sample -> ... -> assemble -> train, each from the last checkpoint.
+
+    iterate(run_dir, rounds=10, cfg=cfg)
+
+Round K runs the stages into RUN_DIR/iter_KKKK (pipeline/round.py) with the checkpoint of round
+K-1 (round 1: the cold-start checkpoint when complete, else the base model), trains on the
+round's shard (trainer/rl.py) into RUN_DIR/models/iter_KKKK, and rewrites RUN_DIR/metrics.csv:
+one row per completed round (pass rate, candidates, accepted constructions, loss, clip
+fraction, entropy, grad norm, suppressed share, reflection rate, seconds per stage). Everything
+is resumable: a killed run re-run continues from the last complete stage, or inside training
+from the last saved step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Config, write_resolved
+from pipeline.round import iter_dir, run_round
+from trainer.rl import train_round
+
+STAGE_SECONDS = ("sample", "classify", "select", "locate", "construct", "assemble", "train")
+
+
+def checkpoint_dir(run_dir: str | Path, iteration: int) -> Path:
+    return Path(run_dir) / "models" / f"iter_{iteration:04d}"
+
+
+def iterate(run_dir: str | Path, rounds: int, cfg: Config, progress: bool = True,
+            on_round=None) -> pd.DataFrame:
+    """Runs rounds 1..`rounds` (complete ones are no-ops); returns the metrics table.
+    `on_round(row)` is called after each round (the CLI prints it)."""
+    run_dir = Path(run_dir)
+    write_resolved(cfg, run_dir / "config.yaml")
+    for k in range(1, rounds + 1):
+        summary = run_round(run_dir, k, cfg, progress=progress)
+        train_round(summary["policy"], iter_dir(run_dir, k) / "assemble",
+                    checkpoint_dir(run_dir, k), cfg, progress=progress)
+        table = write_metrics(run_dir)
+        if on_round is not None:
+            on_round(table.iloc[-1].to_dict())
+    return read_metrics(run_dir, rounds)
+
+
+def metrics_row(run_dir: Path, k: int) -> dict[str, Any] | None:
+    """Round k's row, from its round.json and its checkpoint's _SUCCESS; None if incomplete."""
+    round_file = iter_dir(run_dir, k) / "round.json"
+    train_file = checkpoint_dir(run_dir, k) / "_SUCCESS"
+    if not (round_file.exists() and train_file.exists()):
+        return None
+    summary = json.loads(round_file.read_text())
+    train = json.loads(train_file.read_text())["metrics"]
+    row = {"round": k, "algo": summary["algo"], "pass_rate": summary["pass_rate"],
+           "reflection_rate": summary["reflection_rate"],
+           "candidates": summary.get("candidates", 0), "accepted": summary.get("accepted", 0),
+           "training_rows": summary["training_rows"],
+           **{k2: train[k2] for k2 in ("loss", "clip_fraction", "entropy", "grad_norm",
+                                       "suppressed_share", "steps")}}
+    seconds = {**summary["seconds"], "train": train["seconds"]}
+    row.update({f"seconds_{s}": seconds.get(s, 0.0) for s in STAGE_SECONDS})
+    return row
+
+
+def write_metrics(run_dir: Path) -> pd.DataFrame:
+    """Rewrites RUN_DIR/metrics.csv from every complete round (so a re-run never duplicates)."""
+    rows, k = [], 1
+    while (row := metrics_row(run_dir, k)) is not None:
+        rows.append(row)
+        k += 1
+    table = pd.DataFrame(rows)
+    tmp = run_dir / ".metrics.csv.tmp"
+    table.to_csv(tmp, index=False)
+    tmp.replace(run_dir / "metrics.csv")
+    return table
+
+
+def read_metrics(run_dir: Path, rounds: int | None = None) -> pd.DataFrame:
+    table = pd.read_csv(run_dir / "metrics.csv")
+    return table if rounds is None else table[table["round"] <= rounds]

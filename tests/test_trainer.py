@@ -1,0 +1,155 @@
+"""The local trainer and `iterate` on the small testbed: real steps, a real kill, real resume."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.config import write_resolved
+from pipeline.io import read_pandas
+from pipeline.iterate import iterate, read_metrics
+from pipeline.round import run_round
+from trainer.objective import policy_loss
+from trainer.rl import _update, build_batch, objective_config, old_logprobs, response_logprobs
+
+
+@pytest.fixture(scope="module")
+def shard(small_base, tmp_path_factory):
+    """An assembled TAPO shard of the small testbed (with augmented trajectories)."""
+    cfg = small_base("select.p_high=1", "rollout.problems_per_round=24")
+    run = tmp_path_factory.mktemp("shard")
+    summary = run_round(run, 1, cfg, progress=False)
+    assert summary["augmented"] > 0
+    return cfg, summary["policy"], run / "iter_0001" / "assemble"
+
+
+def test_one_step_lowers_the_loss_on_its_batch(shard):
+    cfg, policy, shard_dir = shard
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-3})})
+    rows = read_pandas(shard_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    obj = objective_config(cfg)
+    batch = build_batch(rows, 0, obj)
+    old = old_logprobs(model, batch, 16)
+    # the segments: augmented rows train only diagnosis + correction, rollouts every token
+    aug = torch.tensor((rows["kind"] == "augmented").to_numpy())
+    assert (batch.trained[aug].sum(1) == torch.tensor(
+        (rows.diagnosis_len + rows.correction_len)[aug.numpy()].to_numpy())).all()
+
+    def loss():
+        with torch.no_grad():
+            logp, _ = response_logprobs(model, batch)
+        return policy_loss(logp, old, batch.advantages, batch.trained, batch.corrective,
+                           obj).loss.item()
+
+    before = loss()
+    assert before == pytest.approx(-float((batch.advantages.unsqueeze(1) * _in_loss(
+        batch, old, obj)).sum() / _in_loss(batch, old, obj).sum()), abs=1e-5)  # ratio 1
+    in_loss = _in_loss(batch, old, obj)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    log = _update(model, optimizer, batch, old, in_loss, torch.arange(len(rows)), obj,
+                  cfg.train)
+    assert log["grad_norm"] > 0 and log["loss_tokens"] == int(in_loss.sum())
+    model.eval()
+    assert loss() < before
+
+
+def _in_loss(batch, old, obj):
+    from trainer.objective import loss_mask
+
+    return loss_mask(batch.advantages, batch.trained, batch.corrective, old, obj)[0]
+
+
+def test_train_round_writes_checkpoint_log_and_is_a_noop_when_done(shard, tmp_path):
+    cfg, policy, shard_dir = shard
+    metrics = _train(cfg, policy, shard_dir, tmp_path / "ckpt", "train.mini_batch_size=32")
+    out = tmp_path / "ckpt"
+    assert (out / "config.json").exists() and (out / "optimizer.pt").exists()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == list(range(1, metrics["steps"] + 1))
+    assert metrics["steps"] == -(-metrics["sequences"] // 32)
+    for key in ("loss", "clip_fraction", "entropy", "grad_norm", "suppressed_share"):
+        assert key in metrics and key in log[0]
+    assert 0 <= metrics["suppressed_share"] <= 1 and metrics["entropy"] > 0
+    new = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    old = AutoModelForCausalLM.from_pretrained(policy).state_dict()
+    assert any(not torch.equal(new[k], old[k]) for k in new)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert _train(cfg, policy, shard_dir, out, "train.mini_batch_size=32") == metrics
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def _train(cfg, policy, shard_dir, out, *overrides):
+    from pipeline.config import load_config
+    from trainer.rl import train_round
+
+    write_resolved(cfg, out.parent / "cfg.yaml")
+    return train_round(policy, shard_dir, out, load_config(out.parent / "cfg.yaml", overrides),
+                       progress=False)
+
+
+def test_resume_after_kill_inside_training(shard, tmp_path):
+    """SIGKILL a training run after a few steps; the restart ends with the weights of an
+    uninterrupted run."""
+    cfg, policy, shard_dir = shard
+    overrides = ["train.mini_batch_size=2", "train.micro_batch_size=2"]
+    _train(cfg, policy, shard_dir, tmp_path / "whole", *overrides)
+    cfg_path = tmp_path / "cfg.yaml"
+    cmd = [sys.executable, "-m", "pipeline", "train", "--policy", str(policy), "--shard",
+           str(shard_dir), "--out", str(tmp_path / "killed"), "--config", str(cfg_path),
+           *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "killed" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines())
+                                          >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "killed" / "_state.pt").exists()
+    assert not (tmp_path / "killed" / "_SUCCESS").exists()
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "killed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # no step logged twice
+
+
+def test_iterate_two_rounds_tapo_and_grpo_and_resume(small_base, tmp_path):
+    cfg = small_base()
+    table = iterate(tmp_path / "tapo", 2, cfg, progress=False)
+    assert list(table["round"]) == [1, 2] and set(table["algo"]) == {"tapo"}
+    assert (table["accepted"] > 0).any()
+    for column in ("pass_rate", "loss", "clip_fraction", "reflection_rate", "seconds_sample",
+                   "seconds_train", "suppressed_share"):
+        assert table[column].notna().all()
+    summary2 = json.loads((tmp_path / "tapo" / "iter_0002" / "round.json").read_text())
+    assert summary2["policy"] == str(tmp_path / "tapo" / "models" / "iter_0001")
+
+    # killed between stages of round 2: its construct and everything after it re-run
+    for path in ("iter_0002/construct/_SUCCESS", "iter_0002/assemble/_SUCCESS",
+                 "models/iter_0002/_SUCCESS"):
+        (tmp_path / "tapo" / path).unlink()
+    again = iterate(tmp_path / "tapo", 2, cfg, progress=False)
+    pd.testing.assert_frame_equal(again.drop(columns=[c for c in again if "seconds" in c]),
+                                  table.drop(columns=[c for c in table if "seconds" in c]))
+    assert len(read_metrics(tmp_path / "tapo")) == 2
+
+    grpo = iterate(tmp_path / "grpo", 2, small_base("algo.name=grpo"), progress=False)
+    assert list(grpo["accepted"]) == [0, 0] and set(grpo["algo"]) == {"grpo"}
+    first = read_pandas(tmp_path / "grpo" / "iter_0001" / "problems")["problem_id"]
+    assert list(first) == list(read_pandas(tmp_path / "tapo" / "iter_0001" / "problems")[
+        "problem_id"])  # the same data on the same schedule
+
+
+def test_round_k_needs_the_previous_checkpoint(small_base, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train round 2 first"):
+        run_round(tmp_path / "run", 3, small_base(), progress=False)

@@ -1,0 +1,222 @@
+"""The local RL trainer (torch + transformers; CPU or one GPU): one round's policy update.
+
+    metrics = train_round(policy_dir, shard_dir, out_dir, cfg)
+
+Reads the policy checkpoint (HF directory; its `optimizer.pt` too, when present) and the round's
+assembled training shard (stages/schema.TRAINING). Computes the old log-probs with the policy
+as it is, the advantages (GRPO on the on-policy rollouts; decoupled for augmented trajectories),
+the segment and OOD masks, then runs `train.epochs` passes of mini-batch updates (gradient
+accumulation over micro-batches; the loss is a token mean over the mini-batch). Writes to
+`out_dir`: the HF checkpoint + tokenizer, `optimizer.pt`, `train_log.jsonl` (one line per
+optimizer step: loss, clip fraction, entropy, grad norm, suppressed share, lr) and `_SUCCESS`
+with the round's mean metrics. Resumable: every `train.save_every` steps the weights, optimizer
+and step go to `out_dir/_state.pt` (atomically); a restart recomputes the old log-probs from
+the untouched starting checkpoint and continues at the next step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import Config
+from pipeline.io import read_pandas
+from pipeline.util import file_sha256, fingerprint, write_json_atomic
+from trainer.objective import (
+    ObjectiveConfig,
+    group_advantages,
+    loss_mask,
+    policy_loss,
+    segment_masks,
+)
+
+SUCCESS, STATE, LOG = "_SUCCESS", "_state.pt", "train_log.jsonl"
+
+
+@dataclass
+class Batch:
+    """A round's sequences as padded tensors (B sequences, L = prompt + response positions)."""
+
+    input_ids: torch.Tensor  # (B, L), right-padded
+    attention_mask: torch.Tensor  # (B, L)
+    response_start: torch.Tensor  # (B,) prompt length
+    response_len: torch.Tensor  # (B,)
+    trained: torch.Tensor  # (B, T) bool, T = max response length
+    corrective: torch.Tensor  # (B, T) bool
+    advantages: torch.Tensor  # (B,)
+
+    def rows(self, idx: torch.Tensor) -> Batch:
+        return Batch(*(t[idx] for t in (self.input_ids, self.attention_mask, self.response_start,
+                                        self.response_len, self.trained, self.corrective,
+                                        self.advantages)))
+
+
+def objective_config(cfg: Config) -> ObjectiveConfig:
+    return ObjectiveConfig(**cfg.algo.model_dump(exclude={"name"}))
+
+
+def build_batch(rows, pad_id: int, obj: ObjectiveConfig) -> Batch:
+    """Tensors of an assembled shard (a pandas frame): sequences, masks and advantages."""
+    prompts = [list(p) for p in rows["prompt_token_ids"]]
+    responses = [list(r) for r in rows["response_token_ids"]]
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    t_max = max(len(r) for r in responses)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attn[i, : len(p) + len(r)] = 1
+    augmented = torch.tensor((rows["kind"] == "augmented").to_numpy())
+    group = torch.tensor(rows["problem_id"].astype("category").cat.codes.to_numpy(),
+                         dtype=torch.long)
+    reward = torch.tensor(rows["reward"].to_numpy(), dtype=torch.float32)
+    seg = [torch.tensor(rows[c].to_numpy(), dtype=torch.long)
+           for c in ("prefix_len", "diagnosis_len", "correction_len")]
+    trained, corrective = segment_masks(*seg, augmented, t_max)
+    return Batch(ids, attn, torch.tensor([len(p) for p in prompts]),
+                 torch.tensor([len(r) for r in responses]), trained, corrective,
+                 group_advantages(reward, group, augmented, dae=obj.dae, eps=obj.eps))
+
+
+def response_logprobs(model, batch: Batch, with_entropy: bool = False):
+    """(B, T) log-probs of the response tokens under `model` (0 past each response), and the
+    (B, T) entropy of the next-token distribution when asked."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    t_max = batch.trained.shape[1]
+    pos = batch.response_start.unsqueeze(1) + torch.arange(t_max).unsqueeze(0)  # token positions
+    valid = torch.arange(t_max).unsqueeze(0) < batch.response_len.unsqueeze(1)
+    pos = torch.where(valid, pos, torch.ones_like(pos))
+    step_logits = logits.gather(1, (pos - 1).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    logp_all = torch.log_softmax(step_logits.float(), dim=-1)
+    tokens = batch.input_ids.gather(1, pos)
+    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * valid
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * valid if with_entropy else None
+    return logp, entropy
+
+
+@torch.no_grad()
+def old_logprobs(model, batch: Batch, micro: int) -> torch.Tensor:
+    model.eval()
+    parts = [response_logprobs(model, batch.rows(torch.arange(i, min(i + micro, len(
+        batch.advantages)))))[0] for i in range(0, len(batch.advantages), micro)]
+    return torch.cat(parts)
+
+
+def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Path, cfg: Config,
+                progress: bool = True) -> dict[str, Any]:
+    """Updates the policy at `policy_dir` on the shard; writes the next checkpoint to
+    `out_dir` and returns the round's metrics (see the module docstring)."""
+    policy_dir, shard_dir, out_dir = Path(policy_dir), Path(shard_dir), Path(out_dir)
+    tc, obj = cfg.train, objective_config(cfg)
+    fp = fingerprint({"policy": str(policy_dir), "shard": sorted(
+        file_sha256(p) for p in shard_dir.glob("part-*.parquet")),
+        "train": tc.model_dump(mode="json"), "algo": cfg.algo.model_dump(mode="json")})
+    done = _read_json(out_dir / SUCCESS)
+    if done is not None and done.get("fingerprint") == fp:
+        return done["metrics"]
+    t0 = time.time()
+    torch.manual_seed(tc.seed)
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    rows = read_pandas(shard_dir)
+    if len(rows) == 0:
+        raise ValueError(f"{shard_dir}: the training shard is empty")
+    batch = build_batch(rows, tokenizer.pad_token_id, obj)
+    old = old_logprobs(model, batch, tc.micro_batch_size)
+    in_loss, _ = loss_mask(batch.advantages, batch.trained, batch.corrective, old, obj)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    if (policy_dir / "optimizer.pt").exists():  # Adam moments carry over between rounds
+        optimizer.load_state_dict(torch.load(policy_dir / "optimizer.pt"))
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = tc.lr, tc.weight_decay
+    order = torch.cat([torch.randperm(len(rows), generator=torch.Generator().manual_seed(
+        tc.seed + e)) for e in range(tc.epochs)])
+    steps = [order[i : i + tc.mini_batch_size] for i in range(0, len(order), tc.mini_batch_size)]
+    step = 0
+    state = torch.load(out_dir / STATE) if (out_dir / STATE).exists() else None
+    if state is not None and state["fingerprint"] == fp:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        kept = [line for line in (out_dir / LOG).read_text().splitlines()
+                if json.loads(line)["step"] <= step]  # steps after the saved state re-run
+        (out_dir / LOG).write_text("".join(line + "\n" for line in kept))
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / LOG).unlink(missing_ok=True)
+
+    model.train()
+    for i in tqdm(range(step, len(steps)), initial=step, total=len(steps), desc="train",
+                  disable=not progress):
+        log = _update(model, optimizer, batch, old, in_loss, steps[i], obj, tc)
+        with open(out_dir / LOG, "a") as f:
+            f.write(json.dumps({"step": i + 1, **log}) + "\n")
+        if (i + 1) % tc.save_every == 0 and i + 1 < len(steps):
+            _save_state(out_dir, {"fingerprint": fp, "step": i + 1, "model": model.state_dict(),
+                                  "optimizer": optimizer.state_dict()})
+
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    torch.save(optimizer.state_dict(), out_dir / "optimizer.pt")
+    logs = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
+    metrics = {k: sum(log[k] for log in logs) / len(logs)
+               for k in ("loss", "clip_fraction", "entropy", "grad_norm", "suppressed_share")}
+    metrics.update({"steps": len(logs), "sequences": len(rows),
+                    "augmented": int((rows["kind"] == "augmented").sum()),
+                    "seconds": round(time.time() - t0, 2)})
+    write_json_atomic(out_dir / SUCCESS, {"fingerprint": fp, "policy": str(policy_dir),
+                                          "shard": str(shard_dir), "metrics": metrics})
+    (out_dir / STATE).unlink(missing_ok=True)
+    return metrics
+
+
+def _update(model, optimizer, batch: Batch, old: torch.Tensor, in_loss: torch.Tensor,
+            idx: torch.Tensor, obj: ObjectiveConfig, tc) -> dict[str, float]:
+    """One optimizer step over the mini-batch `idx`, accumulated over micro-batches."""
+    normalizer = max(int(in_loss[idx].sum()), 1)
+    optimizer.zero_grad(set_to_none=True)
+    sums = {"loss": 0.0, "clip": 0.0, "entropy": 0.0, "suppressed": 0.0, "rollout_tokens": 0,
+            "corrective": 0}
+    for j in range(0, len(idx), tc.micro_batch_size):
+        micro = idx[j : j + tc.micro_batch_size]
+        mb = batch.rows(micro)
+        logp, entropy = response_logprobs(model, mb, with_entropy=True)
+        out = policy_loss(logp, old[micro], mb.advantages, mb.trained, mb.corrective, obj,
+                          normalizer=normalizer)
+        out.loss.backward()
+        m = out.metrics
+        rollout_tokens = m["loss_tokens"] - int((mb.corrective & in_loss[micro]).sum())
+        sums["loss"] += out.loss.item()
+        sums["clip"] += m["clip_fraction"] * rollout_tokens
+        sums["rollout_tokens"] += rollout_tokens
+        sums["entropy"] += float((entropy.detach() * in_loss[micro]).sum())
+        sums["suppressed"] += m["suppressed_share"] * m["corrective_tokens"]
+        sums["corrective"] += m["corrective_tokens"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+    optimizer.step()
+    return {"loss": sums["loss"], "clip_fraction": sums["clip"] / max(sums["rollout_tokens"], 1),
+            "entropy": sums["entropy"] / normalizer, "grad_norm": float(grad_norm),
+            "suppressed_share": sums["suppressed"] / max(sums["corrective"], 1),
+            "loss_tokens": normalizer, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def _save_state(out_dir: Path, state: dict) -> None:
+    tmp = out_dir / f".{STATE}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out_dir / STATE)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
