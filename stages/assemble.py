@@ -39,6 +39,7 @@ class Assemble(Stage):
             n = len(r["response_token_ids"])
             out.keep({
                 "sample_id": r["rollout_id"], "kind": "rollout", "problem_id": r["problem_id"],
+                "answer": r["answer"],
                 "prompt": r["prompt"], "prompt_token_ids": prompt_ids[r["prompt"]],
                 "response": r["response"], "response_token_ids": r["response_token_ids"],
                 "reward": r["reward"], "label": r["label"], "finish_reason": r["finish_reason"],
@@ -58,6 +59,7 @@ class Assemble(Stage):
                 continue
             out.keep({
                 "sample_id": t["trajectory_id"], "kind": "augmented", "problem_id": pid,
+                "answer": group["answer"],
                 "prompt": group["prompt"], "prompt_token_ids": prompt_ids[group["prompt"]],
                 "response": t["response"], "response_token_ids": ids, "reward": 1.0,
                 "label": "correct", "finish_reason": "stop", "group_size": group["group_size"],

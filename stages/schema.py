@@ -77,6 +77,7 @@ TRAINING = pa.schema([
     ("sample_id", pa.string()),  # rollout_id or trajectory_id
     ("kind", pa.string()),  # rollout | augmented
     ("problem_id", pa.string()),  # the group: a problem's G rollouts and its trajectory
+    ("answer", pa.string()),  # the reference answer
     ("prompt", pa.string()), ("prompt_token_ids", _IDS),
     ("response", pa.string()), ("response_token_ids", _IDS),
     ("reward", pa.float32()), ("label", pa.string()), ("finish_reason", pa.string()),

