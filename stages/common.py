@@ -12,6 +12,7 @@ from pipeline.config import Config
 from pipeline.engines import Engine, Prompt, make_engine, render_prompt
 from stages.tasks import arith
 from stages.tasks import math as math_task
+from stages.tasks.base import split_steps
 
 
 class Rejection(NamedTuple):
@@ -107,6 +108,4 @@ def tiebreak(seed: int, key: str) -> int:
 
 def numbered_steps(text: str) -> str:
     """The response's steps (non-empty lines), numbered `[1] ...`, one per line."""
-    from stages.tasks.base import split_steps
-
     return "\n".join(f"[{s.index}] {s.text}" for s in split_steps(text))

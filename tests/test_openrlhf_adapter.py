@@ -7,6 +7,7 @@ import sys
 import types
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,13 +81,11 @@ def round_shard(small_base, tmp_path_factory):
     return cfg, summary["policy"], rollouts, augmented, groups
 
 
-@pytest.mark.parametrize("overrides", [(), ("algo.dae=false",), ("algo.negative_samples=false",),
-                                       ("algo.ood=off",)])
-def test_adapter_advantages_and_masks_equal_the_local_trainer(round_shard, overrides):
+@pytest.mark.parametrize("algo", [{}, {"dae": False}, {"negative_samples": False},
+                                  {"ood": "off"}], ids=["tapo", "no-dae", "no-neg", "no-ood"])
+def test_adapter_advantages_and_masks_equal_the_local_trainer(round_shard, algo):
     cfg, policy, rollouts, augmented, groups = round_shard
-    cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update={
-        k.split("=")[0].split(".")[1]: k.split("=")[1] == "true" if k.endswith(("true", "false"))
-        else k.split("=")[1] for k in overrides})})
+    cfg = cfg.model_copy(update={"algo": cfg.algo.model_copy(update=algo)})
     obj = objective_config(cfg)
     model = AutoModelForCausalLM.from_pretrained(policy).eval()
     tokenizer = AutoTokenizer.from_pretrained(policy)
@@ -97,8 +96,6 @@ def test_adapter_advantages_and_masks_equal_the_local_trainer(round_shard, overr
                 for r in augmented.to_dict("records")]
     maker = LocalExperienceMaker(model, tokenizer, obj)
     experiences = maker.make_experience_batch(samples)
-
-    import pandas as pd
 
     rows = pd.concat([rollouts, augmented], ignore_index=True)
     batch = build_batch(rows, tokenizer.pad_token_id, obj)
