@@ -48,7 +48,10 @@ check-grader:  ## grade every bundled reference solution against its own referen
 iterate:  ## N rounds (N=10) of stages + training into runs/$(RUN)/; ALGO=grpo for plain GRPO
 	$(BIN)/tapo iterate runs/$(RUN) --rounds $(N) --config $(CONFIG) algo.name=$(ALGO)
 
-coldstart eval compare:
+coldstart:  ## the cold-start SFT/IF set from the base model's errors + SFT into runs/coldstart/model
+	$(BIN)/tapo coldstart --config $(CONFIG)
+
+eval compare:
 	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1
 
 clean:  ## remove runs/ (everything runs produced)

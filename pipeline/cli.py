@@ -2,6 +2,9 @@
 
     tapo stage NAME --in DIR --out DIR [--side NAME=DIR] [--config C] [--workers N] [key=value ...]
     tapo round RUN_DIR --iteration K [--algo tapo|grpo] [--model PATH] [--config C] [key=value ...]
+    tapo coldstart [RUN_DIR] [--config C] [key=value ...]
+    tapo iterate [RUN_DIR] --rounds N [--algo tapo|grpo] [--config C] [key=value ...]
+    tapo train --policy DIR --shard DIR --out DIR [--config C] [key=value ...]
     tapo status RUN_DIR
     tapo base [--config C] [section.key=value ...]
 """
@@ -38,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="the policy checkpoint (default: see README)")
     _config_args(p)
 
+    p = sub.add_parser("coldstart", help="the cold-start SFT/IF set and SFT (make coldstart)")
+    p.add_argument("run_dir", type=Path, nargs="?", default=None,
+                   help="default: the parent of policy.coldstart (runs/coldstart)")
+    _config_args(p)
+
     p = sub.add_parser("iterate", help="N rounds of the stages + training (make iterate)")
     p.add_argument("run_dir", type=Path, nargs="?", default=None,
                    help="default: run.root/run.name")
@@ -63,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if hasattr(args, "overrides"):
         args.overrides = args.overrides + extra
+    if "=" in str(getattr(args, "run_dir", None) or ""):  # an override, not the optional RUN_DIR
+        args.overrides, args.run_dir = [str(args.run_dir), *args.overrides], None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"stage": cmd_stage, "round": cmd_round, "iterate": cmd_iterate,
+        commands = {"stage": cmd_stage, "round": cmd_round, "coldstart": cmd_coldstart,
+                    "iterate": cmd_iterate,
                     "train": cmd_train, "status": cmd_status, "base": cmd_base}
         return commands[args.command](args)
     except ConfigError as e:
@@ -113,6 +124,36 @@ def cmd_round(args: argparse.Namespace) -> int:
     summary = run_round(args.run_dir, args.iteration, cfg)
     print(render_round(summary))
     return 0
+
+
+def cmd_coldstart(args: argparse.Namespace) -> int:
+    from pipeline.coldstart import run_coldstart
+
+    cfg = load_config(args.config, args.overrides)
+    print(render_coldstart(run_coldstart(args.run_dir, cfg)))
+    return 0
+
+
+def render_coldstart(s: dict) -> str:
+    """The funnel, the examples per source, SFT time and the probe's reflection rates."""
+    lines = [f"cold start from {s['base']} -> {s['model']}",
+             f"  problems {s['problems']}, responses {s['responses']}, wrong "
+             f"{s['wrong_responses']}, candidates {s['candidates']}, located {s['located']}, "
+             f"constructed {s['constructed']}",
+             "  rejected: " + (", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "none")]
+    for source, counts in s["examples"].items():
+        lines.append(f"  {source:>3} examples: " + ", ".join(f"{k} {v}"
+                                                           for k, v in counts.items()))
+    sft = s["sft"]
+    lines.append(f"  sft: {sft['examples']} examples ({sft['too_long']} too long), "
+                 f"{sft['steps']} steps, loss {sft['loss_first']:.3f} -> {sft['loss_last']:.3f}, "
+                 f"{sft['seconds']:.0f} s")
+    if "probe" in s:
+        rate = s["probe"]["reflection_rate"]
+        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        lines.append(f"  reflection rate on {s['probe']['prefixes']} held-out wrong prefixes: "
+                     f"base {fmt(rate['base'])}, cold start {fmt(rate['coldstart'])}")
+    return "\n".join(lines)
 
 
 def cmd_iterate(args: argparse.Namespace) -> int:

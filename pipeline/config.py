@@ -86,6 +86,9 @@ class SelectConfig(Section):
 
 class LocateConfig(Section):
     method: typing.Literal["rule", "llm"] = Field("rule", description="rule: arith only")
+    keep_failed_step: bool = Field(True, description="the kept prefix ends after the wrong step "
+                                                     "k, so the reflection follows the error it "
+                                                     "names; false: steps 1..k-1 only")
     model: str = Field("", description="llm: a teacher model directory; empty: the policy")
     max_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0)
@@ -97,6 +100,27 @@ class ConstructConfig(Section):
     model: str = Field("", description="llm: a teacher model directory; empty: the policy")
     max_tokens: int = Field(512, ge=1)
     temperature: float = Field(0.0, ge=0)
+
+
+class ColdstartConfig(Section):
+    """`make coldstart`: the SFT/IF set built from the base model's own wrong answers, and the
+    SFT phase that turns the base model into the cold-start checkpoint (`policy.coldstart`)."""
+
+    problems: str = Field("", description="jsonl or parquet of training problems (id/problem_id, "
+                                          "problem, answer, optional solution); empty: testbed "
+                                          "train")
+    max_problems: int | None = Field(None, ge=1, description="use the first N (seeded order)")
+    heldout: str = Field("", description="problems for the reflection probe; empty: testbed "
+                                         "held-out split")
+    samples: int = Field(4, ge=1, description="responses per problem")
+    temperature: float = Field(1.0, ge=0)
+    max_tokens: int = Field(160, ge=1)
+    size: int = Field(45000, ge=2, description="examples in the mixture, SFT : IF = 2 : 1 "
+                                               "(the paper: 30k + 15k)")
+    lr: float = Field(1e-4, gt=0)
+    epochs: float = Field(2.0, gt=0, description="passes over the mixture")
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
 
 
 class TestbedConfig(Section):
@@ -180,6 +204,7 @@ class Config(Section):
     grader: GraderConfig = Field(default_factory=GraderConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    coldstart: ColdstartConfig = Field(default_factory=ColdstartConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     locate: LocateConfig = Field(default_factory=LocateConfig)

@@ -71,37 +71,60 @@ def problem_pool(cfg: Config) -> Path:
     return Path(cfg.testbed.base_dir) / "data" / "train.parquet"
 
 
+def load_problems(path: str | Path) -> pd.DataFrame:
+    """A problems table from parquet or JSON Lines (`id` is read as `problem_id`); it must have
+    `problem_id`, `problem` and `answer` (as text); other columns (`solution`, ...) are kept."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no problems file at {path}")
+    if path.suffix == ".jsonl":
+        table = pd.read_json(path, lines=True, dtype=False)
+        if "problem_id" not in table.columns and "id" in table.columns:
+            table = table.rename(columns={"id": "problem_id"})
+    else:
+        table = pd.read_parquet(path)
+    missing = {"problem_id", "problem", "answer"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{path} lacks columns {sorted(missing)}")
+    table["problem_id"] = table["problem_id"].astype(str)
+    table["answer"] = table["answer"].astype(str)
+    return table
+
+
+def write_problems(pool_path: Path, out_dir: Path, start: int, count: int | None, seed: int,
+                   shard_size: int) -> dict[str, int]:
+    """Positions start .. start+count-1 (wrapping; count None: all) of a seeded permutation of
+    the pool, in shards of `shard_size`, into the stage directory `out_dir`. A no-op when done.
+    Returns its stats: the pool size in, the problems out."""
+    fp = fingerprint({"pool": file_sha256(pool_path), "start": start, "count": count,
+                      "seed": seed, "shard_size": shard_size})
+    done = out_dir / SUCCESS
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
+        return json.loads((out_dir / STATS).read_text())
+    pool = load_problems(pool_path)
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    count = len(pool) if count is None else min(count, len(pool))
+    table = pool.iloc[[order[(start + i) % len(order)] for i in range(count)]]
+    table = table.reset_index(drop=True)
+    for old in out_dir.glob("part-*.parquet"):
+        old.unlink()
+    for i, lo in enumerate(range(0, len(table), shard_size)):
+        write_table_atomic(table.iloc[lo : lo + shard_size], out_dir / part_name(i))
+    write_json_atomic(out_dir / STATS, {"rows_in": len(pool), "rows_out": len(table)})
+    write_json_atomic(done, {"fingerprint": fp, "pool": str(pool_path), "rows": len(table)})
+    return {"rows_in": len(pool), "rows_out": len(table)}
+
+
 def write_round_problems(cfg: Config, iteration: int, out_dir: Path) -> dict[str, int]:
     """Round K's problems: positions (K-1)*B .. K*B-1 (wrapping) of a seeded permutation of the
-    pool, B = rollout.problems_per_round, in shards of rollout.shard_size. A no-op when done.
-    Returns its stats: the pool size in, the problems out."""
+    pool, B = rollout.problems_per_round, in shards of rollout.shard_size."""
     pool_path = problem_pool(cfg)
     if not pool_path.exists():
         raise FileNotFoundError(f"no training problems at {pool_path} (set rollout.problems)")
     r = cfg.rollout
-    fp = fingerprint({"pool": file_sha256(pool_path), "iteration": iteration,
-                      "seed": cfg.run.seed, "per_round": r.problems_per_round,
-                      "shard_size": r.shard_size})
-    done = out_dir / SUCCESS
-    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
-        return json.loads((out_dir / STATS).read_text())
-    pool = pd.read_parquet(pool_path)
-    missing = {"problem_id", "problem", "answer"} - set(pool.columns)
-    if missing:
-        raise ValueError(f"{pool_path} lacks columns {sorted(missing)}")
-    order = list(range(len(pool)))
-    random.Random(cfg.run.seed).shuffle(order)
-    start = (iteration - 1) * r.problems_per_round
-    picked = [order[(start + i) % len(order)] for i in range(min(r.problems_per_round, len(pool)))]
-    table = pool.iloc[picked].reset_index(drop=True)
-    table["answer"] = table["answer"].astype(str)
-    for old in out_dir.glob("part-*.parquet"):
-        old.unlink()
-    for i, lo in enumerate(range(0, len(table), r.shard_size)):
-        write_table_atomic(table.iloc[lo : lo + r.shard_size], out_dir / part_name(i))
-    write_json_atomic(out_dir / STATS, {"rows_in": len(pool), "rows_out": len(table)})
-    write_json_atomic(done, {"fingerprint": fp, "pool": str(pool_path), "rows": len(table)})
-    return {"rows_in": len(pool), "rows_out": len(table)}
+    return write_problems(pool_path, out_dir, (iteration - 1) * r.problems_per_round,
+                          r.problems_per_round, cfg.run.seed, r.shard_size)
 
 
 def run_round(run_dir: str | Path, iteration: int, cfg: Config,

@@ -7,4 +7,6 @@ REGISTRY: dict[str, str] = {
     "locate": "stages.locate:Locate",
     "construct": "stages.construct:Construct",
     "assemble": "stages.assemble:Assemble",
+    "coldstart_select": "stages.coldstart_select:ColdstartSelect",
+    "sft_examples": "stages.sft_examples:SftExamples",
 }

@@ -2,7 +2,7 @@
 
 Reads located candidates (schema.LOCATED); writes trajectories (schema.TRAJECTORIES):
 `response = prefix + diagnosis + correction`, where `prefix` is the wrong rollout's own text up
-to the failure (`prefix_token_ids`: its own tokens), `diagnosis` starts with the transition
+to and including the wrong step (see stages/locate.py; `prefix_token_ids`: its own tokens), `diagnosis` starts with the transition
 phrase "Wait, step k is wrong: ", and `correction` continues from step k to a boxed answer.
 `construction.mode=full_reconstruction` (the ablation) keeps no prefix and no diagnosis: the
 correction is a whole corrected solution.
@@ -154,14 +154,16 @@ def rule_trajectory(row, full: bool):
     if full:
         return "", "", problem.solution()
     prefix = row["wrong_response"][: row["prefix_chars"]]
-    state = arith.first_wrong_step(problem, prefix)
+    steps = split_steps(row["wrong_response"])
+    failed = steps[row["failure_step"] - 1] if row["failure_step"] <= len(steps) else None
+    before = prefix[: failed.start] if failed is not None else prefix  # without a kept step k
+    state = arith.first_wrong_step(problem, before)
     if state is None:
         return Rejection("prefix_is_complete", "the kept prefix already solves the problem")
     if state.step is not None:
         return Rejection("prefix_has_error", f"step {state.step.index} of the prefix is wrong")
     k, n = state.chain_step, len(problem.ops)
-    steps = split_steps(row["wrong_response"])
-    found = steps[row["failure_step"] - 1].text if row["failure_step"] <= len(steps) else ""
+    found = failed.text if failed is not None else ""
     expected = arith.expected_line(problem, k)
     diagnosis = _separator(prefix) + arith.reflection_line(k, found, expected) + "\n"
     correction = "\n".join(arith.expected_line(problem, j) for j in range(k, n + 2))

@@ -2,7 +2,10 @@
 
 Reads candidates (schema.CANDIDATES); writes them with `n_steps`, `failure_step`, and the kept
 prefix's end in characters and in the rollout's own tokens (schema.LOCATED). Steps are the
-non-empty lines of the response. The prefix is steps 1..k-1 of a failure at step k.
+non-empty lines of the response. The prefix of a failure at step k is steps 1..k, the wrong step
+included, so the reflection that follows names an error the text shows (`locate.keep_failed_step`,
+the default; false keeps steps 1..k-1, PAPER.md's reading). A response that stops too early
+(k = n_steps + 1) is kept whole.
 
 Locators (`locate.method`):
 - `rule`: the task's exact step checker (arith only).
@@ -77,6 +80,8 @@ class Locate(Stage):
                 out.drop(row, result.reason, result.detail)
                 continue
             step, chars, detail = result
+            if self.config.locate.keep_failed_step:
+                chars = failed_step_end(row["wrong_response"], step, chars)
             try:
                 n_tokens, chars = prefix_boundary(tokenizer, row["wrong_token_ids"],
                                                   row["wrong_response"], chars)
@@ -113,6 +118,15 @@ class Locate(Stage):
 
     def close(self):
         self.engine.close()
+
+
+def failed_step_end(response: str, step: int, chars: int) -> int:
+    """The end of line `step` (its newline included), or `chars` when there is no such step."""
+    steps = split_steps(response)
+    if not 1 <= step <= len(steps):
+        return chars
+    end = response.find("\n", steps[step - 1].start)
+    return len(response) if end < 0 else end + 1
 
 
 def parse_located_step(answer: str, response: str):

@@ -88,3 +88,13 @@ TRAINING = pa.schema([
     ("source_rollout_id", pa.string()),  # augmented: the repaired rollout; else null
     ("failure_step", pa.int32()),  # augmented: the located step; else null
 ])
+
+# The cold-start mixture, read as is by OpenRLHF's train_sft (input_key=prompt,
+# output_key=response, input_template=""): the loss covers `response` only.
+SFT_EXAMPLES = pa.schema([
+    ("example_id", pa.string()),  # trajectory_id + "/sft" or "/if"
+    ("source", pa.string()),  # sft (self-error analysis) | if (instruction following)
+    ("problem_id", pa.string()),
+    ("prompt", pa.string()),  # sft: the task prompt + the kept wrong prefix; if: the instruction
+    ("response", pa.string()),  # sft: diagnosis + correction; if: <analysis>..<reconstruction>..
+])

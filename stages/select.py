@@ -68,19 +68,33 @@ class Select(Stage):
             if rank >= budget:
                 out.drop(summary, "over_budget", f"rank {rank} >= budget {budget}")
                 continue
-            repair = min(wrong, key=lambda r: (r["label"] != "incorrect",
-                                               r["finish_reason"] != "stop", -r["response_len"],
-                                               tiebreak(cfg.seed, r["rollout_id"])))
-            reference = min((r for r in group if r["label"] == "correct"),
-                            key=lambda r: (r["response_len"], tiebreak(cfg.seed, r["rollout_id"])))
-            out.keep({
-                "problem_id": summary["problem_id"], "problem": repair["problem"],
-                "answer": repair["answer"], "prompt": repair["prompt"],
-                "group_size": summary["group_size"], "pass_rate": summary["pass_rate"],
-                "rank": rank, "wrong_rollout_id": repair["rollout_id"],
-                "wrong_label": repair["label"], "wrong_response": repair["response"],
-                "wrong_token_ids": repair["response_token_ids"],
-                "reference_rollout_id": reference["rollout_id"],
-                "reference_response": reference["response"],
-            })
+            repair = choose_repair(wrong, cfg.seed)
+            reference = choose_reference([r for r in group if r["label"] == "correct"], cfg.seed)
+            out.keep(candidate_row(repair, summary["group_size"], summary["pass_rate"], rank,
+                                   reference["rollout_id"], reference["response"]))
         return out
+
+
+def choose_repair(wrong: list[dict], seed: int) -> dict:
+    """The wrong rollout to repair: `incorrect` before `no_answer`, finished before truncated,
+    then the longest, ties by seed."""
+    return min(wrong, key=lambda r: (r["label"] != "incorrect", r["finish_reason"] != "stop",
+                                     -r["response_len"], tiebreak(seed, r["rollout_id"])))
+
+
+def choose_reference(correct: list[dict], seed: int) -> dict:
+    """The shortest correct rollout, ties by seed."""
+    return min(correct, key=lambda r: (r["response_len"], tiebreak(seed, r["rollout_id"])))
+
+
+def candidate_row(repair: dict, group_size: int, pass_rate: float, rank: int,
+                  reference_id: str, reference: str) -> dict:
+    """A schema.CANDIDATES row for the rollout `repair`."""
+    return {
+        "problem_id": repair["problem_id"], "problem": repair["problem"],
+        "answer": repair["answer"], "prompt": repair["prompt"], "group_size": group_size,
+        "pass_rate": pass_rate, "rank": rank, "wrong_rollout_id": repair["rollout_id"],
+        "wrong_label": repair["label"], "wrong_response": repair["response"],
+        "wrong_token_ids": repair["response_token_ids"], "reference_rollout_id": reference_id,
+        "reference_response": reference,
+    }

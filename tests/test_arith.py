@@ -87,8 +87,12 @@ def test_checker_wrong_operand_missing_steps_and_wrong_answer():
 def test_checker_reflection_then_correction():
     text = "48 + 17 = 65\n65 - 29 = 46\nWait, step 2 is wrong: 65 - 29 = 36, not 46.\n"
     text += "65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}"
-    err = first_wrong_step(P, text)
-    assert err.chain_step == 2 and err.step.index == 2  # the original slip is still found
+    assert first_wrong_step(P, text) is None  # the slip is named and fixed: forgiven
+    again = text.replace("65 - 29 = 36\n36", "65 - 29 = 37\n36")  # the fix is wrong too
+    err = first_wrong_step(P, again)
+    assert err.chain_step == 2 and err.step.index == 4 and err.found == "65 - 29 = 37"
+    unnamed = "48 + 17 = 65\n65 - 29 = 46\n36 * 3 = 108"  # a slip no reflection follows
+    assert first_wrong_step(P, unnamed).step.index == 2
     fixed = "48 + 17 = 65\nWait, step 1 is wrong: nothing.\n48 + 17 = 65\n65 - 29 = 36\n"
     assert first_wrong_step(P, fixed + "36 * 3 = 108\n\\boxed{108}") is None
     assert first_wrong_step(P, "Wait, step 9 is wrong: x\n").chain_step == 1

@@ -151,8 +151,9 @@ def test_select_window_budget_and_choices(small_base):
 # --- locate ---------------------------------------------------------------------------------
 
 
-def test_rule_locator_finds_failure_and_token_boundary(small_base):
-    cfg = small_base()
+@pytest.mark.parametrize("keep", [True, False])
+def test_rule_locator_finds_failure_and_token_boundary(small_base, keep):
+    cfg = small_base(f"locate.keep_failed_step={keep}")
     tok = load_tokenizer(str(policy_path(cfg)))
     wrong = "48 + 17 = 65\n65 - 29 = 38\n38 * 3 = 114\n\\boxed{114}"
     rows = [candidate(tok, wrong), candidate(tok, "48 + 17 = 65\n"),
@@ -161,10 +162,13 @@ def test_rule_locator_finds_failure_and_token_boundary(small_base):
     out = Locate(cfg).process(rows)
     assert reasons(out) == ["no_error_found", "token_mismatch"]
     first, early, garbage = out.rows
-    assert (first["failure_step"], first["n_steps"], first["prefix_chars"]) == (2, 4, 13)
+    # keep: the prefix ends after the wrong line 2 (its newline included); else before it
+    assert (first["failure_step"], first["n_steps"], first["prefix_chars"]) == (2, 4,
+                                                                              26 if keep else 13)
     assert json.loads(first["locate_detail"])["expected"] == "65 - 29 = 36"
     assert (early["failure_step"], early["prefix_chars"]) == (2, 13)  # stopped after step 1
-    assert (garbage["failure_step"], garbage["prefix_chars"], garbage["prefix_tokens"]) == (1, 0, 0)
+    assert (garbage["failure_step"], garbage["prefix_chars"]) == (1, 11 if keep else 0)
+    assert (garbage["prefix_tokens"] > 0) == keep
     for r in out.rows:
         prefix = r["wrong_response"][: r["prefix_chars"]]
         assert tok.decode(r["wrong_token_ids"][: r["prefix_tokens"]]) == prefix
@@ -200,7 +204,7 @@ def test_llm_locator_on_recorded_chat_answers(small_base, case):
     assert case["problem"] in prompt and "[3] " in prompt and case["reference_response"] in prompt
     step3 = case["wrong_response"].split("\n")[[i for i, line in enumerate(
         case["wrong_response"].split("\n")) if line.strip()][2]]
-    assert case["wrong_response"][out.rows[0]["prefix_chars"]:].startswith(step3)
+    assert case["wrong_response"][: out.rows[0]["prefix_chars"]].endswith(step3 + "\n")
 
 
 def test_parse_located_step_edge_cases():
@@ -232,12 +236,14 @@ def test_rule_constructor_builds_verified_trajectories(small_base):
     out = Construct(cfg).process(rows)
     assert not out.dropped
     slip, boxed, early, garbage = out.rows
-    assert slip["response"] == ("48 + 17 = 65\nWait, step 2 is wrong: 65 - 29 = 36, not 38.\n"
+    assert slip["response"] == ("48 + 17 = 65\n65 - 29 = 38\n"
+                                "Wait, step 2 is wrong: 65 - 29 = 36, not 38.\n"
                                 "65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}")
-    assert (slip["prefix"], slip["trajectory_id"]) == ("48 + 17 = 65\n", "p1/1/tapo")
-    assert boxed["diagnosis"].startswith("Wait, step 4 is wrong")
+    assert slip["prefix"] == "48 + 17 = 65\n65 - 29 = 38\n"  # the wrong step is kept
+    assert slip["trajectory_id"] == "p1/1/tapo"
+    assert boxed["diagnosis"].startswith("\nWait, step 4 is wrong")  # after "\boxed{180}"
     assert early["diagnosis"].startswith("\nWait, step 2")  # a line break, not in the prefix
-    assert garbage["prefix"] == "" and garbage["diagnosis"].startswith("Wait, step 1")
+    assert garbage["prefix"] == "nonsense" and garbage["diagnosis"].startswith("\nWait, step 1")
     for t in out.rows:  # the checker accepts each (it follows the reflection back)
         assert arith.first_wrong_step(PROBLEM, t["response"]) is None
         assert t["response"] == t["prefix"] + t["diagnosis"] + t["correction"]

@@ -72,6 +72,7 @@ def train_lm(
     pad_id: int,
     desc: str = "train",
     on_step: Callable[[int, float], None] | None = None,
+    progress: bool = True,
 ) -> list[float]:
     """Trains `model` in place for `sched.steps` AdamW steps on batches drawn without
     replacement (reshuffled each epoch, seeded); returns the loss of every step."""
@@ -89,7 +90,8 @@ def train_lm(
     order: list[int] = []
     losses = []
     model.train()
-    bar = tqdm(range(sched.steps), desc=desc, unit="step", mininterval=2.0)
+    bar = tqdm(range(sched.steps), desc=desc, unit="step", mininterval=2.0,
+               disable=not progress)
     for step in bar:
         if len(order) < sched.batch_size:
             fresh = list(range(len(examples)))

@@ -213,23 +213,30 @@ def first_wrong_step(problem: ArithProblem, text: str) -> StepError | None:
 
     A line is correct when it equals the expected next step (whitespace aside) or, after the last
     step, the boxed answer. A reflection line "Wait, step k is wrong..." is skipped and sends the
-    expectation back to step k, so a corrected continuation after a reflection is checked as well.
+    expectation back to step k, so a corrected continuation after a reflection is checked as well;
+    a wrong line directly followed by such a reflection is forgiven (the error it names).
     """
     n = len(problem.ops)
     expected_k = 1  # next chain step expected; n + 1 means the boxed answer
+    pending: StepError | None = None  # a wrong line, forgiven if a reflection follows it
     for step in split_steps(text):
         reflection = _REFLECTION_RE.match(step.text)
         if reflection:
             k = int(reflection.group(1)) if len(reflection.group(1)) < 4 else 0
             if 1 <= k <= expected_k:
-                expected_k = k
+                expected_k, pending = k, None
                 continue
-            return StepError(step, expected_k, expected_line(problem, expected_k), step.text,
-                             step.start)
+            return pending or StepError(step, expected_k, expected_line(problem, expected_k),
+                                        step.text, step.start)
+        if pending is not None:
+            return pending
         want = expected_line(problem, expected_k)
         if expected_k > n + 1 or _normalize(step.text) != _normalize(want):
-            return StepError(step, expected_k, want, step.text, step.start)
+            pending = StepError(step, expected_k, want, step.text, step.start)
+            continue
         expected_k += 1
+    if pending is not None:
+        return pending
     if expected_k <= n + 1:
         return StepError(None, expected_k, expected_line(problem, expected_k), "", len(text))
     return None

@@ -1,0 +1,164 @@
+"""`make coldstart`: the SFT/IF set from the base model's own wrong answers, and the SFT phase.
+
+    summary = run_coldstart(run_dir, cfg)
+
+Writes under RUN_DIR (default: the parent of `policy.coldstart`, i.e. runs/coldstart):
+
+    problems/ sample/ classify/ select/ locate/ construct/ examples/   stage directories
+    model/           the cold-start checkpoint (trainer/sft.py); `make iterate` starts from it
+    probe/           held-out wrong prefixes: problems/ sample/ classify/ select/ locate/
+    coldstart.json   counts per source, rejections by reason, SFT metrics, and the reflection
+                     rate of the base and the cold-start model on the held-out wrong prefixes
+
+The chain reuses the RL stages with the base model as policy (G = coldstart.samples), with
+`coldstart_select` (one wrong response per problem, no window or budget) in place of `select`,
+and `sft_examples` (the 2 : 1 SFT/IF mixture) after `construct`. Every stage is resumable and a
+no-op when complete.
+
+The probe measures what the SFT is for: given the task prompt and a wrong response of the base
+model cut before its first wrong step (held-out problems, never trained on), how often does a
+greedy continuation reflect (stages.tasks.base.reflects)?
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Config, write_resolved
+from pipeline.engines import SamplingParams, make_engine
+from pipeline.io import read_pandas
+from pipeline.round import write_problems
+from pipeline.runner import EXCLUDED, Stage, run_stage
+from pipeline.util import write_json_atomic
+from stages.classify import Classify
+from stages.coldstart_select import ColdstartSelect
+from stages.construct import Construct
+from stages.locate import Locate
+from stages.sample import Sample
+from stages.sft_examples import SftExamples
+from stages.tasks.base import reflects
+from trainer.sft import train_sft
+
+CHAIN: list[tuple[str, type[Stage], str]] = [  # (dir, stage, input dir)
+    ("sample", Sample, "problems"),
+    ("classify", Classify, "sample"),
+    ("select", ColdstartSelect, "classify"),
+    ("locate", Locate, "select"),
+    ("construct", Construct, "locate"),
+    ("examples", SftExamples, "construct"),
+]
+SIDE = {"select": {"problems": "problems"}, "examples": {"located": "locate"}}
+
+
+def coldstart_dir(cfg: Config) -> Path:
+    return Path(cfg.policy.coldstart).parent
+
+
+def base_model(cfg: Config) -> Path:
+    """The model the cold start samples and fine-tunes: `policy.path`, else the testbed base."""
+    if cfg.policy.path:
+        return Path(cfg.policy.path)
+    from pipeline.testbed import build_base
+
+    return build_base(cfg.testbed, cfg.testbed.base_dir)
+
+
+def sampling_config(cfg: Config, base: Path) -> Config:
+    """`cfg` with the base as policy and the cold start's sampling knobs as the rollout's."""
+    c = cfg.coldstart
+    rollout = cfg.rollout.model_copy(update={"group_size": c.samples,
+                                             "temperature": c.temperature,
+                                             "max_tokens": c.max_tokens})
+    policy = cfg.policy.model_copy(update={"path": str(base)})
+    return cfg.model_copy(update={"rollout": rollout, "policy": policy})
+
+
+def run_chain(cfg: Config, pool: Path, here: Path, until: str, count: int | None,
+              progress: bool = True) -> dict[str, dict[str, int]]:
+    """`count` problems of the pool (None: all) -> ... -> `until` (a CHAIN dir) into `here`;
+    returns the stats per stage."""
+    stats = {"problems": write_problems(pool, here / "problems", 0, count, cfg.coldstart.seed,
+                                        cfg.rollout.shard_size)}
+    for name, stage_cls, source in CHAIN:
+        side = {k: here / v for k, v in SIDE.get(name, {}).items()}
+        stats[name] = run_stage(stage_cls, cfg, here / source, here / name, progress=progress,
+                                side=side).stats
+        if name == until:
+            break
+    return stats
+
+
+def probe_prompts(located_dir: Path) -> list[str]:
+    """Task prompt + the kept wrong prefix of every located held-out response."""
+    rows = read_pandas(located_dir, columns=["prompt", "wrong_response", "prefix_chars"])
+    return [p + w[:n] for p, w, n in zip(rows["prompt"], rows["wrong_response"],
+                                         rows["prefix_chars"])]
+
+
+def reflection_rate(cfg: Config, model: Path, prompts: list[str]) -> float:
+    """The share of greedy continuations of `prompts` by `model` that reflect."""
+    engine = make_engine(cfg.engine, model, seed=cfg.run.seed)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=cfg.coldstart.max_tokens)
+        outs = engine.generate(prompts, 1, params)
+    finally:
+        getattr(engine, "close", lambda: None)()
+    return sum(reflects(g[0].text) for g in outs) / len(prompts)
+
+
+def source_counts(stats: dict[str, dict[str, int]], examples_dir: Path) -> dict[str, Any]:
+    """What the README's cold-start table shows: the funnel, rejections, and per source
+    (sft, if) the examples available, dropped by reason, and kept."""
+    classified = read_pandas(examples_dir.parent / "classify", columns=["label"])
+    kept = read_pandas(examples_dir, columns=["source"])["source"].value_counts()
+    excluded_dir = examples_dir / EXCLUDED
+    dropped = (read_pandas(excluded_dir, columns=["source", "reason"])
+               if any(excluded_dir.glob("part-*.parquet"))
+               else pd.DataFrame(columns=["source", "reason"]))
+    per_source = {}
+    for source in ("sft", "if"):
+        reasons = dropped[dropped["source"] == source]["reason"].value_counts().to_dict()
+        per_source[source] = {"kept": int(kept.get(source, 0)),
+                              **{f"dropped_{k}": int(v) for k, v in reasons.items()}}
+    rejected = {f"{stage}:{k[8:]}": v for stage in ("classify", "select", "locate", "construct")
+                for k, v in stats[stage].items() if k.startswith("dropped_")}
+    return {"problems": stats["problems"]["rows_out"], "responses": len(classified),
+            "wrong_responses": int((classified["label"] != "correct").sum()),
+            "candidates": stats["select"]["rows_out"], "located": stats["locate"]["rows_out"],
+            "constructed": stats["construct"]["rows_out"], "rejected": rejected,
+            "examples": per_source}
+
+
+def run_coldstart(run_dir: str | Path | None, cfg: Config,
+                  progress: bool = True) -> dict[str, Any]:
+    """Builds the set, trains the cold-start model into RUN_DIR/model, probes base vs cold start
+    on held-out wrong prefixes; returns (and writes to RUN_DIR/coldstart.json) the summary."""
+    here = Path(run_dir) if run_dir is not None else coldstart_dir(cfg)
+    base = base_model(cfg)
+    scfg = sampling_config(cfg, base)
+    write_resolved(cfg, here / "config.yaml")
+    pool = Path(cfg.coldstart.problems or Path(cfg.testbed.base_dir) / "data" / "train.parquet")
+    t = time.time()
+    stats = run_chain(scfg, pool, here, "examples", cfg.coldstart.max_problems, progress)
+    build_seconds = time.time() - t
+    sft = train_sft(base, here / "examples", here / "model", cfg, progress=progress)
+
+    summary: dict[str, Any] = {"base": str(base), "model": str(here / "model"),
+                               **source_counts(stats, here / "examples"), "sft": sft,
+                               "seconds": {"build": round(build_seconds, 2),
+                                           "sft": sft["seconds"]}}
+    heldout = Path(cfg.coldstart.heldout or Path(cfg.testbed.base_dir) / "data" / "heldout.parquet")
+    if heldout.exists():
+        t = time.time()
+        run_chain(scfg, heldout, here / "probe", "locate", None, progress)
+        prompts = probe_prompts(here / "probe" / "locate")
+        summary["probe"] = {"prefixes": len(prompts), "reflection_rate": {
+            "base": reflection_rate(cfg, base, prompts) if prompts else None,
+            "coldstart": reflection_rate(cfg, here / "model", prompts) if prompts else None}}
+        summary["seconds"]["probe"] = round(time.time() - t, 2)
+    write_json_atomic(here / "coldstart.json", summary)
+    return summary

@@ -1,0 +1,108 @@
+"""sft_examples: the cold-start mixture of self-error-analysis (SFT) and instruction-following
+(IF) examples, from the constructed trajectories.
+
+Reads the trajectories (schema.TRAJECTORIES), all at once, and the located candidates they came
+from (side input `located`: the full wrong response and the reference); writes the mixture
+(schema.SFT_EXAMPLES), which OpenRLHF's `train_sft` reads as is (input_key `prompt`,
+output_key `response`, input_template ""). Our reading of PAPER.md:
+
+- SFT: prompt = the task prompt + the kept wrong prefix (context, as in the RL loss), response =
+  the diagnosis + the corrected reasoning: the model learns to stop, name the wrong step and fix it.
+- IF: prompt = the construction instruction (stages/construct.py) for the same wrong response,
+  response = `<analysis>diagnosis</analysis>\\n<reconstruction>correction</reconstruction>`: the
+  model learns to answer the instruction it is given in RL's self-construction in reliable tags.
+
+The mixture is SFT : IF = 2 : 1 (the paper's 30k : 15k), at most `coldstart.size` examples:
+SFT up to 2/3 of the size, IF half as many as SFT, each drawn with `coldstart.seed` when there
+are more. Drops, one row per example: `duplicate` (same prompt and response as a kept one),
+`over_quota` (beyond its share of the size), `no_analysis` (IF from a trajectory without a
+diagnosis: full reconstruction), `no_located_row` (the side input lacks the source).
+"""
+
+from __future__ import annotations
+
+import random
+
+from pipeline.runner import Stage, StageOutput
+from stages import schema
+from stages.common import numbered_steps
+from stages.construct import CONSTRUCT_INSTRUCTION, TRANSITION, WHAT
+
+SFT, IF = "sft", "if"
+RATIO = (2, 1)  # SFT : IF
+
+
+class SftExamples(Stage):
+    name = "sft_examples"
+    sections = ("coldstart",)
+    input_schema = schema.TRAJECTORIES
+    output_schema = schema.SFT_EXAMPLES
+    whole_input = True
+    side_inputs = ("located",)
+    row_fallback = False
+
+    def process(self, rows):
+        cfg = self.config.coldstart
+        located = {r["wrong_rollout_id"]: r for r in self.side["located"]}
+        out = StageOutput()
+        sft, instruct = [], []
+        for t in sorted(rows, key=lambda t: t["trajectory_id"]):
+            sft.append(sft_example(t))
+            source = located.get(t["source_rollout_id"])
+            if source is None:
+                out.drop(_stub(t, IF), "no_located_row", f"{t['source_rollout_id']} not located")
+            elif not t["diagnosis"].strip():
+                out.drop(_stub(t, IF), "no_analysis", "the trajectory has no diagnosis")
+            else:
+                instruct.append(if_example(source, t))
+        sft, instruct = _unique(sft, out), _unique(instruct, out)
+        n_sft = min(len(sft), cfg.size * RATIO[0] // sum(RATIO))
+        n_if = min(len(instruct), n_sft * RATIO[1] // RATIO[0])
+        rng = random.Random(cfg.seed)
+        for pool, n in ((sft, n_sft), (instruct, n_if)):
+            keep = set(rng.sample(range(len(pool)), n))
+            for i, example in enumerate(pool):
+                if i in keep:
+                    out.keep(example)
+                else:
+                    out.drop(example, "over_quota", f"beyond {n} {example['source']} examples")
+        return out
+
+
+def sft_example(t: dict) -> dict:
+    """A trajectory as a self-error-analysis example: the prefix is context, not trained."""
+    return {"example_id": f"{t['trajectory_id']}/{SFT}", "source": SFT,
+            "problem_id": t["problem_id"], "prompt": t["prompt"] + t["prefix"],
+            "response": t["diagnosis"] + t["correction"]}
+
+
+def if_example(located: dict, t: dict) -> dict:
+    """The construction instruction for the located wrong response, answered in the tags."""
+    k = t["failure_step"]
+    instruction = CONSTRUCT_INSTRUCTION.format(
+        k=k, problem=t["problem"], steps=numbered_steps(located["wrong_response"]),
+        reference=located["reference_response"].strip(), what=WHAT[t["mode"]].format(k=k))
+    analysis = t["diagnosis"].strip().removeprefix(TRANSITION.format(k=k).strip()).strip()
+    answer = (f"<analysis>{analysis}</analysis>\n"
+              f"<reconstruction>{t['correction'].strip()}</reconstruction>")
+    return {"example_id": f"{t['trajectory_id']}/{IF}", "source": IF,
+            "problem_id": t["problem_id"], "prompt": instruction, "response": answer}
+
+
+def _stub(t: dict, source: str) -> dict:
+    return {"example_id": f"{t['trajectory_id']}/{source}", "source": source,
+            "problem_id": t["problem_id"]}
+
+
+def _unique(examples: list[dict], out: StageOutput) -> list[dict]:
+    """The examples whose (prompt, response) is new; repeats are dropped as `duplicate`."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for e in examples:
+        key = (e["prompt"], e["response"])
+        if key in seen:
+            out.drop(e, "duplicate", "same prompt and response as a kept example")
+        else:
+            seen.add(key)
+            kept.append(e)
+    return kept

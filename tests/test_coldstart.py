@@ -1,0 +1,142 @@
+"""The cold start: its two stages on hand-built rows, the SFT on real shards, and the whole
+`tapo coldstart` on the small testbed (real model, real grading, real SFT), whose cold-start
+model must reflect on held-out wrong prefixes where the base does not."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.io import part_name, read_pandas, write_table_atomic
+from pipeline.round import load_problems, resolve_policy
+from stages import schema
+from stages.coldstart_select import ColdstartSelect
+from stages.construct import CONSTRUCT_INSTRUCTION
+from stages.sft_examples import SftExamples
+from stages.tasks.base import reflects
+from tests.conftest import SMALL_CONFIG
+from tests.test_stages import reasons, rollout
+from trainer.sft import train_sft
+
+
+def _classified(pid, labels):
+    return [{**rollout(pid, k, f"response {pid} {k}", label=label), "response_len": 10 + k}
+            for k, label in enumerate(labels)]
+
+
+def test_coldstart_select_one_per_problem_with_a_wrong_response():
+    stage = ColdstartSelect(load_config())
+    stage.side["problems"] = [{"problem_id": "nosol"}, {"problem_id": "wrong_only",
+                                                       "solution": "the worked solution"}]
+    rows = (_classified("mixed", ["correct", "incorrect", "no_answer", "correct"])
+            + _classified("all_right", ["correct", "correct"])
+            + _classified("wrong_only", ["incorrect", "incorrect"])
+            + _classified("nosol", ["incorrect"])
+            + _classified("unknown", ["timeout", "correct"]))
+    out = stage.process(rows)
+    kept = {r["problem_id"]: r for r in out.rows}
+    assert set(kept) == {"mixed", "wrong_only"}
+    assert kept["mixed"]["wrong_rollout_id"] == "mixed/1"  # incorrect before no_answer
+    assert kept["mixed"]["reference_rollout_id"] == "mixed/0"  # the shortest correct one
+    assert kept["wrong_only"]["reference_rollout_id"] == "solution"
+    assert kept["wrong_only"]["reference_response"] == "the worked solution"
+    assert kept["wrong_only"]["wrong_rollout_id"] == "wrong_only/1"  # the longest
+    assert {d["problem_id"]: d["reason"] for d in out.dropped} == {
+        "all_right": "no_wrong_response", "nosol": "no_reference",
+        "unknown": "no_repairable_response"}
+
+
+def _trajectory(i, diagnosis="Wait, step 2 is wrong: 65 - 29 = 36, not 38.\n"):
+    return {"trajectory_id": f"p{i}/1/tapo", "problem_id": f"p{i}", "problem": "P", "answer": "1",
+            "prompt": "Q: P\nA:\n", "source_rollout_id": f"p{i}/1", "reference_rollout_id": "",
+            "mode": "prefix", "constructor": "rule", "failure_step": 2,
+            "prefix": f"{i} + 1 = 2\n65 - 29 = 38\n", "diagnosis": diagnosis,
+            "correction": "65 - 29 = 36\n\\boxed{36}", "response": "", "prefix_token_ids": []}
+
+
+def test_sft_examples_formats_mixture_and_accounting():
+    cfg = load_config(None, ["coldstart.size=9"])
+    stage = SftExamples(cfg)
+    trajectories = [_trajectory(i) for i in range(8)]
+    trajectories.append({**_trajectory(0), "trajectory_id": "p0/2/tapo"})  # a repeat of p0/1
+    trajectories.append({**_trajectory(8, diagnosis=""), "mode": "full_reconstruction"})
+    stage.side["located"] = [{"wrong_rollout_id": f"p{i}/1", "wrong_response": f"a{i}\nb\nc",
+                              "reference_response": "ref"} for i in range(9)]
+    out = stage.process(trajectories)
+    sft = [r for r in out.rows if r["source"] == "sft"]
+    ifs = [r for r in out.rows if r["source"] == "if"]
+    assert (len(sft), len(ifs)) == (6, 3)  # 2 : 1 within size 9
+    assert len(out.rows) + len(out.dropped) == 2 * len(trajectories)  # every example counted
+    assert reasons(out).count("duplicate") == 2 and "no_analysis" in reasons(out)
+    assert reasons(out).count("over_quota") == (9 - 6) + (8 - 3)  # 9 SFT, 8 IF available
+    one = next(r for r in sft if r["example_id"] == "p3/1/tapo/sft")
+    assert one["prompt"] == "Q: P\nA:\n3 + 1 = 2\n65 - 29 = 38\n"  # the prefix is context
+    assert one["response"].startswith("Wait, step 2 is wrong") and one["response"].endswith(
+        "\\boxed{36}")
+    task = ifs[0]
+    assert task["prompt"].startswith(CONSTRUCT_INSTRUCTION[:40]) and "[3] c" in task["prompt"]
+    assert task["response"] == ("<analysis>65 - 29 = 36, not 38.</analysis>\n"
+                                "<reconstruction>65 - 29 = 36\n\\boxed{36}</reconstruction>")
+    again = SftExamples(cfg)
+    again.side = stage.side
+    assert again.process(list(reversed(trajectories))).rows == out.rows  # seeded, order-free
+
+
+def test_sft_counts_examples_too_long_for_the_context(small_base, tmp_path):
+    cfg = small_base("coldstart.epochs=1", "coldstart.batch_size=2")
+    examples = pd.DataFrame({"example_id": ["a/sft", "b/sft"], "source": "sft",
+                             "problem_id": ["a", "b"], "prompt": ["Q: 1 + 1\nA:\n", "9 " * 2000],
+                             "response": ["\\boxed{2}", "x"]})
+    write_table_atomic(examples, tmp_path / "ex" / part_name(0), schema=schema.SFT_EXAMPLES)
+    base = resolve_policy(tmp_path, 1, cfg)
+    metrics = train_sft(base, tmp_path / "ex", tmp_path / "model", cfg, progress=False)
+    assert (metrics["examples"], metrics["too_long"], metrics["steps"]) == (1, 1, 1)
+    assert json.loads((tmp_path / "model" / "_SUCCESS").read_text())["metrics"] == metrics
+    assert not (tmp_path / ".model.tmp").exists()
+    (tmp_path / "ex2").mkdir()
+    write_table_atomic(examples.iloc[1:], tmp_path / "ex2" / part_name(0),
+                       schema=schema.SFT_EXAMPLES)
+    with pytest.raises(ValueError, match="no example fits"):
+        train_sft(base, tmp_path / "ex2", tmp_path / "model2", cfg, progress=False)
+
+
+def test_load_problems_reads_the_bundled_jsonl():
+    table = load_problems("data/aime2024.jsonl")
+    assert len(table) == 30 and table["problem_id"].is_unique
+    assert {"problem", "answer", "solution"} <= set(table.columns)
+
+
+def test_coldstart_end_to_end_on_the_small_testbed(small_base, tmp_path, capsys):
+    run = tmp_path / "coldstart"
+    cfg = small_base()
+    overrides = [f"testbed.base_dir={cfg.testbed.base_dir}", "engine.backend=hf",
+                 f"policy.coldstart={run / 'model'}", "coldstart.size=200",
+                 "coldstart.lr=0.003", "coldstart.epochs=6"]
+    assert main(["coldstart", "--config", str(SMALL_CONFIG), *overrides]) == 0
+    summary = json.loads((run / "coldstart.json").read_text())
+    printed = capsys.readouterr().out
+    assert "reflection rate on" in printed and "sft examples: kept" in printed
+
+    examples = pd.read_parquet(run / "examples" / "part-00000.parquet")  # what train_sft reads
+    assert examples["example_id"].is_unique and examples["response"].str.len().min() > 0
+    n_sft, n_if = (examples["source"] == "sft").sum(), (examples["source"] == "if").sum()
+    assert n_if == n_sft // 2 and n_sft + n_if <= 200  # 2 : 1
+    assert summary["examples"]["sft"]["kept"] == n_sft
+    assert summary["candidates"] <= summary["problems"] == 200
+    assert summary["constructed"] == len(read_pandas(run / "construct"))
+    assert summary["sft"]["examples"] == len(examples) and summary["sft"]["loss_last"] < 2.0
+
+    # the point of the SFT: the cold-start model reflects after a wrong step, the base does not
+    rate = summary["probe"]["reflection_rate"]
+    assert summary["probe"]["prefixes"] >= 20
+    assert rate["coldstart"] >= rate["base"] + 0.5, rate
+    assert all(reflects(e) for e in examples["response"])
+
+    # `make iterate` starts from it; a second `make coldstart` is a no-op
+    cfg = load_config(SMALL_CONFIG, overrides)
+    assert resolve_policy(tmp_path / "rl", 1, cfg) == run / "model"
+    stamp = (run / "model" / "_SUCCESS").stat().st_mtime
+    assert main(["coldstart", "--config", str(SMALL_CONFIG), *overrides]) == 0
+    assert (run / "model" / "_SUCCESS").stat().st_mtime == stamp

@@ -1,0 +1,86 @@
+"""The cold-start SFT: causal-LM training on the `sft_examples` mixture, loss on `response` only.
+
+    metrics = train_sft(base_dir, examples_dir, out_dir, cfg)
+
+Reads the base checkpoint and the examples' `prompt`/`response` (pipeline/io.py); writes
+`out_dir`: the HF model and tokenizer, `sft_log.jsonl` (loss per step) and `_SUCCESS` with the
+metrics, after an atomic rename from a temporary directory (a killed run leaves no half
+checkpoint and starts again from the base). A complete `out_dir` with the same fingerprint (base,
+examples, `coldstart` config) is a no-op. An example longer than the model's context is left
+out and counted (`too_long`). At scale the same parquet goes to OpenRLHF's train_sft (README).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import Config
+from pipeline.io import list_parts, read_pandas
+from pipeline.util import file_sha256, fingerprint, write_json_atomic
+from trainer.lm import LMExample, TrainSchedule, train_lm
+
+SUCCESS, LOG = "_SUCCESS", "sft_log.jsonl"
+
+
+def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Path, cfg: Config,
+              progress: bool = True) -> dict[str, Any]:
+    """SFT of the model at `base_dir` on the examples; returns (and saves) the metrics."""
+    base_dir, examples_dir, out_dir = Path(base_dir), Path(examples_dir), Path(out_dir)
+    c = cfg.coldstart
+    fp = fingerprint({"base": str(base_dir), "base_weights": _weights_hash(base_dir),
+                      "examples": [file_sha256(p) for p in list_parts(examples_dir)],
+                      "coldstart": c.model_dump(mode="json")})
+    if (out_dir / SUCCESS).exists():
+        done = json.loads((out_dir / SUCCESS).read_text())
+        if done.get("fingerprint") == fp:
+            return done["metrics"]
+    t0 = time.time()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    rows = read_pandas(examples_dir, columns=["source", "prompt", "response"])
+    limit = model.config.max_position_embeddings
+    examples, too_long = [], 0
+    for prompt, response in zip(rows["prompt"], rows["response"]):
+        e = LMExample(tokenizer(prompt, add_special_tokens=False)["input_ids"],
+                      tokenizer(response, add_special_tokens=False)["input_ids"]
+                      + [tokenizer.eos_token_id])
+        if len(e.context) + len(e.target) > limit:
+            too_long += 1
+        else:
+            examples.append(e)
+    if not examples:
+        raise ValueError(f"{examples_dir}: no example fits the model's context ({limit} tokens)")
+    steps = math.ceil(c.epochs * len(examples) / c.batch_size)
+    sched = TrainSchedule(steps=steps, batch_size=c.batch_size, lr=c.lr,
+                          warmup_steps=min(20, max(1, steps // 10)), seed=c.seed)
+    losses = train_lm(model, examples, sched, tokenizer.pad_token_id, desc="coldstart sft",
+                      progress=progress)
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / LOG).write_text("".join(json.dumps({"step": i + 1, "loss": loss}) + "\n"
+                                   for i, loss in enumerate(losses)))
+    tail = losses[-max(1, len(losses) // 10):]
+    metrics = {"examples": len(examples), "too_long": too_long,
+               "by_source": rows["source"].value_counts().to_dict(), "steps": steps,
+               "loss_first": losses[0], "loss_last": sum(tail) / len(tail),
+               "seconds": round(time.time() - t0, 2)}
+    write_json_atomic(tmp / SUCCESS, {"fingerprint": fp, "base": str(base_dir),
+                                      "examples": str(examples_dir), "metrics": metrics})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return metrics
+
+
+def _weights_hash(model_dir: Path) -> list[str]:
+    return [file_sha256(p) for p in sorted(model_dir.glob("*.safetensors"))]
