@@ -2,8 +2,9 @@
 
 Reads located candidates (schema.LOCATED); writes trajectories (schema.TRAJECTORIES):
 `response = prefix + diagnosis + correction`, where `prefix` is the wrong rollout's own text up
-to and including the wrong step (see stages/locate.py; `prefix_token_ids`: its own tokens), `diagnosis` starts with the transition
-phrase "Wait, step k is wrong: ", and `correction` continues from step k to a boxed answer.
+to and including the wrong step k (stages/locate.py; `prefix_token_ids`: its own tokens),
+`diagnosis` starts with the transition phrase "Wait, step k is wrong: ", and `correction`
+redoes step k and continues to a boxed answer.
 `construction.mode=full_reconstruction` (the ablation) keeps no prefix and no diagnosis: the
 correction is a whole corrected solution.
 
