@@ -6,6 +6,10 @@ CONFIG  ?= configs/testbed.yaml
 N       ?= 10
 ALGO    ?= tapo
 RUN     ?= testbed-$(ALGO)
+BENCH   ?= testbed
+SEEDS   ?= 3
+VARIANTS ?= tapo,grpo
+NAME    ?= compare
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help setup test test-slow lint base bench check-grader coldstart iterate eval compare clean
@@ -51,8 +55,12 @@ iterate:  ## N rounds (N=10) of stages + training into runs/$(RUN)/; ALGO=grpo f
 coldstart:  ## the cold-start SFT/IF set from the base model's errors + SFT into runs/coldstart/model
 	$(BIN)/tapo coldstart --config $(CONFIG)
 
-eval compare:
-	@echo "make $@: not implemented yet (see the open issues)" >&2; exit 1
+eval:  ## MODEL=PATH [BENCH=aime24,aime25,hmmt25,math500,testbed]: Pass@k, DSR, ERR into runs/eval/
+	@test -n "$(MODEL)" || { echo "make eval: give MODEL=PATH (an HF model directory)" >&2; exit 2; }
+	$(BIN)/tapo eval --model $(MODEL) --bench $(BENCH) --config $(CONFIG)
+
+compare:  ## TAPO vs GRPO: N rounds x SEEDS seeds per VARIANTS, held-out eval, runs/$(NAME)/report.md
+	$(BIN)/tapo compare runs/$(NAME) --rounds $(N) --seeds $(SEEDS) --variants $(VARIANTS) --config $(CONFIG)
 
 clean:  ## remove runs/ (everything runs produced)
 	rm -rf runs

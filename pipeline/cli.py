@@ -4,6 +4,8 @@
     tapo round RUN_DIR --iteration K [--algo tapo|grpo] [--model PATH] [--config C] [key=value ...]
     tapo coldstart [RUN_DIR] [--config C] [key=value ...]
     tapo iterate [RUN_DIR] --rounds N [--algo tapo|grpo] [--config C] [key=value ...]
+    tapo eval --model DIR [--bench aime24,aime25,hmmt25,math500,testbed] [--out DIR] [key=value ...]
+    tapo compare OUT_DIR --rounds N [--seeds S] [--variants tapo,grpo,...] [key=value ...]
     tapo train --policy DIR --shard DIR --out DIR [--config C] [key=value ...]
     tapo status RUN_DIR
     tapo base [--config C] [section.key=value ...]
@@ -53,6 +55,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algo", choices=("tapo", "grpo"), default=None, help="sets algo.name")
     _config_args(p)
 
+    p = sub.add_parser("eval", help="Pass@k, DSR, ERR of a model on benchmarks (make eval)")
+    p.add_argument("--model", type=Path, required=True, help="an HF model directory")
+    p.add_argument("--bench", default="testbed",
+                   help="comma-separated: aime24, aime25, hmmt25, math500, testbed")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: runs/eval/<the model path, slashes as dashes>")
+    _config_args(p)
+
+    p = sub.add_parser("compare", help="TAPO vs GRPO (and ablations) over seeds (make compare)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--rounds", type=int, required=True)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    p.add_argument("--variants", default="tapo,grpo",
+                   help="comma-separated: tapo, grpo, no_ood, no_dae, no_negative, "
+                        "full_reconstruction")
+    _config_args(p)
+
     p = sub.add_parser("train", help="one policy update on an assembled shard")
     p.add_argument("--policy", type=Path, required=True, help="the starting checkpoint")
     p.add_argument("--shard", type=Path, required=True, help="an assemble stage directory")
@@ -76,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         commands = {"stage": cmd_stage, "round": cmd_round, "coldstart": cmd_coldstart,
-                    "iterate": cmd_iterate,
+                    "eval": cmd_eval, "compare": cmd_compare, "iterate": cmd_iterate,
                     "train": cmd_train, "status": cmd_status, "base": cmd_base}
         return commands[args.command](args)
     except ConfigError as e:
@@ -154,6 +173,29 @@ def render_coldstart(s: dict) -> str:
         lines.append(f"  reflection rate on {s['probe']['prefixes']} held-out wrong prefixes: "
                      f"base {fmt(rate['base'])}, cold start {fmt(rate['coldstart'])}")
     return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate, markdown_table
+
+    cfg = load_config(args.config, args.overrides)
+    if not args.model.is_dir():
+        raise FileNotFoundError(f"no model directory at {args.model}")
+    out = args.out or Path(cfg.run.root) / "eval" / str(args.model).strip("/").replace("/", "-")
+    table = evaluate(args.model, [b for b in args.bench.split(",") if b], cfg, out)
+    print(markdown_table(table, "bench"))
+    print(f"written: {out}/metrics.parquet, results.md, pass_at_k.png")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.compare import compare
+
+    cfg = load_config(args.config, args.overrides)
+    compare(args.out_dir, [v for v in args.variants.split(",") if v], list(range(args.seeds)),
+            args.rounds, cfg)
+    print((args.out_dir / "report.md").read_text())
+    return 0
 
 
 def cmd_iterate(args: argparse.Namespace) -> int:

@@ -112,7 +112,7 @@ def reflection_rate(cfg: Config, model: Path, prompts: list[str]) -> float:
 
 def source_counts(stats: dict[str, dict[str, int]], examples_dir: Path) -> dict[str, Any]:
     """What the README's cold-start table shows: the funnel, rejections, and per source
-    (sft, if) the examples available, dropped by reason, and kept."""
+    (sft, direct, if) the examples available, dropped by reason, and kept."""
     classified = read_pandas(examples_dir.parent / "classify", columns=["label"])
     kept = read_pandas(examples_dir, columns=["source"])["source"].value_counts()
     excluded_dir = examples_dir / EXCLUDED
@@ -120,7 +120,7 @@ def source_counts(stats: dict[str, dict[str, int]], examples_dir: Path) -> dict[
                if any(excluded_dir.glob("part-*.parquet"))
                else pd.DataFrame(columns=["source", "reason"]))
     per_source = {}
-    for source in ("sft", "if"):
+    for source in ("sft", "direct", "if"):
         reasons = dropped[dropped["source"] == source]["reason"].value_counts().to_dict()
         per_source[source] = {"kept": int(kept.get(source, 0)),
                               **{f"dropped_{k}": int(v) for k, v in reasons.items()}}

@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.util import fingerprint
 from stages.tasks.arith import ArithConfig
+from stages.tasks.base import REFLECTION_RE
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "testbed.yaml"
 
@@ -117,9 +118,24 @@ class ColdstartConfig(Section):
     max_tokens: int = Field(160, ge=1)
     size: int = Field(45000, ge=2, description="examples in the mixture, SFT : IF = 2 : 1 "
                                                "(the paper: 30k + 15k)")
+    direct_share: float = Field(0.5, ge=0, le=1, description="of the SFT share: the base's own "
+                                                             "correct responses, as they are")
     lr: float = Field(1e-4, gt=0)
     epochs: float = Field(2.0, gt=0, description="passes over the mixture")
     batch_size: int = Field(16, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    """`make eval` / `make compare`: n samples per problem, Pass@k, DSR, ERR (PAPER.md)."""
+
+    n: int = Field(8, ge=1, description="samples per problem (paper scale: 16)")
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(160, ge=1, description="paper scale: 32768")
+    max_problems: int | None = Field(None, ge=1, description="the first N of each benchmark")
+    reflection_pattern: str = Field(REFLECTION_RE.pattern,
+                                    description="a response that matches it reflects")
     seed: int = 0
 
 
@@ -175,6 +191,11 @@ class AlgoConfig(Section):
     name: typing.Literal["tapo", "grpo"] = "tapo"
     dae: bool = Field(True, description="decoupled advantages; off: the ablation w/o DAE")
     ood: typing.Literal["mask", "shaping", "off"] = Field("mask", description="OOD suppression")
+
+    @field_validator("ood", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # `ood: off` in a YAML file reads as False
     ood_threshold: float = Field(1e-3, gt=0, lt=1, description="mask: pi_old below this")
     shaping_gamma: float = Field(0.1, gt=0, description="shaping: p / (p + gamma)")
     negative_samples: bool = Field(True, description="off: the ablation w/o negative samples")
@@ -211,6 +232,7 @@ class Config(Section):
     construction: ConstructConfig = Field(default_factory=ConstructConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def section(self, name: str) -> Section:
         if name not in type(self).model_fields:
@@ -260,7 +282,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         model = _submodel(model, part) if model is not None else None
         if depth == len(parts) - 1:
             try:
-                node[part] = yaml.safe_load(raw) if raw.strip() else ""
+                value = yaml.safe_load(raw) if raw.strip() else ""
+                if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+                    value = raw.strip()  # YAML 1.1 reads off/on/yes/no as booleans
+                node[part] = value
             except yaml.YAMLError as e:
                 raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from e
         else:

@@ -93,7 +93,7 @@ TRAINING = pa.schema([
 # output_key=response, input_template=""): the loss covers `response` only.
 SFT_EXAMPLES = pa.schema([
     ("example_id", pa.string()),  # trajectory_id + "/sft" or "/if"
-    ("source", pa.string()),  # sft (self-error analysis) | if (instruction following)
+    ("source", pa.string()),  # sft (self-error analysis) | direct (own correct) | if (instr.)
     ("problem_id", pa.string()),
     ("prompt", pa.string()),  # sft: the task prompt + the kept wrong prefix; if: the instruction
     ("response", pa.string()),  # sft: diagnosis + correction; if: <analysis>..<reconstruction>..

@@ -8,13 +8,17 @@ output_key `response`, input_template ""). Our reading of PAPER.md:
 
 - SFT: prompt = the task prompt + the kept wrong prefix (context, as in the RL loss), response =
   the diagnosis + the corrected reasoning: the model learns to stop, name the wrong step and fix it.
+- direct: prompt = the task prompt, response = the base model's own correct response to the
+  problem (the candidate's reference, when it is a rollout): a `coldstart.direct_share` of the
+  SFT share, so that the model keeps solving directly and reflects only after an error. Without
+  them the testbed model learns to open every answer with "Wait" (pass@1 0.57 -> 0.00).
 - IF: prompt = the construction instruction (stages/construct.py) for the same wrong response,
   response = `<analysis>diagnosis</analysis>\\n<reconstruction>correction</reconstruction>`: the
   model learns to answer the instruction it is given in RL's self-construction in reliable tags.
 
-The mixture is SFT : IF = 2 : 1 (the paper's 30k : 15k), at most `coldstart.size` examples:
-SFT up to 2/3 of the size, IF half as many as SFT, each drawn with `coldstart.seed` when there
-are more. Drops, one row per example: `duplicate` (same prompt and response as a kept one),
+The mixture is (SFT + direct) : IF = 2 : 1 (the paper's 30k : 15k), at most `coldstart.size`
+examples: SFT + direct up to 2/3 of the size, IF half as many, each drawn with `coldstart.seed`
+when there are more. Drops, one row per example: `duplicate` (same prompt and response as a kept one),
 `over_quota` (beyond its share of the size), `no_analysis` (IF from a trajectory without a
 diagnosis: full reconstruction), `no_located_row` (the side input lacks the source).
 """
@@ -28,8 +32,8 @@ from stages import schema
 from stages.common import numbered_steps
 from stages.construct import CONSTRUCT_INSTRUCTION, TRANSITION, WHAT
 
-SFT, IF = "sft", "if"
-RATIO = (2, 1)  # SFT : IF
+SFT, DIRECT, IF = "sft", "direct", "if"
+RATIO = (2, 1)  # (SFT + DIRECT) : IF
 
 
 class SftExamples(Stage):
@@ -45,21 +49,26 @@ class SftExamples(Stage):
         cfg = self.config.coldstart
         located = {r["wrong_rollout_id"]: r for r in self.side["located"]}
         out = StageOutput()
-        sft, instruct = [], []
+        sft, direct, instruct = [], [], []
         for t in sorted(rows, key=lambda t: t["trajectory_id"]):
             sft.append(sft_example(t))
             source = located.get(t["source_rollout_id"])
             if source is None:
                 out.drop(_stub(t, IF), "no_located_row", f"{t['source_rollout_id']} not located")
-            elif not t["diagnosis"].strip():
+                continue
+            if source["reference_rollout_id"] != "solution":
+                direct.append(direct_example(source, t))
+            if not t["diagnosis"].strip():
                 out.drop(_stub(t, IF), "no_analysis", "the trajectory has no diagnosis")
             else:
                 instruct.append(if_example(source, t))
-        sft, instruct = _unique(sft, out), _unique(instruct, out)
-        n_sft = min(len(sft), cfg.size * RATIO[0] // sum(RATIO))
-        n_if = min(len(instruct), n_sft * RATIO[1] // RATIO[0])
+        sft, direct, instruct = _unique(sft, out), _unique(direct, out), _unique(instruct, out)
+        n_all = cfg.size * RATIO[0] // sum(RATIO)  # the SFT share: reflective + direct
+        n_direct = min(len(direct), round(n_all * cfg.direct_share))
+        n_sft = min(len(sft), n_all - n_direct)
+        n_if = min(len(instruct), (n_sft + n_direct) * RATIO[1] // RATIO[0])
         rng = random.Random(cfg.seed)
-        for pool, n in ((sft, n_sft), (instruct, n_if)):
+        for pool, n in ((sft, n_sft), (direct, n_direct), (instruct, n_if)):
             keep = set(rng.sample(range(len(pool)), n))
             for i, example in enumerate(pool):
                 if i in keep:
@@ -74,6 +83,14 @@ def sft_example(t: dict) -> dict:
     return {"example_id": f"{t['trajectory_id']}/{SFT}", "source": SFT,
             "problem_id": t["problem_id"], "prompt": t["prompt"] + t["prefix"],
             "response": t["diagnosis"] + t["correction"]}
+
+
+def direct_example(located: dict, t: dict) -> dict:
+    """The base model's own correct response (the candidate's reference) to the same problem:
+    it keeps the cold-start model solving directly where it makes no error."""
+    return {"example_id": f"{located['reference_rollout_id']}/{DIRECT}", "source": DIRECT,
+            "problem_id": t["problem_id"], "prompt": t["prompt"],
+            "response": located["reference_response"]}
 
 
 def if_example(located: dict, t: dict) -> dict:

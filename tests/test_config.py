@@ -81,3 +81,11 @@ def test_resolved_config_roundtrips(tmp_path):
 def test_shipped_configs_validate():
     for path in DEFAULT_CONFIG.parent.glob("*.yaml"):
         load_config(path)
+
+
+def test_off_is_a_word_not_a_boolean(tmp_path):
+    assert load_config(None, ["algo.ood=off"]).algo.ood == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("algo:\n  ood: off\n")
+    assert load_config(path).algo.ood == "off"
+    assert load_config(None, ["algo.dae=false"]).algo.dae is False

@@ -14,7 +14,7 @@ from stages.tasks.base import Step, extract_boxed, split_steps
 __all__ = ["Step", "extract_boxed", "split_steps"]
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-PROMPT_TEMPLATE = "{problem}\n" + INSTRUCTION + "\n"
+PROMPT_TEMPLATE = "{problem}\n" + INSTRUCTION.replace("{}", "{{}}") + "\n"  # for str.format
 
 _INT_RE = re.compile(r"^[+-]?\d{1,15}$")
 _STRIP_RE = re.compile(r"\\left|\\right|\$")

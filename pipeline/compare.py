@@ -1,0 +1,146 @@
+"""`make compare`: TAPO vs GRPO (and ablations) on the testbed, several seeds, one report.
+
+    report = compare(out_dir, ["tapo", "grpo"], seeds=[0, 1, 2], rounds=10, cfg=cfg)
+
+Every (variant, seed) run starts from the same checkpoint (the cold-start model when complete,
+else the testbed base: pipeline/round.py resolve_policy) and runs `rounds` rounds of
+`make iterate` into OUT/<variant>-s<seed>/ with run.seed = train.seed = seed. The start and
+each run's last checkpoint are evaluated on the testbed's held-out set (pipeline/evaluate.py)
+into OUT/eval/. Then OUT/compare.parquet (a row per run), OUT/report.md (mean and standard
+deviation over seeds per variant), OUT/pass_rate_per_round.png (the training pass rate of each
+round's fresh problems, mean over seeds) and OUT/pass_at_k.png. Everything resumes: complete
+rounds, trainings and evaluations are not redone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.config import Config, apply_override, validate
+from pipeline.evaluate import format_cell, evaluate_bench, metric_columns, plot_pass_at_k
+from pipeline.iterate import checkpoint_dir, iterate, read_metrics
+from pipeline.round import resolve_policy
+
+VARIANTS: dict[str, list[str]] = {  # name -> config overrides over the given config
+    "tapo": [],
+    "grpo": ["algo.name=grpo"],
+    "no_ood": ["algo.ood=off"],
+    "no_dae": ["algo.dae=false"],
+    "no_negative": ["algo.negative_samples=false"],
+    "full_reconstruction": ["construction.mode=full_reconstruction"],
+}
+
+
+def variant_config(cfg: Config, variant: str, seed: int) -> Config:
+    """`cfg` with the variant's overrides and the seed (run.seed and train.seed)."""
+    if variant not in VARIANTS:
+        raise KeyError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    data = cfg.model_dump(mode="json")
+    for override in VARIANTS[variant] + [f"run.seed={seed}", f"train.seed={seed}"]:
+        apply_override(data, override)
+    return validate(data, source=f"variant {variant}")
+
+
+def compare(out_dir: str | Path, variants: list[str], seeds: list[int], rounds: int,
+            cfg: Config, progress: bool = True) -> pd.DataFrame:
+    """Runs, evaluates and reports (see the module docstring); returns the per-run table."""
+    out_dir = Path(out_dir)
+    start = resolve_policy(out_dir, 1, cfg)
+    rows = [{"variant": "start", "seed": None, "rounds": 0,
+             **evaluate_bench(start, "testbed", cfg, out_dir / "eval" / "start", progress)}]
+    curves = []
+    for variant in variants:
+        for seed in seeds:
+            vcfg = variant_config(cfg, variant, seed)
+            run = out_dir / f"{variant}-s{seed}"
+            iterate(run, rounds, vcfg, progress=progress)
+            model = checkpoint_dir(run, rounds)
+            rows.append({"variant": variant, "seed": seed, "rounds": rounds, **evaluate_bench(
+                model, "testbed", cfg, out_dir / "eval" / run.name, progress)})
+            curve = read_metrics(run, rounds)[["round", "pass_rate"]]
+            curves.append(curve.assign(variant=variant, seed=seed))
+    table = pd.DataFrame(rows)
+    table.to_parquet(out_dir / "compare.parquet", index=False)
+    per_round = pd.concat(curves, ignore_index=True)
+    plot_per_round(per_round, out_dir / "pass_rate_per_round.png")
+    means = table.groupby("variant", sort=False)[metric_columns(table)].mean().reset_index()
+    plot_pass_at_k(means, "variant", out_dir / "pass_at_k.png")
+    (out_dir / "report.md").write_text(render_report(table, per_round, start, rounds, seeds, cfg))
+    return table
+
+
+def summary_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per variant: runs, and `mean ± std` (sample std over seeds) of every metric."""
+    out = []
+    for variant, group in table.groupby("variant", sort=False):
+        row: dict[str, Any] = {"variant": variant, "runs": len(group)}
+        for c in metric_columns(table):
+            values = group[c].dropna().astype(float)
+            if values.empty:
+                row[c] = "n/a"
+            elif len(values) == 1:
+                row[c] = f"{values.iloc[0]:.3f}"
+            else:
+                row[c] = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+        out.append(row)
+    return out
+
+
+def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rounds: int,
+                  seeds: list[int], cfg: Config) -> str:
+    e = cfg.eval
+    rows = summary_rows(table)
+    cols = list(rows[0])
+    lines = [
+        "# TAPO vs GRPO on the testbed", "",
+        f"- start checkpoint: `{start}` (every run starts here)",
+        f"- rounds: {rounds} per run; seeds: {', '.join(map(str, seeds))}; "
+        f"{cfg.rollout.problems_per_round} problems x G = {cfg.rollout.group_size} per round",
+        f"- evaluation: the testbed held-out set, {table['problems'].iloc[0]} problems, "
+        f"n = {e.n} samples at temperature {e.temperature}, top-p {e.top_p}",
+        "- DSR: correct without reflecting; ERR: correct among reflecting (n/a: none reflects)",
+        "", "## Held-out metrics (mean ± std over seeds)", "",
+        "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+        *("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows),
+        "", "![pass@k](pass_at_k.png)", "",
+        "## Training pass rate per round (each round's fresh problems, mean over seeds)", "",
+        "![pass rate per round](pass_rate_per_round.png)", "",
+    ]
+    wide = per_round.groupby(["round", "variant"])["pass_rate"].mean().unstack("variant")
+    lines += ["| round | " + " | ".join(wide.columns) + " |", "|" + "---|" * (len(wide.columns) + 1)]
+    lines += ["| " + " | ".join([str(r)] + [format_cell(float(v)) for v in wide.loc[r]]) + " |"
+              for r in wide.index]
+    lines += ["", "## Every run", "", "| variant | seed | " + " | ".join(metric_columns(table))
+              + " |", "|" + "---|" * (2 + len(metric_columns(table)))]
+    for _, r in table.iterrows():
+        seed = "" if r["seed"] is None or (isinstance(r["seed"], float) and math.isnan(r["seed"])) \
+            else str(int(r["seed"]))
+        lines.append(f"| {r['variant']} | {seed} | "
+                     + " | ".join(format_cell(r[c]) for c in metric_columns(table)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_per_round(per_round: pd.DataFrame, path: Path) -> None:
+    """Mean training pass rate per round per variant, the band one std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for variant, group in per_round.groupby("variant", sort=False):
+        stats = group.groupby("round")["pass_rate"].agg(["mean", "std"]).fillna(0.0)
+        ax.plot(stats.index, stats["mean"], marker="o", label=variant)
+        ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
+                        alpha=0.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("pass rate (training problems)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

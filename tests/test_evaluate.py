@@ -1,0 +1,137 @@
+"""Pass@k against hand-computed values, DSR/ERR on hand-labelled responses, `tapo eval` on a
+real model (the testbed and a real math benchmark), and `tapo compare` end to end on a tiny run."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from pipeline.cli import main
+from pipeline.compare import VARIANTS, summary_rows, variant_config
+from pipeline.config import load_config
+from pipeline.evaluate import ks, pass_at_k, response_metrics
+from pipeline.io import read_pandas
+from stages.tasks.base import REFLECTION_RE
+from tests.conftest import SMALL_CONFIG
+
+
+@pytest.mark.parametrize(("n", "c", "k", "expected"), [
+    (4, 1, 1, 0.25), (4, 1, 2, 0.5), (5, 2, 2, 1 - 3 / 10), (8, 3, 4, 1 - 5 / 70),
+    (4, 0, 4, 0.0), (4, 1, 4, 1.0), (3, 3, 3, 1.0),  # n = k: solved iff any sample is
+    (6, 6, 1, 1.0), (6, 0, 1, 0.0), (6, 0, 6, 0.0),  # all correct / all wrong
+])
+def test_pass_at_k_by_hand(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_rejects_impossible_counts():
+    for n, c, k in ((4, 5, 1), (4, -1, 1), (4, 1, 0), (4, 1, 5)):
+        with pytest.raises(ValueError):
+            pass_at_k(n, c, k)
+
+
+def test_ks_are_powers_of_two_up_to_n():
+    assert ks(1) == [1] and ks(8) == [1, 2, 4, 8] and ks(6) == [1, 2, 4, 6]
+
+
+HAND_LABELLED = [  # problem, label, response; whether it reflects is in the text
+    ("p1", "correct", "1 + 1 = 2\n\\boxed{2}"),
+    ("p1", "correct", "1 + 1 = 3\nWait, step 1 is wrong: 1 + 1 = 2, not 3.\n\\boxed{2}"),
+    ("p2", "incorrect", "<analysis>step 1</analysis>\n\\boxed{7}"),
+    ("p2", "incorrect", "2 * 3 = 5\n\\boxed{5}"),
+    ("p3", "correct", "Wait, step 1 is wrong: it should be 4.\n\\boxed{4}"),
+    ("p3", "no_answer", "wait, step 1 is wrong"),  # lower case: not the marker
+]
+
+
+def _responses():
+    return pd.DataFrame([{"problem_id": p, "label": lab, "response": r, "response_len": len(r)}
+                         for p, lab, r in HAND_LABELLED])
+
+
+def test_dsr_err_and_reflection_on_hand_labelled_responses():
+    m = response_metrics(_responses(), REFLECTION_RE.pattern)
+    assert (m["problems"], m["responses"], m["samples"]) == (3, 6, 2)
+    assert m["pass@1"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert m["pass@2"] == pytest.approx((1 + 0 + 1) / 3)
+    assert m["dsr"] == pytest.approx(1 / 6)  # only p1's first is correct without reflecting
+    assert m["reflection_rate"] == pytest.approx(3 / 6)
+    assert m["err"] == pytest.approx(2 / 3)  # of the 3 reflecting, 2 end correct
+    assert m["mean_length"] == pytest.approx(sum(len(r) for *_, r in HAND_LABELLED) / 6)
+    none = response_metrics(_responses(), r"NEVER")  # the detector is configurable
+    assert none["err"] is None and none["reflection_rate"] == 0.0
+    assert none["dsr"] == pytest.approx(3 / 6)
+
+
+def test_eval_on_the_testbed_and_a_math_benchmark(small_base, tmp_path, capsys):
+    base = small_base().testbed.base_dir
+    out = tmp_path / "eval"
+    overrides = [f"testbed.base_dir={base}", "engine.backend=hf", "eval.n=4",
+                 "eval.max_problems=6", "eval.max_tokens=48"]
+    assert main(["eval", "--model", f"{base}/model", "--bench", "testbed,aime24", "--out",
+                 str(out), "--config", str(SMALL_CONFIG), *overrides]) == 0
+    table = pd.read_parquet(out / "metrics.parquet")
+    assert list(table["bench"]) == ["testbed", "aime24"]
+    assert (table["responses"] == 24).all() and (table["samples"] == 4).all()
+    assert {"pass@1", "pass@2", "pass@4", "dsr", "err", "mean_length"} <= set(table.columns)
+    assert (table["pass@1"] <= table["pass@2"]).all() and (table["pass@2"] <= table["pass@4"]).all()
+    graded = read_pandas(out / "aime24" / "classify")  # graded by math-verify, kept whole
+    assert len(graded) == 24 and set(graded["label"]) <= {"correct", "incorrect", "no_answer"}
+    assert (out / "pass_at_k.png").stat().st_size > 1000
+    assert "| testbed | 6 | 4 |" in (out / "results.md").read_text()
+    assert "| aime24 |" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tmp_path / "missing"), "--bench", "testbed"]) == 1
+    assert main(["eval", "--model", f"{base}/model", "--bench", "nope", "--out", str(out),
+                 "--config", str(SMALL_CONFIG), *overrides]) == 1
+
+
+def test_variants_and_seeds_change_only_what_they_name():
+    cfg = load_config(SMALL_CONFIG)
+    grpo = variant_config(cfg, "grpo", 2)
+    assert (grpo.algo.name, grpo.run.seed, grpo.train.seed) == ("grpo", 2, 2)
+    assert grpo.rollout == cfg.rollout and grpo.select == cfg.select
+    assert variant_config(cfg, "no_ood", 0).algo.ood == "off"
+    assert set(VARIANTS) >= {"tapo", "grpo", "no_ood", "no_dae", "no_negative",
+                             "full_reconstruction"}
+    with pytest.raises(KeyError):
+        variant_config(cfg, "nope", 0)
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    table = pd.DataFrame({"variant": ["a", "a", "b"], "pass@1": [0.2, 0.4, 0.5],
+                          "dsr": [0.1, 0.3, 0.5], "err": [None, None, 0.5],
+                          "reflection_rate": [0.0, 0.0, 0.1], "mean_length": [10.0, 12.0, 9.0]})
+    a, b = summary_rows(table)
+    assert a["pass@1"] == f"0.300 ± {math.sqrt(0.02):.3f}" and a["err"] == "n/a"
+    assert b["pass@1"] == "0.500" and b["runs"] == 1
+
+
+def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
+    base = small_base().testbed.base_dir
+    out = tmp_path / "cmp"
+    overrides = [f"testbed.base_dir={base}", "engine.backend=hf",
+                 f"policy.coldstart={tmp_path / 'none'}", "eval.n=2", "eval.max_problems=10",
+                 "rollout.problems_per_round=8", "train.mini_batch_size=16"]
+    assert main(["compare", str(out), "--rounds", "2", "--seeds", "2", "--variants",
+                 "tapo,grpo", "--config", str(SMALL_CONFIG), *overrides]) == 0
+    table = pd.read_parquet(out / "compare.parquet")
+    assert list(table["variant"]) == ["start", "tapo", "tapo", "grpo", "grpo"]
+    assert (table["problems"] == 10).all()
+    for run in ("tapo-s0", "tapo-s1", "grpo-s0", "grpo-s1"):
+        assert (out / run / "models" / "iter_0002" / "_SUCCESS").exists()
+    assert (out / "tapo-s0" / "iter_0001" / "construct").exists()
+    assert not (out / "grpo-s0" / "iter_0001" / "construct").exists()
+    report = (out / "report.md").read_text()
+    assert "| tapo | 2 |" in report and "| grpo | 2 |" in report and "±" in report
+    assert "| start | 1 |" in report and "| 2 |" in report  # the per-round table has round 2
+    for png in ("pass_rate_per_round.png", "pass_at_k.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_math_prompt_keeps_the_boxed_instruction():
+    from stages.common import task_prompt
+
+    cfg = load_config(None, ["task.name=math"])
+    prompt = task_prompt(cfg, "Find $f(x)$ where {x} = 2.")
+    assert prompt == "Find $f(x)$ where {x} = 2.\nPlease reason step by step, and put your final " \
+                     "answer within \\boxed{}.\n"
