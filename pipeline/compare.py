@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config, apply_override, validate
-from pipeline.evaluate import format_cell, evaluate_bench, metric_columns, plot_pass_at_k
+from pipeline.evaluate import evaluate_bench, format_cell, metric_columns, plot_pass_at_k
 from pipeline.iterate import checkpoint_dir, iterate, read_metrics
 from pipeline.round import resolve_policy
 
@@ -111,7 +111,8 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rou
         "![pass rate per round](pass_rate_per_round.png)", "",
     ]
     wide = per_round.groupby(["round", "variant"])["pass_rate"].mean().unstack("variant")
-    lines += ["| round | " + " | ".join(wide.columns) + " |", "|" + "---|" * (len(wide.columns) + 1)]
+    lines += ["| round | " + " | ".join(wide.columns) + " |",
+              "|" + "---|" * (len(wide.columns) + 1)]
     lines += ["| " + " | ".join([str(r)] + [format_cell(float(v)) for v in wide.loc[r]]) + " |"
               for r in wide.index]
     lines += ["", "## Every run", "", "| variant | seed | " + " | ".join(metric_columns(table))

@@ -18,9 +18,9 @@ output_key `response`, input_template ""). Our reading of PAPER.md:
 
 The mixture is (SFT + direct) : IF = 2 : 1 (the paper's 30k : 15k), at most `coldstart.size`
 examples: SFT + direct up to 2/3 of the size, IF half as many, each drawn with `coldstart.seed`
-when there are more. Drops, one row per example: `duplicate` (same prompt and response as a kept one),
-`over_quota` (beyond its share of the size), `no_analysis` (IF from a trajectory without a
-diagnosis: full reconstruction), `no_located_row` (the side input lacks the source).
+when there are more. Drops, one row per example: `duplicate` (same prompt and response as a
+kept one), `over_quota` (beyond its share of the size), `no_analysis` (IF from a trajectory
+without a diagnosis: full reconstruction), `no_located_row` (the side input lacks the source).
 """
 
 from __future__ import annotations
