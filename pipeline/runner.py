@@ -79,7 +79,8 @@ class Stage:
     `side_inputs` names extra inputs, read whole into `self.side[name]` (a list of rows; empty
     when the run gives none). `close()` releases what the stage opened (engines, pools).
     `row_fallback = False` is for stages whose rows only make sense together (groups): a batch
-    that raises then fails the stage instead of being retried row by row.
+    that raises then fails the stage instead of being retried row by row. A stage that generates
+    overrides `models_state`.
     """
 
     name: ClassVar[str]
@@ -100,6 +101,12 @@ class Stage:
 
     def close(self) -> None:
         """Releases resources; the runner calls it once the stage is done."""
+
+    @classmethod
+    def models_state(cls, config: Config) -> dict[str, Any]:
+        """What identifies the models the stage runs (enters the fingerprint, so a model
+        retrained at the same path re-runs the stage); none by default."""
+        return {}
 
 
 def stage_ref(stage_cls: type[Stage]) -> str:
@@ -157,6 +164,7 @@ def run_stage(
             "config": section_fingerprint(config, stage_cls.sections),
             "inputs": input_hashes,
             **({"side": side_hashes} if side_hashes else {}),
+            **({"models": models} if (models := stage_cls.models_state(config)) else {}),
         }
     )
     manifest = _read_json(out_dir / SUCCESS)

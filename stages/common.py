@@ -101,6 +101,13 @@ def prefix_boundary(tokenizer: Any, token_ids: list[int], text: str, chars: int)
     return lo, len(decoded(lo))
 
 
+def model_state(path: str | Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of the weight files in a model directory: cheap to take for any
+    model size, and changed by every save."""
+    files = sorted(p for p in Path(path).glob("*") if p.suffix in (".safetensors", ".bin"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
 def tiebreak(seed: int, key: str) -> int:
     """A seeded, stable pseudo-random rank for `key` (same seed and key, same number)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")

@@ -35,6 +35,7 @@ from stages.common import (
     Rejection,
     instruction_prompt,
     load_tokenizer,
+    model_state,
     numbered_steps,
     policy_path,
 )
@@ -139,6 +140,10 @@ class Construct(Stage):
                                 seed=self.config.run.seed)
         answers = [g[0].text for g in self.engine.get().generate(prompts, 1, params)]
         return [llm_trajectory(r, a, full) for r, a in zip(rows, answers, strict=True)]
+
+    @classmethod
+    def models_state(cls, config):
+        return {"model": model_state(config.construction.model or policy_path(config))}
 
     def close(self):
         self.engine.close()

@@ -29,6 +29,7 @@ from stages.common import (
     Rejection,
     instruction_prompt,
     load_tokenizer,
+    model_state,
     numbered_steps,
     policy_path,
     prefix_boundary,
@@ -115,6 +116,10 @@ class Locate(Stage):
                                 seed=self.config.run.seed)
         answers = [g[0].text for g in self.engine.get().generate(prompts, 1, params)]
         return [parse_located_step(a, r["wrong_response"]) for r, a in zip(rows, answers)]
+
+    @classmethod
+    def models_state(cls, config):
+        return {"model": model_state(config.locate.model or policy_path(config))}
 
     def close(self):
         self.engine.close()

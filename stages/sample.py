@@ -10,7 +10,14 @@ from __future__ import annotations
 from pipeline.engines import SamplingParams, render_prompt
 from pipeline.runner import Stage, StageOutput
 from stages import schema
-from stages.common import EngineHolder, load_tokenizer, policy_path, task_prompt, tiebreak
+from stages.common import (
+    EngineHolder,
+    load_tokenizer,
+    model_state,
+    policy_path,
+    task_prompt,
+    tiebreak,
+)
 
 
 class Sample(Stage):
@@ -56,6 +63,10 @@ class Sample(Stage):
                     "response_len": c.length,
                 })
         return out
+
+    @classmethod
+    def models_state(cls, config):
+        return {"model": model_state(policy_path(config))}
 
     def close(self):
         self.engine.close()

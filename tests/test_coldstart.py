@@ -14,7 +14,7 @@ from pipeline.round import load_problems, resolve_policy
 from stages import schema
 from stages.coldstart_select import ColdstartSelect
 from stages.construct import CONSTRUCT_INSTRUCTION
-from stages.sft_examples import SftExamples
+from stages.sft_examples import SftExamples, direct_example, if_example, sft_example
 from stages.tasks.base import reflects
 from tests.conftest import SMALL_CONFIG
 from tests.test_stages import reasons, rollout
@@ -62,26 +62,39 @@ def test_sft_examples_formats_mixture_and_accounting():
     trajectories = [_trajectory(i) for i in range(8)]
     trajectories.append({**_trajectory(0), "trajectory_id": "p0/2/tapo"})  # a repeat of p0/1
     trajectories.append({**_trajectory(8, diagnosis=""), "mode": "full_reconstruction"})
-    stage.side["located"] = [{"wrong_rollout_id": f"p{i}/1", "wrong_response": f"a{i}\nb\nc",
-                              "reference_response": "ref"} for i in range(9)]
+    stage.side["located"] = [  # even problems have a correct rollout as reference
+        {"wrong_rollout_id": f"p{i}/1", "wrong_response": f"a{i}\nb\nc",
+         "reference_rollout_id": f"p{i}/0" if i % 2 == 0 else "solution",
+         "reference_response": f"ref {i}"} for i in range(9)]
     out = stage.process(trajectories)
-    sft = [r for r in out.rows if r["source"] == "sft"]
-    ifs = [r for r in out.rows if r["source"] == "if"]
-    assert (len(sft), len(ifs)) == (6, 3)  # 2 : 1 within size 9
-    assert len(out.rows) + len(out.dropped) == 2 * len(trajectories)  # every example counted
-    assert reasons(out).count("duplicate") == 2 and "no_analysis" in reasons(out)
-    assert reasons(out).count("over_quota") == (9 - 6) + (8 - 3)  # 9 SFT, 8 IF available
-    one = next(r for r in sft if r["example_id"] == "p3/1/tapo/sft")
-    assert one["prompt"] == "Q: P\nA:\n3 + 1 = 2\n65 - 29 = 38\n"  # the prefix is context
-    assert one["response"].startswith("Wait, step 2 is wrong") and one["response"].endswith(
-        "\\boxed{36}")
-    task = ifs[0]
-    assert task["prompt"].startswith(CONSTRUCT_INSTRUCTION[:40]) and "[3] c" in task["prompt"]
-    assert task["response"] == ("<analysis>65 - 29 = 36, not 38.</analysis>\n"
-                                "<reconstruction>65 - 29 = 36\n\\boxed{36}</reconstruction>")
+    kept = pd.Series([r["source"] for r in out.rows]).value_counts().to_dict()
+    # size 9: 6 for SFT (half of them direct), 3 for IF
+    assert kept == {"sft": 3, "direct": 3, "if": 3}
+    # every example is kept or dropped with its reason: 10 sft, 6 direct (even p and the
+    # repeat), 10 if
+    assert len(out.rows) + len(out.dropped) == 10 + 6 + 10
+    assert reasons(out).count("duplicate") == 3 and reasons(out).count("no_analysis") == 1
+    assert reasons(out).count("over_quota") == (9 - 3) + (5 - 3) + (8 - 3)
     again = SftExamples(cfg)
     again.side = stage.side
     assert again.process(list(reversed(trajectories))).rows == out.rows  # seeded, order-free
+
+
+def test_the_three_example_formats():
+    t = _trajectory(3)
+    located = {"wrong_response": "a\nb\nc", "reference_rollout_id": "p3/0",
+               "reference_response": "ref"}
+    sft = sft_example(t)
+    assert sft["prompt"] == "Q: P\nA:\n3 + 1 = 2\n65 - 29 = 38\n"  # the prefix is context
+    assert sft["response"] == "Wait, step 2 is wrong: 65 - 29 = 36, not 38.\n65 - 29 = 36\n" \
+                              "\\boxed{36}"
+    direct = direct_example(located, t)
+    assert (direct["prompt"], direct["response"], direct["example_id"]) == (
+        "Q: P\nA:\n", "ref", "p3/0/direct")
+    task = if_example(located, t)
+    assert task["prompt"].startswith(CONSTRUCT_INSTRUCTION[:40]) and "[3] c" in task["prompt"]
+    assert task["response"] == ("<analysis>65 - 29 = 36, not 38.</analysis>\n"
+                                "<reconstruction>65 - 29 = 36\n\\boxed{36}</reconstruction>")
 
 
 def test_sft_counts_examples_too_long_for_the_context(small_base, tmp_path):
@@ -112,7 +125,7 @@ def test_coldstart_end_to_end_on_the_small_testbed(small_base, tmp_path, capsys)
     run = tmp_path / "coldstart"
     cfg = small_base()
     overrides = [f"testbed.base_dir={cfg.testbed.base_dir}", "engine.backend=hf",
-                 f"policy.coldstart={run / 'model'}", "coldstart.size=200",
+                 f"policy.coldstart={run / 'model'}", "coldstart.size=300",
                  "coldstart.lr=0.003", "coldstart.epochs=6"]
     assert main(["coldstart", "--config", str(SMALL_CONFIG), *overrides]) == 0
     summary = json.loads((run / "coldstart.json").read_text())
@@ -121,9 +134,10 @@ def test_coldstart_end_to_end_on_the_small_testbed(small_base, tmp_path, capsys)
 
     examples = pd.read_parquet(run / "examples" / "part-00000.parquet")  # what train_sft reads
     assert examples["example_id"].is_unique and examples["response"].str.len().min() > 0
-    n_sft, n_if = (examples["source"] == "sft").sum(), (examples["source"] == "if").sum()
-    assert n_if == n_sft // 2 and n_sft + n_if <= 200  # 2 : 1
-    assert summary["examples"]["sft"]["kept"] == n_sft
+    counts = examples["source"].value_counts()
+    n_sft, n_if = counts["sft"] + counts["direct"], counts["if"]
+    assert n_if == n_sft // 2 and n_sft + n_if <= 300  # 2 : 1
+    assert summary["examples"]["sft"]["kept"] == counts["sft"]
     assert summary["candidates"] <= summary["problems"] == 200
     assert summary["constructed"] == len(read_pandas(run / "construct"))
     assert summary["sft"]["examples"] == len(examples) and summary["sft"]["loss_last"] < 2.0
@@ -131,8 +145,9 @@ def test_coldstart_end_to_end_on_the_small_testbed(small_base, tmp_path, capsys)
     # the point of the SFT: the cold-start model reflects after a wrong step, the base does not
     rate = summary["probe"]["reflection_rate"]
     assert summary["probe"]["prefixes"] >= 20
-    assert rate["coldstart"] >= rate["base"] + 0.5, rate
-    assert all(reflects(e) for e in examples["response"])
+    assert rate["coldstart"] >= rate["base"] + 0.4, rate  # measured: 0.00 -> 0.72
+    reflective = examples[examples["source"] != "direct"]["response"]
+    assert reflective.map(reflects).all()
 
     # `make iterate` starts from it; a second `make coldstart` is a no-op
     cfg = load_config(SMALL_CONFIG, overrides)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -89,3 +91,9 @@ def test_off_is_a_word_not_a_boolean(tmp_path):
     path.write_text("algo:\n  ood: off\n")
     assert load_config(path).algo.ood == "off"
     assert load_config(None, ["algo.dae=false"]).algo.dae is False
+
+
+def test_the_paper_scale_config_validates():
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "math.yaml")
+    assert (cfg.task.name, cfg.locate.method, cfg.construction.method) == ("math", "llm", "llm")
+    assert (cfg.coldstart.size, cfg.eval.n, cfg.rollout.group_size) == (45000, 16, 8)

@@ -2,6 +2,7 @@
 real model (the testbed and a real math benchmark), and `tapo compare` end to end on a tiny run."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -135,3 +136,27 @@ def test_math_prompt_keeps_the_boxed_instruction():
     prompt = task_prompt(cfg, "Find $f(x)$ where {x} = 2.")
     assert prompt == "Find $f(x)$ where {x} = 2.\nPlease reason step by step, and put your final " \
                      "answer within \\boxed{}.\n"
+
+
+def test_a_model_retrained_at_the_same_path_is_sampled_again(small_base, tmp_path):
+    import os
+    import shutil
+
+    from pipeline.evaluate import bench_config
+    from pipeline.round import write_problems
+    from pipeline.runner import run_stage
+    from stages.sample import Sample
+
+    cfg = small_base("eval.n=2", "eval.max_tokens=8")
+    model = tmp_path / "model"
+    shutil.copytree(f"{cfg.testbed.base_dir}/model", model)
+    bcfg = bench_config(cfg, model, "testbed")
+    write_problems(Path(cfg.testbed.base_dir) / "data" / "heldout.parquet",
+                   tmp_path / "problems", 0, 4, 0, 4)
+    first = run_stage(Sample, bcfg, tmp_path / "problems", tmp_path / "sample", progress=False)
+    again = run_stage(Sample, bcfg, tmp_path / "problems", tmp_path / "sample", progress=False)
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    retrained = run_stage(Sample, bcfg, tmp_path / "problems", tmp_path / "sample",
+                          progress=False)
+    assert (first.skipped, again.skipped, retrained.skipped) == (False, True, False)
