@@ -14,6 +14,7 @@ from collections import Counter
 from pipeline.grader import Grader
 from pipeline.runner import Stage, StageOutput
 from stages import schema
+from stages.common import valid_unique
 
 
 class Classify(Stage):
@@ -29,16 +30,11 @@ class Classify(Stage):
 
     def process(self, rows):
         out = StageOutput()
-        seen: set[str] = set()
-        unique = []
-        for row in rows:
-            if not isinstance(row.get("response"), str) or not isinstance(row.get("answer"), str):
-                out.drop(row, "bad_rollout", "response and answer must be text")
-            elif row["rollout_id"] in seen:
-                out.drop(row, "duplicate_rollout", f"{row['rollout_id']} repeats in the shard")
-            else:
-                seen.add(row["rollout_id"])
-                unique.append(row)
+        unique = valid_unique(
+            rows, key=lambda r: r["rollout_id"],
+            valid=lambda r: isinstance(r.get("response"), str) and isinstance(r.get("answer"), str),
+            out=out, bad=("bad_rollout", "response and answer must be text"),
+            duplicate="duplicate_rollout")
         verdicts = self.grader.grade([r["response"] for r in unique],
                                      [r["answer"] for r in unique])
         size = Counter(r["problem_id"] for r in unique)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from pipeline.config import Config
-from pipeline.engines import Engine, Prompt, make_engine, render_prompt
+from pipeline.engines import Engine, Prompt, SamplingParams, make_engine, render_prompt
 from stages.tasks import arith
 from stages.tasks import math as math_task
 from stages.tasks.base import split_steps
@@ -53,6 +54,13 @@ def instruction_prompt(text: str, tokenizer: Any) -> str:
     return text + "\n"
 
 
+def require_rule_task(config: Config, section: str) -> None:
+    """`SECTION.method=rule` uses the arith step checker: any other task needs `llm`."""
+    if getattr(config, section).method == "rule" and config.task.name != "arith":
+        raise ValueError(f"{section}.method=rule needs the arith task (an exact step checker); "
+                         f"task {config.task.name!r} needs {section}.method=llm")
+
+
 class EngineHolder:
     """Builds an engine on first use (a stage that never generates never loads a model)."""
 
@@ -73,6 +81,16 @@ class EngineHolder:
         if close is not None:
             close()
         self._engine = None
+
+
+def ask(engine: EngineHolder, instructions: list[str], temperature: float, max_tokens: int,
+        seed: int) -> list[str]:
+    """One answer of the holder's model to each instruction (a user turn when it has a chat
+    template); the answers' text, in order."""
+    tokenizer = load_tokenizer(str(engine.model))
+    prompts = [instruction_prompt(text, tokenizer) for text in instructions]
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
+    return [g[0].text for g in engine.get().generate(prompts, 1, params)]
 
 
 def prefix_boundary(tokenizer: Any, token_ids: list[int], text: str, chars: int) -> tuple[int, int]:
@@ -106,6 +124,24 @@ def model_state(path: str | Path) -> list[tuple[str, int, int]]:
     model size, and changed by every save."""
     files = sorted(p for p in Path(path).glob("*") if p.suffix in (".safetensors", ".bin"))
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def valid_unique(rows: list[dict[str, Any]], key: Callable[[dict], Any],
+                 valid: Callable[[dict], bool], out: Any, bad: tuple[str, str],
+                 duplicate: str) -> list[dict[str, Any]]:
+    """The rows that are `valid` and whose `key` was not seen before, in order; the others go to
+    `out` (a StageOutput) as `bad` (reason, detail) or as `duplicate`."""
+    seen: set[Any] = set()
+    kept = []
+    for row in rows:
+        if not valid(row):
+            out.drop(row, *bad)
+        elif (k := key(row)) in seen:
+            out.drop(row, duplicate, f"repeats an earlier row: {str(k)[:200]}")
+        else:
+            seen.add(k)
+            kept.append(row)
+    return kept
 
 
 def tiebreak(seed: int, key: str) -> int:

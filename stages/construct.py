@@ -26,18 +26,18 @@ from __future__ import annotations
 
 import re
 
-from pipeline.engines import SamplingParams
 from pipeline.grader import Grader
 from pipeline.runner import Stage, StageOutput
 from stages import schema
 from stages.common import (
     EngineHolder,
     Rejection,
-    instruction_prompt,
+    ask,
     load_tokenizer,
     model_state,
     numbered_steps,
     policy_path,
+    require_rule_task,
 )
 from stages.tasks import arith
 from stages.tasks.base import split_steps
@@ -78,11 +78,8 @@ class Construct(Stage):
 
     def __init__(self, config):
         super().__init__(config)
-        cfg = config.construction
-        if cfg.method == "rule" and config.task.name != "arith":
-            raise ValueError(f"construction.method=rule needs the arith task; task "
-                             f"{config.task.name!r} needs construction.method=llm")
-        self.engine = EngineHolder(config, cfg.model or policy_path(config))
+        require_rule_task(config, "construction")
+        self.engine = EngineHolder(config, config.construction.model or policy_path(config))
         self.grader = Grader(config.task.name, config.grader.workers, config.grader.timeout_s)
 
     def process(self, rows):
@@ -128,17 +125,11 @@ class Construct(Stage):
 
     def _llm(self, rows, full: bool):
         cfg = self.config.construction
-        tokenizer = load_tokenizer(str(self.engine.model))
-        prompts = []
-        for r in rows:
-            k = r["failure_step"]
-            prompts.append(instruction_prompt(CONSTRUCT_INSTRUCTION.format(
-                k=k, problem=r["problem"], steps=numbered_steps(r["wrong_response"]),
-                reference=r["reference_response"].strip(),
-                what=WHAT[cfg.mode].format(k=k)), tokenizer))
-        params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                seed=self.config.run.seed)
-        answers = [g[0].text for g in self.engine.get().generate(prompts, 1, params)]
+        answers = ask(self.engine, [CONSTRUCT_INSTRUCTION.format(
+            k=r["failure_step"], problem=r["problem"], steps=numbered_steps(r["wrong_response"]),
+            reference=r["reference_response"].strip(),
+            what=WHAT[cfg.mode].format(k=r["failure_step"])) for r in rows],
+            cfg.temperature, cfg.max_tokens, self.config.run.seed)
         return [llm_trajectory(r, a, full) for r, a in zip(rows, answers, strict=True)]
 
     @classmethod

@@ -21,18 +21,18 @@ from __future__ import annotations
 import json
 import re
 
-from pipeline.engines import SamplingParams
 from pipeline.runner import Stage, StageOutput
 from stages import schema
 from stages.common import (
     EngineHolder,
     Rejection,
-    instruction_prompt,
+    ask,
     load_tokenizer,
     model_state,
     numbered_steps,
     policy_path,
     prefix_boundary,
+    require_rule_task,
 )
 from stages.tasks import arith
 from stages.tasks.base import split_steps
@@ -63,11 +63,8 @@ class Locate(Stage):
 
     def __init__(self, config):
         super().__init__(config)
-        cfg = config.locate
-        if cfg.method == "rule" and config.task.name != "arith":
-            raise ValueError(f"locate.method=rule needs a task with an exact step checker "
-                             f"(arith); task {config.task.name!r} needs locate.method=llm")
-        self.engine = EngineHolder(config, cfg.model or policy_path(config))
+        require_rule_task(config, "locate")
+        self.engine = EngineHolder(config, config.locate.model or policy_path(config))
 
     def process(self, rows):
         tokenizer = load_tokenizer(str(policy_path(self.config)))
@@ -108,13 +105,10 @@ class Locate(Stage):
 
     def _llm(self, rows):
         cfg = self.config.locate
-        tokenizer = load_tokenizer(str(self.engine.model))
-        prompts = [instruction_prompt(LOCATE_INSTRUCTION.format(
+        answers = ask(self.engine, [LOCATE_INSTRUCTION.format(
             problem=r["problem"], steps=numbered_steps(r["wrong_response"]),
-            reference=r["reference_response"].strip()), tokenizer) for r in rows]
-        params = SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                                seed=self.config.run.seed)
-        answers = [g[0].text for g in self.engine.get().generate(prompts, 1, params)]
+            reference=r["reference_response"].strip()) for r in rows],
+            cfg.temperature, cfg.max_tokens, self.config.run.seed)
         return [parse_located_step(a, r["wrong_response"]) for r, a in zip(rows, answers)]
 
     @classmethod

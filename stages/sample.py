@@ -17,6 +17,7 @@ from stages.common import (
     policy_path,
     task_prompt,
     tiebreak,
+    valid_unique,
 )
 
 
@@ -32,16 +33,12 @@ class Sample(Stage):
 
     def process(self, rows):
         out = StageOutput()
-        seen: set[str] = set()
-        problems = []
-        for row in rows:
-            if not row.get("problem_id") or not row.get("problem") or row.get("answer") is None:
-                out.drop(row, "bad_problem", "problem_id, problem and answer are required")
-            elif row["problem_id"] in seen:
-                out.drop(row, "duplicate_problem", f"{row['problem_id']} repeats in the shard")
-            else:
-                seen.add(row["problem_id"])
-                problems.append(row)
+        problems = valid_unique(
+            rows, key=lambda r: r["problem_id"],
+            valid=lambda r: bool(r.get("problem_id") and r.get("problem"))
+            and r.get("answer") is not None,
+            out=out, bad=("bad_problem", "problem_id, problem and answer are required"),
+            duplicate="duplicate_problem")
         if not problems:
             return out
         cfg = self.config.rollout

@@ -29,7 +29,7 @@ import random
 
 from pipeline.runner import Stage, StageOutput
 from stages import schema
-from stages.common import numbered_steps
+from stages.common import numbered_steps, valid_unique
 from stages.construct import CONSTRUCT_INSTRUCTION, TRANSITION, WHAT
 
 SFT, DIRECT, IF = "sft", "direct", "if"
@@ -62,7 +62,9 @@ class SftExamples(Stage):
                 out.drop(_stub(t, IF), "no_analysis", "the trajectory has no diagnosis")
             else:
                 instruct.append(if_example(source, t))
-        sft, direct, instruct = _unique(sft, out), _unique(direct, out), _unique(instruct, out)
+        sft, direct, instruct = (valid_unique(
+            pool, key=lambda e: (e["prompt"], e["response"]), valid=lambda e: True, out=out,
+            bad=("", ""), duplicate="duplicate") for pool in (sft, direct, instruct))
         n_all = cfg.size * RATIO[0] // sum(RATIO)  # the SFT share: reflective + direct
         n_direct = min(len(direct), round(n_all * cfg.direct_share))
         n_sft = min(len(sft), n_all - n_direct)
@@ -109,17 +111,3 @@ def if_example(located: dict, t: dict) -> dict:
 def _stub(t: dict, source: str) -> dict:
     return {"example_id": f"{t['trajectory_id']}/{source}", "source": source,
             "problem_id": t["problem_id"]}
-
-
-def _unique(examples: list[dict], out: StageOutput) -> list[dict]:
-    """The examples whose (prompt, response) is new; repeats are dropped as `duplicate`."""
-    seen: set[tuple[str, str]] = set()
-    kept = []
-    for e in examples:
-        key = (e["prompt"], e["response"])
-        if key in seen:
-            out.drop(e, "duplicate", "same prompt and response as a kept example")
-        else:
-            seen.add(key)
-            kept.append(e)
-    return kept
