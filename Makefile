@@ -10,6 +10,7 @@ BENCH   ?= testbed
 SEEDS   ?= 3
 VARIANTS ?= tapo,grpo
 NAME    ?= compare
+ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help setup test test-slow lint base bench check-grader coldstart iterate eval compare clean
@@ -50,17 +51,17 @@ check-grader:  ## grade every bundled reference solution against its own referen
 	$(BIN)/python -m pipeline.grader_check
 
 iterate:  ## N rounds (N=10) of stages + training into runs/$(RUN)/; ALGO=grpo for plain GRPO
-	$(BIN)/tapo iterate runs/$(RUN) --rounds $(N) --config $(CONFIG) algo.name=$(ALGO)
+	$(BIN)/tapo iterate runs/$(RUN) --rounds $(N) --config $(CONFIG) algo.name=$(ALGO) $(ARGS)
 
 coldstart:  ## the cold-start SFT/IF set from the base model's errors + SFT into runs/coldstart/model
-	$(BIN)/tapo coldstart --config $(CONFIG)
+	$(BIN)/tapo coldstart --config $(CONFIG) $(ARGS)
 
 eval:  ## MODEL=PATH [BENCH=aime24,aime25,hmmt25,math500,testbed]: Pass@k, DSR, ERR into runs/eval/
 	@test -n "$(MODEL)" || { echo "make eval: give MODEL=PATH (an HF model directory)" >&2; exit 2; }
-	$(BIN)/tapo eval --model $(MODEL) --bench $(BENCH) --config $(CONFIG)
+	$(BIN)/tapo eval --model $(MODEL) --bench $(BENCH) --config $(CONFIG) $(ARGS)
 
 compare:  ## TAPO vs GRPO: N rounds x SEEDS seeds per VARIANTS, held-out eval, runs/$(NAME)/report.md
-	$(BIN)/tapo compare runs/$(NAME) --rounds $(N) --seeds $(SEEDS) --variants $(VARIANTS) --config $(CONFIG)
+	$(BIN)/tapo compare runs/$(NAME) --rounds $(N) --seeds $(SEEDS) --variants $(VARIANTS) --config $(CONFIG) $(ARGS)
 
 clean:  ## remove runs/ (everything runs produced)
 	rm -rf runs

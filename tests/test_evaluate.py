@@ -2,6 +2,7 @@
 real model (the testbed and a real math benchmark), and `tapo compare` end to end on a tiny run."""
 
 import math
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -127,6 +128,15 @@ def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
     assert "| start | 1 |" in report and "| 2 |" in report  # the per-round table has round 2
     for png in ("pass_rate_per_round.png", "pass_at_k.png"):
         assert (out / png).stat().st_size > 1000
+
+
+def test_make_targets_pass_overrides_and_require_a_model():
+    root = Path(__file__).resolve().parent.parent
+    dry = subprocess.run(["make", "-n", "compare", "N=2", "ARGS=engine.backend=hf eval.n=2"],
+                         cwd=root, capture_output=True, text=True, check=True).stdout
+    assert "--rounds 2" in dry and dry.rstrip().endswith("engine.backend=hf eval.n=2")
+    missing = subprocess.run(["make", "eval"], cwd=root, capture_output=True, text=True)
+    assert missing.returncode != 0 and "give MODEL=PATH" in missing.stderr
 
 
 def test_math_prompt_keeps_the_boxed_instruction():
