@@ -29,6 +29,13 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def model_state(path: str | Path) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of the weight files in a model directory: cheap to take for any
+    model size, and changed by every save."""
+    files = sorted(p for p in Path(path).glob("*") if p.suffix in (".safetensors", ".bin"))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Writes JSON to a temp file beside `path`, fsyncs, then renames over `path`."""
     path = Path(path)

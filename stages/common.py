@@ -119,13 +119,6 @@ def prefix_boundary(tokenizer: Any, token_ids: list[int], text: str, chars: int)
     return lo, len(decoded(lo))
 
 
-def model_state(path: str | Path) -> list[tuple[str, int, int]]:
-    """(name, size, mtime_ns) of the weight files in a model directory: cheap to take for any
-    model size, and changed by every save."""
-    files = sorted(p for p in Path(path).glob("*") if p.suffix in (".safetensors", ".bin"))
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-
-
 def valid_unique(rows: list[dict[str, Any]], key: Callable[[dict], Any],
                  valid: Callable[[dict], bool], out: Any, bad: tuple[str, str],
                  duplicate: str) -> list[dict[str, Any]]:

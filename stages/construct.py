@@ -28,13 +28,13 @@ import re
 
 from pipeline.grader import Grader
 from pipeline.runner import Stage, StageOutput
+from pipeline.util import model_state
 from stages import schema
 from stages.common import (
     EngineHolder,
     Rejection,
     ask,
     load_tokenizer,
-    model_state,
     numbered_steps,
     policy_path,
     require_rule_task,

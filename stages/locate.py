@@ -22,13 +22,13 @@ import json
 import re
 
 from pipeline.runner import Stage, StageOutput
+from pipeline.util import model_state
 from stages import schema
 from stages.common import (
     EngineHolder,
     Rejection,
     ask,
     load_tokenizer,
-    model_state,
     numbered_steps,
     policy_path,
     prefix_boundary,

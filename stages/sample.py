@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pipeline.engines import SamplingParams, render_prompt
 from pipeline.runner import Stage, StageOutput
+from pipeline.util import model_state
 from stages import schema
 from stages.common import (
     EngineHolder,
     load_tokenizer,
-    model_state,
     policy_path,
     task_prompt,
     tiebreak,

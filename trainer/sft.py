@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import Config
 from pipeline.io import list_parts, read_pandas
-from pipeline.util import file_sha256, fingerprint, write_json_atomic
+from pipeline.util import file_sha256, fingerprint, model_state, write_json_atomic
 from trainer.lm import LMExample, TrainSchedule, train_lm
 
 SUCCESS, LOG = "_SUCCESS", "sft_log.jsonl"
@@ -35,7 +35,7 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
     """SFT of the model at `base_dir` on the examples; returns (and saves) the metrics."""
     base_dir, examples_dir, out_dir = Path(base_dir), Path(examples_dir), Path(out_dir)
     c = cfg.coldstart
-    fp = fingerprint({"base": str(base_dir), "base_weights": _weights_hash(base_dir),
+    fp = fingerprint({"base": str(base_dir), "base_weights": model_state(base_dir),
                       "examples": [file_sha256(p) for p in list_parts(examples_dir)],
                       "coldstart": c.model_dump(mode="json")})
     if (out_dir / SUCCESS).exists():
@@ -81,6 +81,3 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
     tmp.rename(out_dir)
     return metrics
 
-
-def _weights_hash(model_dir: Path) -> list[str]:
-    return [file_sha256(p) for p in sorted(model_dir.glob("*.safetensors"))]
