@@ -125,11 +125,9 @@ class Construct(Stage):
 
     def _llm(self, rows, full: bool):
         cfg = self.config.construction
-        answers = ask(self.engine, [CONSTRUCT_INSTRUCTION.format(
-            k=r["failure_step"], problem=r["problem"], steps=numbered_steps(r["wrong_response"]),
-            reference=r["reference_response"].strip(),
-            what=WHAT[cfg.mode].format(k=r["failure_step"])) for r in rows],
-            cfg.temperature, cfg.max_tokens, self.config.run.seed)
+        answers = ask(self.engine, [construct_instruction(
+            r["failure_step"], r["problem"], r["wrong_response"], r["reference_response"],
+            cfg.mode) for r in rows], cfg.temperature, cfg.max_tokens, self.config.run.seed)
         return [llm_trajectory(r, a, full) for r, a in zip(rows, answers, strict=True)]
 
     @classmethod
@@ -139,6 +137,14 @@ class Construct(Stage):
     def close(self):
         self.engine.close()
         self.grader.close()
+
+
+def construct_instruction(k: int, problem: str, wrong_response: str, reference: str,
+                          mode: str) -> str:
+    """CONSTRUCT_INSTRUCTION for a wrong response failing at step k and a construction mode."""
+    return CONSTRUCT_INSTRUCTION.format(
+        k=k, problem=problem, steps=numbered_steps(wrong_response),
+        reference=reference.strip(), what=WHAT[mode].format(k=k))
 
 
 def _separator(prefix: str) -> str:

@@ -29,8 +29,8 @@ import random
 
 from pipeline.runner import Stage, StageOutput
 from stages import schema
-from stages.common import numbered_steps, valid_unique
-from stages.construct import CONSTRUCT_INSTRUCTION, TRANSITION, WHAT
+from stages.common import valid_unique
+from stages.construct import TRANSITION, construct_instruction
 
 SFT, DIRECT, IF = "sft", "direct", "if"
 RATIO = (2, 1)  # (SFT + DIRECT) : IF
@@ -97,11 +97,11 @@ def direct_example(located: dict, t: dict) -> dict:
 
 def if_example(located: dict, t: dict) -> dict:
     """The construction instruction for the located wrong response, answered in the tags."""
-    k = t["failure_step"]
-    instruction = CONSTRUCT_INSTRUCTION.format(
-        k=k, problem=t["problem"], steps=numbered_steps(located["wrong_response"]),
-        reference=located["reference_response"].strip(), what=WHAT[t["mode"]].format(k=k))
-    analysis = t["diagnosis"].strip().removeprefix(TRANSITION.format(k=k).strip()).strip()
+    instruction = construct_instruction(t["failure_step"], t["problem"],
+                                        located["wrong_response"],
+                                        located["reference_response"], t["mode"])
+    transition = TRANSITION.format(k=t["failure_step"]).strip()
+    analysis = t["diagnosis"].strip().removeprefix(transition).strip()
     answer = (f"<analysis>{analysis}</analysis>\n"
               f"<reconstruction>{t['correction'].strip()}</reconstruction>")
     return {"example_id": f"{t['trajectory_id']}/{IF}", "source": IF,
