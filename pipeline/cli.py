@@ -155,6 +155,8 @@ def cmd_coldstart(args: argparse.Namespace) -> int:
 
 def render_coldstart(s: dict) -> str:
     """The funnel, the examples per source, SFT time and the probe's reflection rates."""
+    from pipeline.evaluate import format_cell
+
     lines = [f"cold start from {s['base']} -> {s['model']}",
              f"  problems {s['problems']}, responses {s['responses']}, wrong "
              f"{s['wrong_responses']}, candidates {s['candidates']}, located {s['located']}, "
@@ -169,9 +171,9 @@ def render_coldstart(s: dict) -> str:
                  f"{sft['seconds']:.0f} s")
     if "probe" in s:
         rate = s["probe"]["reflection_rate"]
-        fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
         lines.append(f"  reflection rate on {s['probe']['prefixes']} held-out wrong prefixes: "
-                     f"base {fmt(rate['base'])}, cold start {fmt(rate['coldstart'])}")
+                     f"base {format_cell(rate['base'])}, "
+                     f"cold start {format_cell(rate['coldstart'])}")
     return "\n".join(lines)
 
 

@@ -14,14 +14,20 @@ rounds, trainings and evaluations are not redone.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline.config import Config, apply_override, validate
-from pipeline.evaluate import evaluate_bench, format_cell, metric_columns, plot_pass_at_k
+from pipeline.evaluate import (
+    evaluate_bench,
+    format_cell,
+    metric_columns,
+    new_plot,
+    plot_pass_at_k,
+    save_plot,
+)
 from pipeline.iterate import checkpoint_dir, iterate, read_metrics
 from pipeline.round import resolve_policy
 
@@ -118,8 +124,7 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rou
     lines += ["", "## Every run", "", "| variant | seed | " + " | ".join(metric_columns(table))
               + " |", "|" + "---|" * (2 + len(metric_columns(table)))]
     for _, r in table.iterrows():
-        seed = "" if r["seed"] is None or (isinstance(r["seed"], float) and math.isnan(r["seed"])) \
-            else str(int(r["seed"]))
+        seed = "" if pd.isna(r["seed"]) else str(int(r["seed"]))
         lines.append(f"| {r['variant']} | {seed} | "
                      + " | ".join(format_cell(r[c]) for c in metric_columns(table)) + " |")
     return "\n".join(lines) + "\n"
@@ -127,21 +132,10 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rou
 
 def plot_per_round(per_round: pd.DataFrame, path: Path) -> None:
     """Mean training pass rate per round per variant, the band one std over seeds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = new_plot((5.5, 3.5))
     for variant, group in per_round.groupby("variant", sort=False):
         stats = group.groupby("round")["pass_rate"].agg(["mean", "std"]).fillna(0.0)
         ax.plot(stats.index, stats["mean"], marker="o", label=variant)
         ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
                         alpha=0.2)
-    ax.set_xlabel("round")
-    ax.set_ylabel("pass rate (training problems)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_plot(fig, ax, "round", "pass rate (training problems)", path)

@@ -150,18 +150,30 @@ def format_cell(v: Any) -> str:
 
 def plot_pass_at_k(table: pd.DataFrame, key: str, path: Path) -> None:
     """pass@k against k (log2 axis), one line per `key` value."""
+    fig, ax = new_plot((5, 3.5))
+    for _, row in table.iterrows():
+        cols = [c for c in metric_columns(table) if c.startswith("pass@") and pd.notna(row[c])]
+        ax.plot([int(c[5:]) for c in cols], [row[c] for c in cols], marker="o", label=row[key])
+    ax.set_xscale("log", base=2)
+    save_plot(fig, ax, "k", "pass@k", path)
+
+
+def new_plot(size: tuple[float, float]) -> tuple[Any, Any]:
+    """A matplotlib (figure, axes) drawn off-screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for _, row in table.iterrows():
-        cols = [c for c in metric_columns(table) if c.startswith("pass@") and pd.notna(row[c])]
-        ax.plot([int(c[5:]) for c in cols], [row[c] for c in cols], marker="o", label=row[key])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k")
+    return plt.subplots(figsize=size)
+
+
+def save_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:
+    """Labels, grid and legend on `ax`; writes `fig` to `path` (PNG) and frees it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
