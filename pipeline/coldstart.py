@@ -29,13 +29,14 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config, write_resolved
-from pipeline.engines import SamplingParams, make_engine
+from pipeline.engines import SamplingParams
 from pipeline.io import read_pandas
 from pipeline.round import write_problems
 from pipeline.runner import EXCLUDED, Stage, run_stage
 from pipeline.util import write_json_atomic
 from stages.classify import Classify
 from stages.coldstart_select import ColdstartSelect
+from stages.common import EngineHolder
 from stages.construct import Construct
 from stages.locate import Locate
 from stages.sample import Sample
@@ -101,12 +102,12 @@ def probe_prompts(located_dir: Path) -> list[str]:
 
 def reflection_rate(cfg: Config, model: Path, prompts: list[str]) -> float:
     """The share of greedy continuations of `prompts` by `model` that reflect."""
-    engine = make_engine(cfg.engine, model, seed=cfg.run.seed)
+    engine = EngineHolder(cfg, model)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=cfg.coldstart.max_tokens)
-        outs = engine.generate(prompts, 1, params)
+        outs = engine.get().generate(prompts, 1, params)
     finally:
-        getattr(engine, "close", lambda: None)()
+        engine.close()
     return sum(reflects(g[0].text) for g in outs) / len(prompts)
 
 

@@ -92,9 +92,11 @@ TRAINING = pa.schema([
 # The cold-start mixture, read as is by OpenRLHF's train_sft (input_key=prompt,
 # output_key=response, input_template=""): the loss covers `response` only.
 SFT_EXAMPLES = pa.schema([
-    ("example_id", pa.string()),  # trajectory_id + "/sft" or "/if"
+    ("example_id", pa.string()),  # trajectory_id + "/sft" or "/if"; rollout_id + "/direct"
     ("source", pa.string()),  # sft (self-error analysis) | direct (own correct) | if (instr.)
     ("problem_id", pa.string()),
-    ("prompt", pa.string()),  # sft: the task prompt + the kept wrong prefix; if: the instruction
-    ("response", pa.string()),  # sft: diagnosis + correction; if: <analysis>..<reconstruction>..
+    ("prompt", pa.string()),  # sft: task prompt + kept wrong prefix; direct: task prompt; if:
+    # the construction instruction
+    ("response", pa.string()),  # sft: diagnosis + correction; direct: the base's correct answer;
+    # if: <analysis>..</analysis> <reconstruction>..</reconstruction>
 ])
