@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
+from pipeline.runner import StageFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--iteration", type=int, required=True, help="round number K (from 1)")
     p.add_argument("--algo", choices=("tapo", "grpo"), default=None, help="sets algo.name")
-    p.add_argument("--model", default=None, help="the policy checkpoint (default: see README)")
+    p.add_argument("--model", default=None,
+                   help="this round's policy checkpoint, not saved in the run's config "
+                        "(default: see README)")
     _config_args(p)
 
     p = sub.add_parser("coldstart", help="the cold-start SFT/IF set and SFT (make coldstart)")
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", type=Path, required=True, help="the starting checkpoint")
     p.add_argument("--shard", type=Path, required=True, help="an assemble stage directory")
     p.add_argument("--out", type=Path, required=True, help="the new checkpoint directory")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="the KL reference when algo.kl_coef > 0 (default: --policy)")
     _config_args(p)
 
     p = sub.add_parser("status", help="completion, row counts and drops of a run's stages")
@@ -101,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tapo: config error: {e}", file=sys.stderr)
         return 2
+    except StageFailed as e:
+        print(f"tapo: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
         print(f"tapo: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -135,12 +143,10 @@ def cmd_round(args: argparse.Namespace) -> int:
 
     saved = args.run_dir / "config.yaml"
     cfg = load_config(args.config or (saved if saved.exists() else None), args.overrides)
-    if args.model:
-        cfg.policy.path = args.model
     if args.algo:
         cfg.algo.name = args.algo
     write_resolved(cfg, saved)
-    summary = run_round(args.run_dir, args.iteration, cfg)
+    summary = run_round(args.run_dir, args.iteration, cfg, model=args.model)
     print(render_round(summary))
     return 0
 
@@ -224,7 +230,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.rl import train_round
 
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(train_round(args.policy, args.shard, args.out, cfg)))
+    print(json.dumps(train_round(args.policy, args.shard, args.out, cfg,
+                                 reference=args.reference)))
     return 0
 
 

@@ -182,6 +182,8 @@ class GraderConfig(Section):
 
 class RunnerConfig(Section):
     workers: int = Field(1, ge=1, description="worker processes per stage")
+    max_error_share: float = Field(0.1, ge=0, le=1, description="a stage whose rows dropped as "
+                                                                "`error` pass this share fails")
 
 
 class AlgoConfig(Section):
@@ -201,7 +203,8 @@ class AlgoConfig(Section):
     negative_samples: bool = Field(True, description="off: the ablation w/o negative samples")
     clip_low: float = Field(0.2, ge=0, lt=1)
     clip_high: float = Field(0.28, ge=0)
-    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the round's starting policy")
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL loss to the run's initial "
+                                                       "policy (OpenRLHF: its initial model)")
 
 
 class TrainConfig(Section):

@@ -3,8 +3,10 @@
     iterate(run_dir, rounds=10, cfg=cfg)
 
 Round K runs the stages into RUN_DIR/iter_KKKK (pipeline/round.py) with the checkpoint of round
-K-1 (round 1: the cold-start checkpoint when complete, else the base model), trains on the
-round's shard (trainer/rl.py) into RUN_DIR/models/iter_KKKK, and rewrites RUN_DIR/metrics.csv:
+K-1 (round 1: the run's initial policy, `policy.path`, else the cold-start checkpoint when
+complete, else the base model), trains on the
+round's shard (trainer/rl.py; with `algo.kl_coef > 0` the KL reference is round 1's policy)
+into RUN_DIR/models/iter_KKKK, and rewrites RUN_DIR/metrics.csv:
 one row per completed round (pass rate, candidates, accepted constructions, loss, clip
 fraction, entropy, grad norm, suppressed share, reflection rate, seconds per stage). Everything
 is resumable: a killed run re-run continues from the last complete stage, or inside training
@@ -38,11 +40,13 @@ def iterate(run_dir: str | Path, rounds: int, cfg: Config, progress: bool = True
     write_resolved(cfg, run_dir / "config.yaml")
     for k in range(1, rounds + 1):
         summary = run_round(run_dir, k, cfg, progress=progress)
+        initial = summary["policy"] if k == 1 else json.loads(
+            (iter_dir(run_dir, 1) / "round.json").read_text())["policy"]
         train_round(summary["policy"], iter_dir(run_dir, k) / "assemble",
-                    checkpoint_dir(run_dir, k), cfg, progress=progress)
+                    checkpoint_dir(run_dir, k), cfg, progress=progress, reference=initial)
         table = write_metrics(run_dir)
         if on_round is not None:
-            on_round(table.iloc[-1].to_dict())
+            on_round(table[table["round"] == k].iloc[0].to_dict())
     return read_metrics(run_dir, rounds)
 
 

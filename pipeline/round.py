@@ -42,13 +42,15 @@ def iter_dir(run_dir: str | Path, iteration: int) -> Path:
     return Path(run_dir) / f"iter_{iteration:04d}"
 
 
-def resolve_policy(run_dir: str | Path, iteration: int, cfg: Config) -> Path:
-    """The checkpoint a round samples from: `policy.path` when set; for round K > 1 the
-    previous round's checkpoint (RUN_DIR/models/iter_K-1, which must be complete); for round 1
-    the cold-start checkpoint (`policy.coldstart`) when complete, else the testbed base model
+def resolve_policy(run_dir: str | Path, iteration: int, cfg: Config,
+                   model: str | Path | None = None) -> Path:
+    """The checkpoint round K samples from and trains: `model` when given (`tapo round
+    --model`); for round K > 1 the previous round's checkpoint (RUN_DIR/models/iter_K-1, which
+    must be complete); for round 1 the run's initial policy: `policy.path` when set, else the
+    cold-start checkpoint (`policy.coldstart`) when complete, else the testbed base model
     (built when missing)."""
-    if cfg.policy.path:
-        return Path(cfg.policy.path)
+    if model:
+        return _existing(Path(model), "--model")
     if iteration > 1:
         previous = Path(run_dir) / "models" / f"iter_{iteration - 1:04d}"
         if not (previous / SUCCESS).exists():
@@ -56,12 +58,20 @@ def resolve_policy(run_dir: str | Path, iteration: int, cfg: Config) -> Path:
                                     f"complete checkpoint: train round {iteration - 1} first, "
                                     "or give the policy with --model")
         return previous
+    if cfg.policy.path:
+        return _existing(Path(cfg.policy.path), "policy.path")
     coldstart = Path(cfg.policy.coldstart)
     if (coldstart / SUCCESS).exists():
         return coldstart
     from pipeline.testbed import build_base
 
     return build_base(cfg.testbed, cfg.testbed.base_dir)
+
+
+def _existing(model: Path, what: str) -> Path:
+    if not (model / "config.json").is_file():
+        raise FileNotFoundError(f"{what}: no model directory at {model} (no config.json)")
+    return model
 
 
 def problem_pool(cfg: Config) -> Path:
@@ -127,15 +137,16 @@ def write_round_problems(cfg: Config, iteration: int, out_dir: Path) -> dict[str
                           r.problems_per_round, cfg.run.seed, r.shard_size)
 
 
-def run_round(run_dir: str | Path, iteration: int, cfg: Config,
-              progress: bool = True) -> dict[str, Any]:
+def run_round(run_dir: str | Path, iteration: int, cfg: Config, progress: bool = True,
+              model: str | Path | None = None) -> dict[str, Any]:
     """Runs one round's stages into RUN_DIR/iter_KKKK and returns (and writes) its summary.
-    `algo.name=grpo` skips the augmentation stages."""
+    `algo.name=grpo` skips the augmentation stages; `model` overrides the round's policy
+    (resolve_policy). A stage already complete keeps the seconds its run measured."""
     algo = cfg.algo.name
     if iteration < 1:
         raise ValueError(f"iteration must be 1 or more, not {iteration}")
     here = iter_dir(run_dir, iteration)
-    policy = resolve_policy(run_dir, iteration, cfg)
+    policy = resolve_policy(run_dir, iteration, cfg, model)
     cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"path": str(policy)})})
     timings: dict[str, float] = {}
     stats: dict[str, dict[str, int]] = {}
@@ -160,11 +171,21 @@ def run_round(run_dir: str | Path, iteration: int, cfg: Config,
     stats["assemble"], timings["assemble"] = result.stats, time.time() - t
     reused += ["assemble"] if result.skipped else []
 
+    measured = _read_summary(here).get("seconds", {})
+    for name in reused + (["problems"] if "sample" in reused else []):
+        timings[name] = measured.get(name, timings[name])
     summary = summarize(here, algo, stats)
     summary.update({"iteration": iteration, "algo": algo, "policy": str(policy),
                     "seconds": {k: round(v, 2) for k, v in timings.items()}, "reused": reused})
     write_json_atomic(here / "round.json", summary)
     return summary
+
+
+def _read_summary(here: Path) -> dict[str, Any]:
+    try:
+        return json.loads((here / "round.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def summarize(here: Path, algo: str, stats: dict[str, dict[str, int]]) -> dict[str, Any]:

@@ -12,6 +12,11 @@ A stage may also read whole *side inputs* (complete stage directories named in i
 `side_inputs`, e.g. assemble reads the constructed trajectories beside the rollouts it
 processes shard by shard); their files enter the fingerprint like the main input's.
 
+A row that raises is dropped as `error` (the row-by-row fallback), but a failure that is not the
+row's fails the stage (`StageFailed`: no `_SUCCESS`, the first error in the message): a shard
+whose rows (two or more) all raise the same error (a model that cannot load, a pool that cannot
+start), or a stage whose `error` drops pass `runner.max_error_share` of its input rows.
+
 A killed run resumes at shard granularity: shards with a marker of the current fingerprint are
 kept, the rest are recomputed and their part files replaced atomically, so no row is lost or
 duplicated. A complete directory with the same fingerprint is a no-op; a changed config section
@@ -49,6 +54,10 @@ STATS = "stats.json"
 MARKERS = "_shards"
 EXCLUDED = "excluded"
 ERROR_REASON = "error"
+
+
+class StageFailed(RuntimeError):
+    """A stage that cannot produce its output: a systemic error, not a bad row."""
 
 
 @dataclass
@@ -199,6 +208,7 @@ def run_stage(
 
     stats = _aggregate(out_dir, len(units), fp)
     write_json_atomic(out_dir / STATS, stats)
+    _check_error_share(stage_cls.name, out_dir, stats, config.runner.max_error_share)
     write_json_atomic(
         out_dir / SUCCESS,
         {
@@ -304,7 +314,9 @@ def _process_unit(stage: Stage, paths: list[Path], out_dir: Path, index: int, fp
 
 def _safe_process(stage: Stage, rows: list[dict[str, Any]]) -> StageOutput:
     """`stage.process(rows)`; if it raises, each row alone, and a row that still raises is
-    dropped with reason `error` (the exception in `detail`) instead of failing the shard."""
+    dropped with reason `error` (the exception in `detail`) instead of failing the shard.
+    When every row (two or more) raises the same error, the error is not the rows': StageFailed.
+    """
     try:
         return stage.process(rows)
     except Exception as e:
@@ -313,21 +325,41 @@ def _safe_process(stage: Stage, rows: list[dict[str, Any]]) -> StageOutput:
         if len(rows) == 1:
             return _drop_error(rows[0], e)
         log.warning("%s: a batch of %d rows raised (%s); retrying row by row",
-                    stage.name, len(rows), e)
+                    stage.name, len(rows), _describe(e))
     out = StageOutput()
+    errors: list[Exception] = []
     for row in rows:
         try:
             out.extend(stage.process([row]))
         except Exception as e:  # a bad row is a counted rejection, not a crash
+            errors.append(e)
             out.extend(_drop_error(row, e))
+    if len(errors) == len(rows) and len({_describe(e) for e in errors}) == 1:
+        raise StageFailed(f"stage {stage.name!r}: all {len(rows)} rows of a shard raised the "
+                          f"same error, which is not theirs: {_describe(errors[0])}") from errors[0]
     return out
+
+
+def _describe(error: Exception) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
 
 
 def _drop_error(row: dict[str, Any], error: Exception) -> StageOutput:
     out = StageOutput()
-    detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-    out.drop(row, ERROR_REASON, detail[:2000])
+    out.drop(row, ERROR_REASON, _describe(error)[:2000])
     return out
+
+
+def _check_error_share(stage: str, out_dir: Path, stats: dict[str, int], limit: float) -> None:
+    """StageFailed when the rows dropped as `error` pass `limit` of the rows in."""
+    errors = stats.get(f"dropped_{ERROR_REASON}", 0)
+    if errors and errors > limit * max(stats["rows_in"], 1):
+        detail = next(row["detail"] for part in list_parts(out_dir / EXCLUDED)
+                      for row in pq.read_table(part, columns=["reason", "detail"]).to_pylist()
+                      if row["reason"] == ERROR_REASON)
+        raise StageFailed(f"stage {stage!r}: {errors} of {stats['rows_in']} rows raised errors, "
+                          f"more than runner.max_error_share = {limit}; the first: {detail} "
+                          f"(all in {out_dir / EXCLUDED})")
 
 
 def _to_table(rows: Iterable[dict[str, Any]], schema: pa.Schema, stage: str) -> pa.Table:

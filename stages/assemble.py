@@ -1,8 +1,9 @@
 """assemble: the training shard: the on-policy rollouts plus the augmented trajectories.
 
 Reads classified rollouts shard by shard, and the constructed trajectories whole (side input
-`trajectories`; absent for plain GRPO). Writes schema.TRAINING: the shard's rollouts as sampled,
-then the trajectory built for each of its groups, if any. The trajectory's new text is tokenized
+`trajectories`; absent for plain GRPO). Writes schema.TRAINING: the shard's rollouts as sampled
+(their prompt ids as the engine fed them), then the trajectory built for each of its groups, if
+any, under its group's prompt ids. The trajectory's new text is tokenized
 here, once: `response_token_ids` = the rollout's own prefix tokens + tokens(diagnosis) +
 tokens(correction) + EOS, with `prefix_len`, `diagnosis_len`, `correction_len` giving the three
 segments (they add up to the length; a rollout is all `correction`). An augmented row has
@@ -19,6 +20,7 @@ from stages.common import load_tokenizer, policy_path
 
 class Assemble(Stage):
     name = "assemble"
+    version = "2"
     sections = ("testbed", "policy")
     input_schema = schema.CLASSIFIED
     output_schema = schema.TRAINING
@@ -28,19 +30,15 @@ class Assemble(Stage):
     def process(self, rows):
         tokenizer = load_tokenizer(str(policy_path(self.config)))
         trajectories = {t["problem_id"]: t for t in self.side["trajectories"]}
-        prompt_ids: dict[str, list[int]] = {}
         groups: dict[str, dict] = {}
         out = StageOutput()
         for r in rows:
-            if r["prompt"] not in prompt_ids:
-                prompt_ids[r["prompt"]] = tokenizer(r["prompt"], add_special_tokens=False)[
-                    "input_ids"]
             groups.setdefault(r["problem_id"], r)
             n = len(r["response_token_ids"])
             out.keep({
                 "sample_id": r["rollout_id"], "kind": "rollout", "problem_id": r["problem_id"],
                 "answer": r["answer"],
-                "prompt": r["prompt"], "prompt_token_ids": prompt_ids[r["prompt"]],
+                "prompt": r["prompt"], "prompt_token_ids": r["prompt_token_ids"],
                 "response": r["response"], "response_token_ids": r["response_token_ids"],
                 "reward": r["reward"], "label": r["label"], "finish_reason": r["finish_reason"],
                 "group_size": r["group_size"], "pass_rate": r["pass_rate"],
@@ -60,7 +58,7 @@ class Assemble(Stage):
             out.keep({
                 "sample_id": t["trajectory_id"], "kind": "augmented", "problem_id": pid,
                 "answer": group["answer"],
-                "prompt": group["prompt"], "prompt_token_ids": prompt_ids[group["prompt"]],
+                "prompt": group["prompt"], "prompt_token_ids": group["prompt_token_ids"],
                 "response": t["response"], "response_token_ids": ids, "reward": 1.0,
                 "label": "correct", "finish_reason": "stop", "group_size": group["group_size"],
                 "pass_rate": group["pass_rate"], "prefix_len": len(t["prefix_token_ids"]),

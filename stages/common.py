@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pipeline.config import Config
-from pipeline.engines import Engine, Prompt, SamplingParams, make_engine, render_prompt
+from pipeline.engines import Engine, Prompt, SamplingParams, make_engine
 from stages.tasks import arith
 from stages.tasks import math as math_task
 from stages.tasks.base import split_steps
@@ -47,10 +47,12 @@ def task_prompt(cfg: Config, problem: str) -> Prompt:
     return math_task.PROMPT_TEMPLATE.format(problem=problem)
 
 
-def instruction_prompt(text: str, tokenizer: Any) -> str:
-    """An instruction to a model: a user turn when it has a chat template, else plain text."""
+def instruction_prompt(text: str, tokenizer: Any) -> Prompt:
+    """An instruction to a model as the engines take it: a user turn when the model has a chat
+    template, else the plain text and a newline. `render_prompt(...)` of it is the exact text
+    the model reads (what the cold start's IF examples are trained on)."""
     if getattr(tokenizer, "chat_template", None):
-        return render_prompt([{"role": "user", "content": text}], tokenizer)
+        return [{"role": "user", "content": text}]
     return text + "\n"
 
 
@@ -85,8 +87,8 @@ class EngineHolder:
 
 def ask(engine: EngineHolder, instructions: list[str], temperature: float, max_tokens: int,
         seed: int) -> list[str]:
-    """One answer of the holder's model to each instruction (a user turn when it has a chat
-    template); the answers' text, in order."""
+    """One answer of the holder's model to each instruction (instruction_prompt); the answers'
+    text, in order."""
     tokenizer = load_tokenizer(str(engine.model))
     prompts = [instruction_prompt(text, tokenizer) for text in instructions]
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=seed)
@@ -97,7 +99,10 @@ def prefix_boundary(tokenizer: Any, token_ids: list[int], text: str, chars: int)
     """(n_tokens, n_chars) of the longest run of the rollout's own tokens whose decoding is a
     prefix of `text[:chars]`; n_chars <= chars (a token straddling the boundary is left out, and
     so are special tokens at the end).
-    Binary search over decoded prefixes. Raises ValueError when the ids do not decode to `text`.
+    Binary search over decoded prefixes on the length of their decoding less trailing U+FFFD (a
+    prefix that cuts a multi-byte character through decodes to a replacement character, so a
+    plain "is a prefix" test is not monotonic), then back to the last clean prefix. Raises
+    ValueError when the ids do not decode to `text`.
     """
 
     def decoded(n: int) -> str:
@@ -105,14 +110,15 @@ def prefix_boundary(tokenizer: Any, token_ids: list[int], text: str, chars: int)
 
     if decoded(len(token_ids)) != text:
         raise ValueError("the response's token ids do not decode to its text")
-    lo, hi = 0, len(token_ids)  # invariant: decoded(lo) fits; answer in [lo, hi]
+    lo, hi = 0, len(token_ids)  # invariant: the answer is in [lo, hi]
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        d = decoded(mid)
-        if len(d) <= chars and text.startswith(d):
+        if len(decoded(mid).rstrip("\ufffd")) <= chars:
             lo = mid
         else:
             hi = mid - 1
+    while lo and not (len(d := decoded(lo)) <= chars and text.startswith(d)):
+        lo -= 1  # a multi-byte character cut through, or a straddling token
     special = set(tokenizer.all_special_ids)
     while lo and token_ids[lo - 1] in special:  # the prefix never ends in EOS
         lo -= 1

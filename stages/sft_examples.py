@@ -13,6 +13,7 @@ output_key `response`, input_template ""). Our reading of PAPER.md:
   SFT share, so that the model keeps solving directly and reflects only after an error. Without
   them the testbed model learns to open every answer with "Wait" (pass@1 0.57 -> 0.00).
 - IF: prompt = the construction instruction (stages/construct.py) for the same wrong response,
+  rendered exactly as construction's llm path sends it to the policy (`instruction_prompt`),
   response = `<analysis>diagnosis</analysis>\\n<reconstruction>correction</reconstruction>`: the
   model learns to answer the instruction it is given in RL's self-construction in reliable tags.
 
@@ -27,9 +28,10 @@ from __future__ import annotations
 
 import random
 
+from pipeline.engines import render_prompt
 from pipeline.runner import Stage, StageOutput
 from stages import schema
-from stages.common import valid_unique
+from stages.common import instruction_prompt, load_tokenizer, policy_path, valid_unique
 from stages.construct import TRANSITION, construct_instruction
 
 SFT, DIRECT, IF = "sft", "direct", "if"
@@ -38,7 +40,8 @@ RATIO = (2, 1)  # (SFT + DIRECT) : IF
 
 class SftExamples(Stage):
     name = "sft_examples"
-    sections = ("coldstart",)
+    version = "2"
+    sections = ("coldstart", "policy", "testbed")
     input_schema = schema.TRAJECTORIES
     output_schema = schema.SFT_EXAMPLES
     whole_input = True
@@ -48,6 +51,7 @@ class SftExamples(Stage):
     def process(self, rows):
         cfg = self.config.coldstart
         located = {r["wrong_rollout_id"]: r for r in self.side["located"]}
+        tokenizer = load_tokenizer(str(policy_path(self.config)))
         out = StageOutput()
         sft, direct, instruct = [], [], []
         for t in sorted(rows, key=lambda t: t["trajectory_id"]):
@@ -61,7 +65,7 @@ class SftExamples(Stage):
             if not t["diagnosis"].strip():
                 out.drop(_stub(t, IF), "no_analysis", "the trajectory has no diagnosis")
             else:
-                instruct.append(if_example(source, t))
+                instruct.append(if_example(source, t, tokenizer))
         sft, direct, instruct = (valid_unique(
             pool, key=lambda e: (e["prompt"], e["response"]), valid=lambda e: True, out=out,
             bad=("", ""), duplicate="duplicate") for pool in (sft, direct, instruct))
@@ -95,11 +99,12 @@ def direct_example(located: dict, t: dict) -> dict:
             "response": located["reference_response"]}
 
 
-def if_example(located: dict, t: dict) -> dict:
-    """The construction instruction for the located wrong response, answered in the tags."""
-    instruction = construct_instruction(t["failure_step"], t["problem"],
-                                        located["wrong_response"],
-                                        located["reference_response"], t["mode"])
+def if_example(located: dict, t: dict, tokenizer) -> dict:
+    """The construction instruction for the located wrong response, as the policy reads it in
+    construction, answered in the tags."""
+    instruction = render_prompt(instruction_prompt(construct_instruction(
+        t["failure_step"], t["problem"], located["wrong_response"],
+        located["reference_response"], t["mode"]), tokenizer), tokenizer)
     transition = TRANSITION.format(k=t["failure_step"]).strip()
     analysis = t["diagnosis"].strip().removeprefix(transition).strip()
     answer = (f"<analysis>{analysis}</analysis>\n"

@@ -77,3 +77,21 @@ class GroupSum(Stage):
         out = StageOutput()
         out.keep({"id": rows[0]["id"], "x": sum(r["x"] for r in rows)})
         return out
+
+
+class NeedsModel(Stage):
+    """Loads a "model" from the path in `policy.path` on first use, as a generating stage does:
+    when it is missing, every row raises the same error."""
+
+    name = "needs_model"
+    sections = ("policy",)
+    input_schema = SCHEMA_IN
+    output_schema = SCHEMA_IN
+
+    def process(self, rows):
+        with open(self.config.policy.path) as f:  # raises for every row alike when missing
+            f.read()
+        out = StageOutput()
+        for row in rows:
+            out.keep(row)
+        return out

@@ -13,6 +13,7 @@ from pipeline.io import part_name, read_pandas, write_table_atomic
 from pipeline.round import load_problems, resolve_policy
 from stages import schema
 from stages.coldstart_select import ColdstartSelect
+from stages.common import load_tokenizer, policy_path
 from stages.construct import CONSTRUCT_INSTRUCTION
 from stages.sft_examples import SftExamples, direct_example, if_example, sft_example
 from stages.tasks.base import reflects
@@ -56,8 +57,8 @@ def _trajectory(i, diagnosis="Wait, step 2 is wrong: 65 - 29 = 36, not 38.\n"):
             "correction": "65 - 29 = 36\n\\boxed{36}", "response": "", "prefix_token_ids": []}
 
 
-def test_sft_examples_formats_mixture_and_accounting():
-    cfg = load_config(None, ["coldstart.size=9"])
+def test_sft_examples_formats_mixture_and_accounting(small_base):
+    cfg = small_base("coldstart.size=9")
     stage = SftExamples(cfg)
     trajectories = [_trajectory(i) for i in range(8)]
     trajectories.append({**_trajectory(0), "trajectory_id": "p0/2/tapo"})  # a repeat of p0/1
@@ -80,7 +81,8 @@ def test_sft_examples_formats_mixture_and_accounting():
     assert again.process(list(reversed(trajectories))).rows == out.rows  # seeded, order-free
 
 
-def test_the_three_example_formats():
+def test_the_three_example_formats(small_base):
+    tok = load_tokenizer(str(policy_path(small_base())))
     t = _trajectory(3)
     located = {"wrong_response": "a\nb\nc", "reference_rollout_id": "p3/0",
                "reference_response": "ref"}
@@ -91,10 +93,32 @@ def test_the_three_example_formats():
     direct = direct_example(located, t)
     assert (direct["prompt"], direct["response"], direct["example_id"]) == (
         "Q: P\nA:\n", "ref", "p3/0/direct")
-    task = if_example(located, t)
+    task = if_example(located, t, tok)
     assert task["prompt"].startswith(CONSTRUCT_INSTRUCTION[:40]) and "[3] c" in task["prompt"]
+    assert task["prompt"].endswith("</reconstruction>\n")  # no chat template: text + newline
     assert task["response"] == ("<analysis>65 - 29 = 36, not 38.</analysis>\n"
                                 "<reconstruction>65 - 29 = 36\n\\boxed{36}</reconstruction>")
+
+
+def test_if_prompt_is_exactly_what_construction_sends(small_base):
+    """The IF examples teach the prompt the policy reads in self-construction: the rendered
+    prompt that construct's llm path hands the engine, character for character."""
+    from pipeline.engines import render_prompt
+    from stages.construct import Construct
+    from tests.test_stages import PROBLEM, ReplayEngine, _located
+
+    cfg = small_base("construction.method=llm")
+    tok = load_tokenizer(str(policy_path(cfg)))
+    located = _located(tok, "48 + 17 = 65\n65 - 29 = 38\n38 * 3 = 114\n\\boxed{114}", cfg)
+    answer = ("<analysis>65 - 29 is 36, not 38.</analysis>\n<reconstruction>65 - 29 = 36\n"
+              f"36 * 3 = 108\n\\boxed{{{PROBLEM.answer}}}</reconstruction>")
+    stage = Construct(cfg)
+    replay = ReplayEngine([answer])
+    stage.engine.set(replay)
+    (trajectory,) = stage.process([located]).rows
+    stage.close()
+    example = if_example(located, trajectory, tok)
+    assert example["prompt"] == render_prompt(replay.prompts[0], tok)
 
 
 def test_sft_counts_examples_too_long_for_the_context(small_base, tmp_path):

@@ -176,3 +176,24 @@ def test_reward_fn_grades_with_our_grader():
 def test_entry_point_refuses_async_mode():
     with pytest.raises(SystemExit, match="async"):
         adapter.main(["--train.async_enable"])
+
+
+@pytest.mark.parametrize("tapo_kl, flags, ok", [
+    (0.0, dict(init_coef=0.0, use_loss=False, estimator="k1", target=None), True),
+    (0.0, dict(init_coef=0.01, use_loss=False, estimator="k1", target=None), False),  # default
+    (0.05, dict(init_coef=0.05, use_loss=True, estimator="k3", target=None), True),
+    (0.05, dict(init_coef=0.05, use_loss=False, estimator="k3", target=None), False),  # reward
+    (0.05, dict(init_coef=0.05, use_loss=True, estimator="k2", target=None), False),
+    (0.05, dict(init_coef=0.01, use_loss=True, estimator="k3", target=None), False),
+    (0.05, dict(init_coef=0.05, use_loss=True, estimator="k3", target=0.1), False),  # adaptive
+])
+def test_openrlhf_kl_must_be_tapos(tapo_kl, flags, ok):
+    """algo.kl_coef is no longer ignored: OpenRLHF's KL flags must say the same thing."""
+    from trainer.objective import ObjectiveConfig
+
+    obj = ObjectiveConfig(kl_coef=tapo_kl)
+    if ok:
+        adapter.check_kl(SimpleNamespace(**flags), obj)
+    else:
+        with pytest.raises(ValueError, match="--algo.kl"):
+            adapter.check_kl(SimpleNamespace(**flags), obj)

@@ -174,3 +174,32 @@ def test_cli_stage_status_and_errors(shards, tmp_path):
 def test_load_stage_class_rejects_non_stage():
     with pytest.raises(TypeError):
         load_stage_class("pipeline.io:SchemaError")
+
+
+def test_same_error_on_every_row_fails_the_stage(shards, tmp_path):
+    """A model that cannot load is not a bad row: the stage fails, with the error, no _SUCCESS
+    and no part file (before the fix every row was dropped as `error` and the stage passed)."""
+    from pipeline.runner import StageFailed
+    from tests.fixture_stages import NeedsModel
+
+    out = tmp_path / "out"
+    cfg = load_config(None, [f"policy.path={tmp_path / 'missing-model'}"])
+    with pytest.raises(StageFailed, match="all 5 rows of a shard raised the same error.*"
+                                          "missing-model"):
+        run_stage(NeedsModel, cfg, shards(), out, progress=False)
+    assert not (out / "_SUCCESS").exists()
+    assert not list(out.glob("part-*.parquet"))
+    (tmp_path / "missing-model").write_text("weights")  # fixed: the same call now succeeds
+    assert run_stage(NeedsModel, cfg, shards(), out, progress=False).stats["rows_out"] == 30
+
+
+def test_error_share_above_the_limit_fails_the_stage(shards, tmp_path):
+    """One row in 30 raises (3.3%): fine under the default 10%, a failure under 2%."""
+    from pipeline.runner import StageFailed
+
+    strict = load_config(None, ["runner.max_error_share=0.02"])
+    with pytest.raises(StageFailed, match=r"1 of 30 rows raised errors.*0\.02.*unlucky row 16"):
+        run_stage(Square, strict, shards(), tmp_path / "strict", progress=False)
+    assert not (tmp_path / "strict" / "_SUCCESS").exists()
+    assert run_stage(Square, CFG, shards(), tmp_path / "ok", progress=False).stats[
+        "dropped_error"] == 1

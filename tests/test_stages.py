@@ -42,7 +42,9 @@ def reasons(out):
 def rollout(pid, k, response, answer="108", label=None, problem=PROBLEM.text, tok=None):
     ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] if tok else []
     row = {"problem_id": pid, "problem": problem, "answer": answer, "rollout_id": f"{pid}/{k}",
-           "sample_index": k, "prompt": f"Q: {problem}\nA:\n", "response": response,
+           "sample_index": k, "prompt": f"Q: {problem}\nA:\n",
+           "prompt_token_ids": tok(f"Q: {problem}\nA:\n")["input_ids"] if tok else [],
+           "response": response,
            "response_token_ids": ids, "finish_reason": "stop", "response_len": len(response)}
     if label:
         row.update(label=label, reason="", extracted_answer=None,
@@ -174,14 +176,37 @@ def test_rule_locator_finds_failure_and_token_boundary(small_base, keep):
         assert tok.decode(r["wrong_token_ids"][: r["prefix_tokens"]]) == prefix
 
 
+@pytest.mark.parametrize("eol", ["\r\n", "\r", "\u2028", "\x85"])
+def test_one_step_splitter_for_every_line_terminator(small_base, eol):
+    """The checker, locate's kept prefix and split_steps cut at the same boundary whatever ends
+    a line (locate used to look for "\n" alone)."""
+    from stages.locate import failed_step_end
+    from stages.tasks.base import split_steps
+
+    cfg = small_base()
+    tok = load_tokenizer(str(policy_path(cfg)))
+    wrong = eol.join(["48 + 17 = 65", "65 - 29 = 38", "38 * 3 = 114", "\\boxed{114}"])
+    steps = split_steps(wrong)
+    assert [s.text for s in steps] == wrong.split(eol)
+    step2_end = len("48 + 17 = 65" + eol + "65 - 29 = 38" + eol)
+    assert steps[1].line_end == step2_end and failed_step_end(wrong, 2, 0) == step2_end
+    (row,) = Locate(cfg).process([candidate(tok, wrong)]).rows
+    assert row["failure_step"] == 2 and row["n_steps"] == 4
+    assert row["prefix_chars"] == step2_end  # byte-level tokens end at the terminator
+    assert tok.decode(row["wrong_token_ids"][: row["prefix_tokens"]]) == wrong[:step2_end]
+
+
 def test_prefix_boundary_leaves_out_a_straddling_token(small_base):
     tok = load_tokenizer(str(policy_path(small_base())))
-    text = "48 + 17 = 65\nWait"
+    text = "48 + 17 = 65\nWait: 3 × 4 ≤ 12\u2028ok"  # multi-byte characters: 2 and 3 tokens
     ids = tok(text, add_special_tokens=False)["input_ids"]
     for chars in range(len(text) + 1):
         n, got = prefix_boundary(tok, ids, text, chars)
         assert got <= chars and tok.decode(ids[:n]) == text[:got]
-        assert n == len(ids) or len(tok.decode(ids[: n + 1])) > chars
+        for more in range(n + 1, min(n + 5, len(ids)) + 1):  # maximal: no longer clean prefix
+            d = tok.decode(ids[:more])
+            assert not (len(d) <= chars and text.startswith(d))
+    assert prefix_boundary(tok, ids, text, len(text) - 3)[1] == len(text) - 3  # after "\u2028"
     with pytest.raises(ValueError):
         prefix_boundary(tok, ids[:-1], text, 3)
 
@@ -326,8 +351,7 @@ def test_assemble_segments_and_rewards(small_base):
     assert p + d + aug["correction_len"] == len(ids) and ids[-1] == tok.eos_token_id
     assert tok.decode(ids[p : p + d]) == trajectory["diagnosis"]
     assert tok.decode(ids[p + d :], skip_special_tokens=True) == trajectory["correction"]
-    assert aug["prompt_token_ids"] == tok(rows[0]["prompt"], add_special_tokens=False)[
-        "input_ids"]
+    assert aug["prompt_token_ids"] == rows[0]["prompt_token_ids"]  # the group's, as sampled
     for r in out.rows[:3]:
         assert r["correction_len"] == len(r["response_token_ids"]) and r["prefix_len"] == 0
     bad = {**trajectory, "diagnosis": "something else"}
@@ -342,3 +366,46 @@ def test_rule_methods_need_the_arith_task(small_base):
         Locate(cfg)
     with pytest.raises(ValueError, match="construction.method=llm"):
         Construct(cfg)
+
+
+def bos_model(small_base, where):
+    """A copy of the small testbed model whose tokenizer adds a BOS to text, as Llama's does."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    shutil.copytree(policy_path(small_base()), where)
+    tok = AutoTokenizer.from_pretrained(where)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 2)])
+    tok.bos_token = "<|im_start|>"
+    tok.save_pretrained(where)
+    return where
+
+
+def test_prompt_ids_are_the_engines_from_sample_to_the_trainer(small_base, tmp_path):
+    """With a tokenizer that adds BOS, the engine feeds BOS + prompt; the shard must train on
+    exactly that context (assemble re-tokenized the text without BOS)."""
+    from trainer.rl import build_batch, objective_config
+
+    model = bos_model(small_base, tmp_path / "bos")
+    cfg = small_base(f"policy.path={model}", "rollout.group_size=2", "rollout.max_tokens=16")
+    tok = load_tokenizer(str(model))
+    prompt = arith.PROMPT_TEMPLATE.format(problem=PROBLEM.text)
+    with_bos = tok(prompt)["input_ids"]
+    assert with_bos[0] == 2 and with_bos[1:] == tok(prompt, add_special_tokens=False)["input_ids"]
+    sample = Sample(cfg)
+    sampled = sample.process([{"problem_id": "a", "problem": PROBLEM.text, "answer": "108"}])
+    sample.close()
+    assert [r["prompt_token_ids"] for r in sampled.rows] == [with_bos, with_bos]
+    classify = Classify(cfg)
+    graded = classify.process(sampled.rows).rows
+    classify.close()
+    assemble = Assemble(cfg)
+    shard = assemble.process(graded).rows
+    assert [r["prompt_token_ids"] for r in shard] == [with_bos, with_bos]
+    import pandas as pd
+
+    batch = build_batch(pd.DataFrame(shard), tok.pad_token_id, objective_config(cfg))
+    assert batch.input_ids[0, : len(with_bos)].tolist() == with_bos

@@ -124,30 +124,65 @@ def test_resume_after_kill_inside_training(shard, tmp_path):
 
 
 def test_iterate_two_rounds_tapo_and_grpo_and_resume(small_base, tmp_path):
-    cfg = small_base()
-    table = iterate(tmp_path / "tapo", 2, cfg, progress=False)
+    """Rounds chain from `policy.path` (round 1 only) to models/iter_0001; a resumed run reports
+    each round's own line and keeps the seconds each stage measured."""
+    base = small_base().testbed.base_dir + "/model"
+    cfg = small_base(f"policy.path={base}")
+    shown = []
+    table = iterate(tmp_path / "tapo", 2, cfg, progress=False, on_round=shown.append)
     assert list(table["round"]) == [1, 2] and set(table["algo"]) == {"tapo"}
+    assert [row["round"] for row in shown] == [1, 2]
     assert (table["accepted"] > 0).any()
     for column in ("pass_rate", "loss", "clip_fraction", "reflection_rate", "seconds_sample",
                    "seconds_train", "suppressed_share"):
         assert table[column].notna().all()
-    summary2 = json.loads((tmp_path / "tapo" / "iter_0002" / "round.json").read_text())
-    assert summary2["policy"] == str(tmp_path / "tapo" / "models" / "iter_0001")
+    assert (table["seconds_sample"] > 0).all()
+    run = tmp_path / "tapo"
+    summaries = [json.loads((run / f"iter_000{k}" / "round.json").read_text()) for k in (1, 2)]
+    assert summaries[0]["policy"] == base
+    assert summaries[1]["policy"] == str(run / "models" / "iter_0001")  # not policy.path again
+    trained = [json.loads((run / "models" / f"iter_000{k}" / "_SUCCESS").read_text())["policy"]
+               for k in (1, 2)]
+    assert trained == [base, str(run / "models" / "iter_0001")]
 
     # killed between stages of round 2: its construct and everything after it re-run
     for path in ("iter_0002/construct/_SUCCESS", "iter_0002/assemble/_SUCCESS",
                  "models/iter_0002/_SUCCESS"):
-        (tmp_path / "tapo" / path).unlink()
-    again = iterate(tmp_path / "tapo", 2, cfg, progress=False)
-    pd.testing.assert_frame_equal(again.drop(columns=[c for c in again if "seconds" in c]),
-                                  table.drop(columns=[c for c in table if "seconds" in c]))
-    assert len(read_metrics(tmp_path / "tapo")) == 2
+        (run / path).unlink()
+    shown.clear()
+    again = iterate(run, 2, cfg, progress=False, on_round=shown.append)
+    assert [row["round"] for row in shown] == [1, 2]
+    assert shown[0]["pass_rate"] == table["pass_rate"][0]  # round 1's own line, not round 2's
+    pd.testing.assert_frame_equal(again.drop(columns=["seconds_construct", "seconds_assemble",
+                                                      "seconds_train"]),
+                                  table.drop(columns=["seconds_construct", "seconds_assemble",
+                                                      "seconds_train"]))  # measured seconds kept
+    assert len(read_metrics(run)) == 2
 
     grpo = iterate(tmp_path / "grpo", 2, small_base("algo.name=grpo"), progress=False)
     assert list(grpo["accepted"]) == [0, 0] and set(grpo["algo"]) == {"grpo"}
     first = read_pandas(tmp_path / "grpo" / "iter_0001" / "problems")["problem_id"]
-    assert list(first) == list(read_pandas(tmp_path / "tapo" / "iter_0001" / "problems")[
+    assert list(first) == list(read_pandas(run / "iter_0001" / "problems")[
         "problem_id"])  # the same data on the same schedule
+
+
+def test_kl_to_the_reference_policy(shard, tmp_path):
+    """algo.kl_coef > 0 trains (it crashed: no ref_logprobs). The first step's loss, at ratio
+    1, is the plain loss plus kl_coef x the mean k3 to the reference: 0 when the reference is
+    the policy itself, positive against another checkpoint."""
+    from trainer.rl import train_round
+
+    cfg, policy, shard_dir = shard
+    one_step = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"mini_batch_size": 10_000, "micro_batch_size": 64, "lr": 1e-2})})
+    with_kl = one_step.model_copy(update={"algo": one_step.algo.model_copy(
+        update={"kl_coef": 0.5})})
+    plain = train_round(policy, shard_dir, tmp_path / "plain", one_step, progress=False)
+    same = train_round(policy, shard_dir, tmp_path / "same", with_kl, progress=False)
+    assert same["loss"] == pytest.approx(plain["loss"], abs=1e-6)
+    other = train_round(policy, shard_dir, tmp_path / "other", with_kl, progress=False,
+                        reference=tmp_path / "plain")
+    assert other["loss"] > plain["loss"] + 1e-4  # `plain` took one step at lr 1e-2
 
 
 def test_round_k_needs_the_previous_checkpoint(small_base, tmp_path):

@@ -14,7 +14,9 @@ advantage and masks of trainer/objective.py:
 - OOD suppression (`algo.ood=mask`): diagnosis/correction tokens with pi_old < ood_threshold
   leave `action_mask` (so they also leave the loss normalizer, as in the local trainer);
 - `algo.negative_samples=false`: rollouts with a negative advantage leave `action_mask`;
-- `algo.dae=false`: on-policy advantages are recomputed with the trajectory in the group.
+- `algo.dae=false`: on-policy advantages are recomputed with the trajectory in the group;
+- `algo.kl_coef`: OpenRLHF's own k3 KL loss against its initial model, whose flags must agree
+  (`check_kl`).
 OpenRLHF's clipped loss on an augmented token equals our capped ratio, because every augmented
 advantage is positive (the lower clip only binds when A < 0). `algo.ood=shaping` needs the
 current policy's probabilities inside the actor's loss and is not offered here.
@@ -25,7 +27,7 @@ Launch (GPU cluster, `pip install -e '.[gpu]'`; TAPO settings from a tapo config
         --actor.model_name_or_path /models/Qwen3-8B --data.prompt_dataset data/train.parquet \\
         --data.input_key prompt --data.label_key answer --rollout.n_samples_per_prompt 8 \\
         --algo.advantage.estimator group_norm --actor.eps_clip_low_high 0.2 0.28 \\
-        --reward.remote_url trainer/reward_fn.py ...
+        --algo.kl.init_coef 0 --reward.remote_url trainer/reward_fn.py ...
 
 (every flag is OpenRLHF's own `train_ppo_ray` flag; `trainer/reward_fn.py` grades with our
 grader). The augmented count per step varies, so keep `--train.dynamic_batch_enable` off (it
@@ -107,6 +109,7 @@ def rollout_rows(samples: Sequence[Experience], n: int, tokenizer, step: int,
             "problem": problem_from_prompt(s.prompts[0]) if task == "arith" else s.prompts[0],
             "rollout_id": f"step{step}-g{g}/{k}", "sample_index": k,
             "prompt": tokenizer.decode(s.sequences[0][:prompt_len].tolist()),
+            "prompt_token_ids": s.sequences[0][:prompt_len].tolist(),
             "response": text, "response_token_ids": ids,
             "finish_reason": "length" if bool(s.truncated[0]) else "stop",
             "response_len": len(ids), "label": "correct" if ok else "incorrect",
@@ -190,6 +193,22 @@ def objective_of(cfg: Config) -> ObjectiveConfig:
     return ObjectiveConfig(**cfg.algo.model_dump(exclude={"name"}))
 
 
+def check_kl(kl, obj: ObjectiveConfig) -> None:
+    """OpenRLHF's KL settings (`args.algo.kl`) must be TAPO's `algo.kl_coef`: a k3 KL loss with
+    that fixed coefficient against OpenRLHF's initial model (the run's initial policy), or no
+    KL at all. A KL in the reward would reach the rollouts but not the trajectories, whose
+    advantages TAPO sets."""
+    if obj.kl_coef == 0 and kl.init_coef != 0:
+        raise ValueError(f"algo.kl_coef is 0 but OpenRLHF's --algo.kl.init_coef is "
+                         f"{kl.init_coef} (its default is 0.01): pass --algo.kl.init_coef 0, or "
+                         "set algo.kl_coef in the tapo config")
+    if obj.kl_coef > 0 and (not kl.use_loss or kl.estimator != "k3" or kl.target
+                            or kl.init_coef != obj.kl_coef):
+        raise ValueError(f"algo.kl_coef={obj.kl_coef} is a k3 KL loss with a fixed coefficient: "
+                         f"pass --algo.kl.use_loss --algo.kl.estimator k3 --algo.kl.init_coef "
+                         f"{obj.kl_coef} (and no --algo.kl.target)")
+
+
 class TapoExperienceMaker(RemoteExperienceMaker):
     """OpenRLHF's experience maker with TAPO's treatment of augmented samples."""
 
@@ -216,6 +235,7 @@ class TapoPPOTrainer(PPOTrainer.__ray_actor_class__):
         super().__init__(pretrain, *args, **kwargs)
         self.tapo_cfg = tapo_config()
         self.tapo_cfg.policy.path = pretrain  # the stages tokenize with the trained model's
+        check_kl(self.args.algo.kl, objective_of(self.tapo_cfg))
         old = self.experience_maker
         self.experience_maker = TapoExperienceMaker(
             old.actor_model_group, old.critic_model_group, old.reward_model_group,
@@ -248,13 +268,9 @@ def augmented_experiences(samples, n: int, tokenizer, cfg: Config, step: int) ->
     assemble.side["trajectories"] = trajectories
     keys = list(samples[0].info) if samples else []
     out = []
-    for r in assemble.process(rows).rows:
+    for r in assemble.process(rows).rows:  # (prompt ids: the group's, exactly as rolled out)
         if r["kind"] == "augmented":
-            g = int(r["problem_id"].rsplit("-g", 1)[1])
-            source = samples[g * n]  # the group's prompt tokens, exactly as rolled out
-            prompt_len = int(torch.nonzero(source.action_mask[0])[0]) + 1
-            r["prompt_token_ids"] = source.sequences[0][:prompt_len].tolist()
-            out.append(experience_from_row(r, g, keys))
+            out.append(experience_from_row(r, int(r["problem_id"].rsplit("-g", 1)[1]), keys))
     return out
 
 

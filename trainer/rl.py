@@ -9,9 +9,11 @@ the segment and OOD masks, then runs `train.epochs` passes of mini-batch updates
 accumulation over micro-batches; the loss is a token mean over the mini-batch). Writes to
 `out_dir`: the HF checkpoint + tokenizer, `optimizer.pt`, `train_log.jsonl` (one line per
 optimizer step: loss, clip fraction, entropy, grad norm, suppressed share, lr) and `_SUCCESS`
-with the round's mean metrics. Resumable: every `train.save_every` steps the weights, optimizer
-and step go to `out_dir/_state.pt` (atomically); a restart recomputes the old log-probs from
-the untouched starting checkpoint and continues at the next step.
+with the round's mean metrics. `algo.kl_coef > 0` adds the k3 KL to a reference policy
+(`make iterate`: the run's initial policy, as OpenRLHF's initial model). Resumable: every
+`train.save_every` steps the weights, optimizer and step go to `out_dir/_state.pt`
+(atomically); a restart recomputes the old log-probs from the untouched starting checkpoint and
+continues at the next step.
 """
 
 from __future__ import annotations
@@ -111,12 +113,15 @@ def old_logprobs(model, batch: Batch, micro: int) -> torch.Tensor:
 
 
 def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Path, cfg: Config,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, reference: str | Path | None = None) -> dict[str, Any]:
     """Updates the policy at `policy_dir` on the shard; writes the next checkpoint to
-    `out_dir` and returns the round's metrics (see the module docstring)."""
+    `out_dir` and returns the round's metrics (see the module docstring). With
+    `algo.kl_coef > 0` the KL term is taken against `reference` (`make iterate`: the run's
+    initial policy; default: `policy_dir`)."""
     policy_dir, shard_dir, out_dir = Path(policy_dir), Path(shard_dir), Path(out_dir)
     tc, obj = cfg.train, objective_config(cfg)
-    fp = fingerprint({"policy": str(policy_dir), "shard": sorted(
+    reference = Path(reference or policy_dir) if obj.kl_coef > 0 else None
+    fp = fingerprint({"policy": str(policy_dir), "reference": str(reference), "shard": sorted(
         file_sha256(p) for p in shard_dir.glob("part-*.parquet")),
         "train": tc.model_dump(mode="json"), "algo": cfg.algo.model_dump(mode="json")})
     done = _read_json(out_dir / SUCCESS)
@@ -131,6 +136,11 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
         raise ValueError(f"{shard_dir}: the training shard is empty")
     batch = build_batch(rows, tokenizer.pad_token_id, obj)
     old = old_logprobs(model, batch, tc.micro_batch_size)
+    ref = None
+    if reference is not None:
+        ref = old if reference == policy_dir else old_logprobs(
+            AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32), batch,
+            tc.micro_batch_size)
     in_loss, _ = loss_mask(batch.advantages, batch.trained, batch.corrective, old, obj)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -157,7 +167,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     model.train()
     for i in tqdm(range(step, len(steps)), initial=step, total=len(steps), desc="train",
                   disable=not progress):
-        log = _update(model, optimizer, batch, old, in_loss, steps[i], obj, tc)
+        log = _update(model, optimizer, batch, old, ref, in_loss, steps[i], obj, tc)
         with open(out_dir / LOG, "a") as f:
             f.write(json.dumps({"step": i + 1, **log}) + "\n")
         if (i + 1) % tc.save_every == 0 and i + 1 < len(steps):
@@ -179,8 +189,9 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     return metrics
 
 
-def _update(model, optimizer, batch: Batch, old: torch.Tensor, in_loss: torch.Tensor,
-            idx: torch.Tensor, obj: ObjectiveConfig, tc) -> dict[str, float]:
+def _update(model, optimizer, batch: Batch, old: torch.Tensor, ref: torch.Tensor | None,
+            in_loss: torch.Tensor, idx: torch.Tensor, obj: ObjectiveConfig,
+            tc) -> dict[str, float]:
     """One optimizer step over the mini-batch `idx`, accumulated over micro-batches."""
     normalizer = max(int(in_loss[idx].sum()), 1)
     optimizer.zero_grad(set_to_none=True)
@@ -191,6 +202,7 @@ def _update(model, optimizer, batch: Batch, old: torch.Tensor, in_loss: torch.Te
         mb = batch.rows(micro)
         logp, entropy = response_logprobs(model, mb, with_entropy=True)
         out = policy_loss(logp, old[micro], mb.advantages, mb.trained, mb.corrective, obj,
+                          ref_logprobs=None if ref is None else ref[micro],
                           normalizer=normalizer)
         out.loss.backward()
         m = out.metrics

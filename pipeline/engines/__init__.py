@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.engines.base import Completion, Engine, Prompt, SamplingParams, render_prompt
+from pipeline.engines.base import (
+    Completion,
+    Engine,
+    Prompt,
+    SamplingParams,
+    encode_prompt,
+    render_prompt,
+)
 
-__all__ = ["Completion", "Engine", "Prompt", "SamplingParams", "make_engine", "render_prompt",
-           "resolve_backend"]
+__all__ = ["Completion", "Engine", "Prompt", "SamplingParams", "encode_prompt", "make_engine",
+           "render_prompt", "resolve_backend"]
 
 
 def resolve_backend(backend: str) -> str:

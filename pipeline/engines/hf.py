@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from pipeline.engines.base import Completion, Prompt, SamplingParams, render_prompt
+from pipeline.engines.base import Completion, Prompt, SamplingParams, encode_prompt
 
 
 class HFEngine:
     name = "hf"
+    per_request_seed = False  # `generate` draws from one torch generator: seeded per batch
 
     def __init__(
         self,
@@ -38,18 +39,21 @@ class HFEngine:
 
     @torch.inference_mode()
     def generate(
-        self, prompts: list[Prompt], n: int, params: SamplingParams
+        self, prompts: list[Prompt], n: int, params: SamplingParams,
+        seeds: list[list[int]] | None = None,
     ) -> list[list[Completion]]:
-        """`n` completions per prompt. Sampling is seeded per batch, so the same prompts, n,
-        params and batch size give the same completions."""
-        flat = [render_prompt(p, self.tokenizer) for p in prompts for _ in range(n)]
+        """`n` completions per prompt. Sampling is seeded per batch (`params.seed` + the batch
+        index; per-request `seeds` are not supported by transformers' generate and are
+        ignored), so the same prompts, n, params and batch size give the same completions."""
+        encoded = [encode_prompt(p, self.tokenizer)[1] for p in prompts]
+        flat = [ids for ids in encoded for _ in range(n)]
         out: list[Completion] = []
         for b, start in enumerate(range(0, len(flat), self.batch_size)):
             out.extend(self._batch(flat[start : start + self.batch_size], params, params.seed + b))
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    def _batch(self, prompts: list[str], params: SamplingParams, seed: int) -> list[Completion]:
-        encoded = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    def _batch(self, encoded: list[list[int]], params: SamplingParams,
+               seed: int) -> list[Completion]:
         width = max(len(e) for e in encoded)
         ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -77,7 +81,7 @@ class HFEngine:
             logits = torch.stack(result.logits, dim=1).float().log_softmax(-1).cpu()
             logps = logits.gather(-1, new.unsqueeze(-1)).squeeze(-1)
         completions = []
-        for i in range(len(prompts)):
+        for i in range(len(encoded)):
             tokens = new[i].tolist()
             finish = "length"
             if self.eos_id in tokens:  # kept, as vLLM keeps it: the trainer learns to stop
@@ -92,6 +96,7 @@ class HFEngine:
                     token_ids=tokens,
                     finish_reason=finish,
                     logprobs=logps[i, : len(tokens)].tolist() if logps is not None else None,
+                    prompt_token_ids=encoded[i],
                 )
             )
         return completions

@@ -3,7 +3,10 @@
 Requests go to `POST {base_url}/completions`, one per prompt, at most `concurrency` at a time,
 spread round-robin over the given base URLs. A request that fails to connect, times out or gets
 a 5xx/429 answer is retried with exponential backoff, `retries` times, then raises. Token ids are
-asked for with vLLM's `return_token_ids` extension; a server without it yields empty token ids.
+asked for with vLLM's `return_token_ids` extension (the response's and the prompt's, as the
+server tokenized it); a server without it yields empty response token ids, and prompt ids from
+the local tokenizer (encode_prompt) when there is one. With `seeds`, every sample is its own
+request (n = 1) carrying its seed.
 Reads nothing local; writes nothing.
 """
 
@@ -16,7 +19,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from itertools import cycle
 
-from pipeline.engines.base import Completion, Prompt, SamplingParams, render_prompt
+from pipeline.engines.base import Completion, Prompt, SamplingParams, encode_prompt, render_prompt
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
@@ -27,6 +30,7 @@ class OpenAIEngineError(RuntimeError):
 
 class OpenAIEngine:
     name = "openai"
+    per_request_seed = True
 
     def __init__(
         self,
@@ -49,16 +53,27 @@ class OpenAIEngine:
         self.tokenizer = tokenizer  # renders chat prompts; plain prompts need none
 
     def generate(
-        self, prompts: list[Prompt], n: int, params: SamplingParams
+        self, prompts: list[Prompt], n: int, params: SamplingParams,
+        seeds: list[list[int]] | None = None,
     ) -> list[list[Completion]]:
         urls = cycle(self.base_urls)
         texts = [render_prompt(p, self.tokenizer) for p in prompts]
-        jobs = [(next(urls), self._body(t, n, params)) for t in texts]
+        if seeds is None:
+            jobs = [(next(urls), self._body(t, n, params, params.seed)) for t in texts]
+        else:
+            jobs = [(next(urls), self._body(t, 1, params, s))
+                    for t, row in zip(texts, seeds, strict=True) for s in row]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             answers = list(pool.map(lambda job: self._post(*job), jobs))
-        return [self._completions(a, n, params) for a in answers]
+        per_prompt = len(answers) // max(len(prompts), 1)
+        out = []
+        for i, prompt in enumerate(prompts):
+            mine = answers[i * per_prompt : (i + 1) * per_prompt]
+            out.append([c for a in mine for c in self._completions(a, n // len(mine), params,
+                                                                    prompt)])
+        return out
 
-    def _body(self, prompt: str, n: int, params: SamplingParams) -> dict:
+    def _body(self, prompt: str, n: int, params: SamplingParams, seed: int) -> dict:
         greedy = params.temperature <= 0
         body = {
             "model": self.model,
@@ -67,7 +82,7 @@ class OpenAIEngine:
             "temperature": 0.0 if greedy else params.temperature,
             "top_p": 1.0 if greedy else params.top_p,
             "max_tokens": params.max_tokens,
-            "seed": params.seed,
+            "seed": seed,
             "return_token_ids": True,
             "skip_special_tokens": True,
         }
@@ -102,12 +117,16 @@ class OpenAIEngine:
                 last_error = f"answer is not JSON: {e}"
         raise OpenAIEngineError(f"{base_url}/completions failed after retries: {last_error}")
 
-    def _completions(self, answer: dict, n: int, params: SamplingParams) -> list[Completion]:
+    def _completions(self, answer: dict, n: int, params: SamplingParams,
+                     prompt: Prompt) -> list[Completion]:
         choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != n:
             raise OpenAIEngineError(f"asked for {n} choices, got {len(choices)}")
         out = []
         for c in choices:
+            prompt_ids = c.get("prompt_token_ids") or answer.get("prompt_token_ids")
+            if not prompt_ids and self.tokenizer is not None:
+                prompt_ids = encode_prompt(prompt, self.tokenizer)[1]
             logprobs = None
             if params.logprobs and c.get("logprobs"):
                 logprobs = [float(x) for x in c["logprobs"].get("token_logprobs") or []]
@@ -117,6 +136,7 @@ class OpenAIEngine:
                     token_ids=list(c.get("token_ids") or []),
                     finish_reason="length" if c.get("finish_reason") == "length" else "stop",
                     logprobs=logprobs,
+                    prompt_token_ids=list(prompt_ids or []),
                 )
             )
         return out

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from pipeline.engines.base import Completion, Prompt, SamplingParams, render_prompt
+from pipeline.engines.base import Completion, Prompt, SamplingParams, encode_prompt
 
 
 def vllm_available() -> bool:
@@ -63,32 +63,46 @@ class VLLMEngine:
             core.shutdown()
 
     def generate(
-        self, prompts: list[Prompt], n: int, params: SamplingParams
+        self, prompts: list[Prompt], n: int, params: SamplingParams,
+        seeds: list[list[int]] | None = None,
     ) -> list[list[Completion]]:
-        """`n` completions per prompt; prompts are tokenized without special tokens, as the
-        hf engine does, so both engines see the same prompt ids."""
+        """`n` completions per prompt; prompts are encoded as the hf engine does
+        (encode_prompt), so both engines see the same prompt ids. With `seeds` (and
+        per-request seeds supported: not on CPU), each sample is its own request, seeded
+        `seeds[i][k]` (vLLM's prefix cache shares the prompt); else one request of n samples
+        per prompt."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
         greedy = params.temperature <= 0
-        sampling = VSamplingParams(
-            n=n,
-            temperature=0.0 if greedy else params.temperature,
-            top_p=1.0 if greedy else params.top_p,
-            max_tokens=params.max_tokens,
-            seed=params.seed if self.per_request_seed else None,
-            logprobs=0 if params.logprobs else None,
-            stop=list(params.stop) or None,
-        )
-        requests = [
-            TokensPrompt(prompt_token_ids=self.tokenizer(
-                render_prompt(p, self.tokenizer), add_special_tokens=False)["input_ids"])
-            for p in prompts
-        ]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        return [[self._completion(o, params.logprobs) for o in out.outputs] for out in outputs]
 
-    def _completion(self, output, want_logprobs: bool) -> Completion:
+        def sampling(count: int, seed: int | None) -> VSamplingParams:
+            return VSamplingParams(
+                n=count,
+                temperature=0.0 if greedy else params.temperature,
+                top_p=1.0 if greedy else params.top_p,
+                max_tokens=params.max_tokens,
+                seed=seed,
+                logprobs=0 if params.logprobs else None,
+                stop=list(params.stop) or None,
+            )
+
+        requests = [TokensPrompt(prompt_token_ids=encode_prompt(p, self.tokenizer)[1])
+                    for p in prompts]
+        if seeds is not None and self.per_request_seed:
+            flat = [r for r in requests for _ in range(n)]
+            outputs = self.llm.generate(flat, [sampling(1, s) for row in seeds for s in row],
+                                        use_tqdm=False)
+            done = [self._completion(o, out.prompt_token_ids, params.logprobs)
+                    for out in outputs for o in out.outputs]
+            return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
+        outputs = self.llm.generate(
+            requests, sampling(n, params.seed if self.per_request_seed else None),
+            use_tqdm=False)
+        return [[self._completion(o, out.prompt_token_ids, params.logprobs) for o in out.outputs]
+                for out in outputs]
+
+    def _completion(self, output, prompt_token_ids, want_logprobs: bool) -> Completion:
         token_ids = list(output.token_ids)
         logprobs = None
         if want_logprobs and output.logprobs is not None:
@@ -98,4 +112,4 @@ class VLLMEngine:
         if not isinstance(output.stop_reason, str):  # not cut at a stop string: as hf decodes
             text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return Completion(text=text, token_ids=token_ids, finish_reason=finish,
-                          logprobs=logprobs)
+                          logprobs=logprobs, prompt_token_ids=list(prompt_token_ids))

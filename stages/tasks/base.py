@@ -29,16 +29,19 @@ class Step:
     text: str
     start: int  # character offsets in the solution text
     end: int
+    line_end: int  # after the line's terminator (\n, \r\n, \r, U+2028, ...), if any
 
 
 def split_steps(text: str) -> list[Step]:
-    """One step per non-empty line, with its character span."""
+    """One step per non-empty line (lines as `str.splitlines` cuts them), with its character
+    span. The one step splitter: tasks, locate and construct all cut here."""
     steps, pos = [], 0
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
         if stripped:
             lead = len(line) - len(line.lstrip())
-            steps.append(Step(len(steps) + 1, stripped, pos + lead, pos + lead + len(stripped)))
+            steps.append(Step(len(steps) + 1, stripped, pos + lead, pos + lead + len(stripped),
+                              pos + len(line)))
         pos += len(line)
     return steps
 
