@@ -2,6 +2,7 @@
 127.0.0.1) when vLLM is installed, as `make setup` does on CPU."""
 
 import http.server
+import json
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from transformers import AutoTokenizer
 
 from pipeline.engines.base import Completion, SamplingParams
 from pipeline.engines.hf import HFEngine
@@ -109,11 +111,11 @@ def vllm_server(tiny_base):  # noqa: F811
 
 
 class FlakyProxy:
-    """Forwards to a real server, but drops the first connection and answers 500 to the
-    second request: a client must retry through both."""
+    """Forwards to a real server, but (when `flaky`) drops the first connection and answers
+    500 to the second request: a client must retry through both. Records every request body."""
 
-    def __init__(self, upstream: str):
-        self.upstream, self.seen = upstream, 0
+    def __init__(self, upstream: str, flaky: bool = True):
+        self.upstream, self.seen, self.bodies = upstream, 0, []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -123,10 +125,11 @@ class FlakyProxy:
             def do_POST(self):
                 proxy.seen += 1
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                if proxy.seen == 1:
+                proxy.bodies.append(json.loads(body))
+                if flaky and proxy.seen == 1:
                     self.connection.shutdown(socket.SHUT_RDWR)  # drop the connection
                     return
-                if proxy.seen == 2:
+                if flaky and proxy.seen == 2:
                     self.send_error(500, "flaky")
                     return
                 url = proxy.upstream + self.path.removeprefix("/v1")
@@ -162,6 +165,44 @@ def test_openai_survives_dropped_connection_and_500(vllm_server):
     eng = OpenAIEngine(proxy.url, "tiny", concurrency=1, retries=3, backoff_s=0.05)
     [[c]] = eng.generate(PROMPTS[:1], 1, SamplingParams(temperature=0, max_tokens=8))
     assert c.length > 0 and proxy.seen == 3
+    proxy.server.shutdown()
+
+
+@needs_vllm
+def test_sample_seeds_every_request_and_keeps_the_servers_prompt_ids(
+        vllm_server, tiny_base, tmp_path):  # noqa: F811
+    """Against a real vLLM server: sample k of a problem is its own request seeded by
+    (run.seed, problem_id, k), so it is the same whatever the group size; the prompt ids are
+    the server's own."""
+    from pipeline.config import load_config
+    from stages.sample import Sample, request_seed
+
+    _, base, model_dir = tiny_base
+    proxy = FlakyProxy(vllm_server, flaky=False)
+    problems = [{"problem_id": f"p{i}", "problem": t.split("Q: ")[1].split("\n")[0],
+                 "answer": "0"} for i, t in enumerate(PROMPTS)]
+
+    def sample(group_size):
+        cfg = load_config(None, [f"policy.path={model_dir}", f"testbed.base_dir={base}",
+                                 "engine.backend=openai", f"engine.base_urls=[{proxy.url}]",
+                                 "engine.served_model=tiny", "run.seed=3",
+                                 f"rollout.group_size={group_size}", "rollout.max_tokens=12"])
+        stage = Sample(cfg)
+        rows = stage.process(problems).rows
+        stage.close()
+        return rows
+
+    three = sample(3)
+    seeds = [b["seed"] for b in proxy.bodies]
+    assert [b["n"] for b in proxy.bodies] == [1] * 6
+    assert sorted(seeds) == sorted(request_seed(3, p["problem_id"], k) for p in problems
+                                   for k in range(3))  # (in flight together: any order)
+    assert len(set(seeds)) == 6
+    two = sample(2)
+    by_id = {r["rollout_id"]: r["response_token_ids"] for r in three}
+    assert all(r["response_token_ids"] == by_id[r["rollout_id"]] for r in two)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    assert all(r["prompt_token_ids"] == tok(r["prompt"])["input_ids"] for r in three)
     proxy.server.shutdown()
 
 
