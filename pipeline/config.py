@@ -76,6 +76,10 @@ class SelectConfig(Section):
     budget_fraction: float = Field(0.25, ge=0, le=1,
                                    description="max constructions as a share of the round")
     max_constructions: int | None = Field(None, ge=0, description="overrides budget_fraction")
+    repair: typing.Literal["latest_failure", "longest"] = Field(
+        "latest_failure", description="the wrong rollout to repair: locate every wrong rollout "
+                                      "of a candidate and keep the latest failure (PAPER.md); "
+                                      "longest: the longest one, located alone (cheaper)")
     seed: int = Field(0, description="tie-breaking among equals")
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""One TAPO round: problems -> sample -> classify -> select -> locate -> construct -> assemble.
+"""One TAPO round: problems -> sample -> classify -> select -> locate -> pick_repair -> construct
+-> assemble.
 
     run_round(run_dir, iteration=1, cfg=cfg)
 
@@ -27,6 +28,7 @@ from stages.assemble import Assemble
 from stages.classify import Classify
 from stages.construct import Construct
 from stages.locate import Locate
+from stages.pick_repair import PickRepair
 from stages.sample import Sample
 from stages.select import Select
 from stages.tasks.base import reflects
@@ -34,7 +36,8 @@ from stages.tasks.base import reflects
 AUGMENT_CHAIN: list[tuple[str, type[Stage], str]] = [  # (dir, stage, input dir)
     ("select", Select, "classify"),
     ("locate", Locate, "select"),
-    ("construct", Construct, "locate"),
+    ("pick_repair", PickRepair, "locate"),
+    ("construct", Construct, "pick_repair"),
 ]
 
 
@@ -201,7 +204,7 @@ def summarize(here: Path, algo: str, stats: dict[str, dict[str, int]]) -> dict[s
         "training_rows": len(training), "augmented": augmented, "stats": stats,
     }
     if algo == "tapo":
-        candidates = stats["select"]["rows_out"]
+        candidates = read_pandas(here / "select", columns=["problem_id"])["problem_id"].nunique()
         accepted = stats["construct"]["rows_out"]
         if augmented + stats["assemble"].get("dropped_tokenization_mismatch", 0) != accepted:
             raise RuntimeError(f"{here}: {accepted} trajectories constructed but {augmented} "

@@ -8,7 +8,8 @@ from pathlib import Path
 from pipeline.runner import MARKERS, STATS, SUCCESS
 
 PIPELINE_ORDER = {name: i for i, name in enumerate(
-    ["problems", "sample", "classify", "select", "locate", "construct", "assemble"])}
+    ["problems", "sample", "classify", "select", "locate", "pick_repair", "construct",
+     "assemble"])}
 
 
 def stage_dirs(run_dir: Path) -> list[Path]:

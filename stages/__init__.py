@@ -5,6 +5,7 @@ REGISTRY: dict[str, str] = {
     "classify": "stages.classify:Classify",
     "select": "stages.select:Select",
     "locate": "stages.locate:Locate",
+    "pick_repair": "stages.pick_repair:PickRepair",
     "construct": "stages.construct:Construct",
     "assemble": "stages.assemble:Assemble",
     "coldstart_select": "stages.coldstart_select:ColdstartSelect",

@@ -48,6 +48,7 @@ CANDIDATES = pa.schema([
     ("prompt", pa.string()),
     ("group_size", pa.int32()), ("pass_rate", pa.float32()),
     ("rank", pa.int32()),  # 0 = selected first (the hardest)
+    ("repair_rank", pa.int32()),  # 0 = the problem's first wrong rollout in select's order
     ("wrong_rollout_id", pa.string()), ("wrong_label", pa.string()),
     ("wrong_response", pa.string()), ("wrong_token_ids", _IDS),
     ("reference_rollout_id", pa.string()), ("reference_response", pa.string()),

@@ -1,8 +1,11 @@
 """select: difficulty-aware candidate selection (DCS), at most one construction per problem.
 
-Reads the round's classified rollouts, all at once (the budget spans shards); writes one row per
-selected problem (schema.CANDIDATES): the wrong rollout to repair and a correct reference from
-the same group. Every problem not selected goes to `excluded/` with its reason:
+Reads the round's classified rollouts, all at once (the budget spans shards); writes, per selected
+problem, a wrong rollout to repair and a correct reference from the same group
+(schema.CANDIDATES). With `select.repair=latest_failure` (the default) every repairable wrong
+rollout of a selected problem is a row: `locate` finds each one's failure and `pick_repair`
+keeps the latest. With `select.repair=longest` the one row is the longest wrong rollout. Every
+problem not selected goes to `excluded/` with its reason:
 
 - `no_correct_reference`: no rollout is correct (p = 0): nothing to learn the fix from;
 - `no_wrong_rollout`: every rollout is correct (p = 1): nothing to fix;
@@ -12,10 +15,11 @@ the same group. Every problem not selected goes to `excluded/` with its reason:
   ceil(select.budget_fraction x problems in the round).
 
 The rule (PAPER.md, our reading): candidates are taken hardest first (lowest p; equal p in a
-seeded pseudo-random order). The rollout to repair is a wrong one with an answer (`incorrect`
-before `no_answer`), finished before truncated, then the longest (the most reasoning to keep),
-ties by seed. The reference is the shortest correct rollout, ties by seed. Counts in stats.json
-are problems for the drops and the output, rollouts for `rows_in`.
+seeded pseudo-random order). `longest`: the rollout to repair is a wrong one with an answer
+(`incorrect` before `no_answer`), finished before truncated, then the longest (the most
+reasoning to keep), ties by seed. The reference is the shortest correct rollout, ties by seed.
+Counts in stats.json: `rows_in` rollouts, the drops problems, `rows_out` candidate rows (one
+per problem with `longest`, one per wrong rollout with `latest_failure`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ REPAIRABLE = ("incorrect", "no_answer")
 
 class Select(Stage):
     name = "select"
+    version = "2"
     sections = ("select",)
     input_schema = schema.CLASSIFIED
     output_schema = schema.CANDIDATES
@@ -68,18 +73,25 @@ class Select(Stage):
             if rank >= budget:
                 out.drop(summary, "over_budget", f"rank {rank} >= budget {budget}")
                 continue
-            repair = choose_repair(wrong, cfg.seed)
             reference = choose_reference([r for r in group if r["label"] == "correct"], cfg.seed)
-            out.keep(candidate_row(repair, summary["group_size"], summary["pass_rate"], rank,
-                                   reference["rollout_id"], reference["response"]))
+            repairs = [choose_repair(wrong, cfg.seed)] if cfg.repair == "longest" else sorted(
+                wrong, key=lambda r: repair_order(r, cfg.seed))
+            for i, repair in enumerate(repairs):
+                out.keep(candidate_row(repair, summary["group_size"], summary["pass_rate"], rank,
+                                       reference["rollout_id"], reference["response"], i))
         return out
 
 
+def repair_order(r: dict, seed: int) -> tuple:
+    """The preference among wrong rollouts: `incorrect` before `no_answer`, finished before
+    truncated, then the longest, ties by seed."""
+    return (r["label"] != "incorrect", r["finish_reason"] != "stop", -r["response_len"],
+            tiebreak(seed, r["rollout_id"]))
+
+
 def choose_repair(wrong: list[dict], seed: int) -> dict:
-    """The wrong rollout to repair: `incorrect` before `no_answer`, finished before truncated,
-    then the longest, ties by seed."""
-    return min(wrong, key=lambda r: (r["label"] != "incorrect", r["finish_reason"] != "stop",
-                                     -r["response_len"], tiebreak(seed, r["rollout_id"])))
+    """The wrong rollout to repair without locating: the first in repair_order."""
+    return min(wrong, key=lambda r: repair_order(r, seed))
 
 
 def choose_reference(correct: list[dict], seed: int) -> dict:
@@ -88,12 +100,13 @@ def choose_reference(correct: list[dict], seed: int) -> dict:
 
 
 def candidate_row(repair: dict, group_size: int, pass_rate: float, rank: int,
-                  reference_id: str, reference: str) -> dict:
+                  reference_id: str, reference: str, repair_rank: int = 0) -> dict:
     """A schema.CANDIDATES row for the rollout `repair`."""
     return {
         "problem_id": repair["problem_id"], "problem": repair["problem"],
         "answer": repair["answer"], "prompt": repair["prompt"], "group_size": group_size,
-        "pass_rate": pass_rate, "rank": rank, "wrong_rollout_id": repair["rollout_id"],
+        "pass_rate": pass_rate, "rank": rank, "repair_rank": repair_rank,
+        "wrong_rollout_id": repair["rollout_id"],
         "wrong_label": repair["label"], "wrong_response": repair["response"],
         "wrong_token_ids": repair["response_token_ids"], "reference_rollout_id": reference_id,
         "reference_response": reference,

@@ -128,7 +128,7 @@ def test_select_window_budget_and_choices(small_base):
             + _group("half", [c, c, w, n], [40, 20, 10, 10]) + _group("unknown", [c, "timeout",
                                                                                 "error", c])
             + _group("half2", [w, c, w, c]))
-    cfg = small_base("select.max_constructions=2")
+    cfg = small_base("select.max_constructions=2", "select.repair=longest")
     out = Select(cfg).process(rows)
     assert [r["problem_id"] for r in out.rows] == ["quarter", out.rows[1]["problem_id"]]
     assert out.rows[1]["problem_id"] in ("half", "half2")  # equal p: seeded order
@@ -142,12 +142,43 @@ def test_select_window_budget_and_choices(small_base):
     # every problem is accounted for exactly once
     assert len(out.rows) + len(out.dropped) == len({r["problem_id"] for r in rows})
     # the default budget is a quarter of the round's problems, rounded up: ceil(7 / 4) = 2
-    assert len(Select(small_base()).process(rows).rows) == 2
-    half = next(r for r in Select(small_base("select.max_constructions=5")).process(rows).rows
+    assert len(Select(small_base("select.repair=longest")).process(rows).rows) == 2
+    half = next(r for r in Select(small_base("select.max_constructions=5",
+                                             "select.repair=longest")).process(rows).rows
                 if r["problem_id"] == "half")
     assert half["reference_rollout_id"] == "half/1"  # the shortest correct
-    other_seed = Select(small_base("select.seed=7", "select.max_constructions=5")).process(rows)
+    other_seed = Select(small_base("select.seed=7", "select.max_constructions=5",
+                                   "select.repair=longest")).process(rows)
     assert {r["problem_id"] for r in other_seed.rows} == {"quarter", "half", "half2"}
+
+
+def test_latest_failure_locates_every_wrong_rollout_and_keeps_the_latest(small_base):
+    """select.repair=latest_failure (the default): select passes every wrong rollout of a
+    candidate, locate finds each failure, pick_repair keeps the longest valid prefix."""
+    from stages.pick_repair import PickRepair
+
+    cfg = small_base()
+    tok = load_tokenizer(str(policy_path(cfg)))
+    responses = {  # (label, response): the failure comes at step 1, 3 and 2
+        0: ("correct", PROBLEM.solution()),
+        1: ("incorrect", "48 + 17 = 66\n66 - 29 = 37\n37 * 3 = 111\n\\boxed{111}"),
+        2: ("incorrect", "48 + 17 = 65\n65 - 29 = 36\n36 * 3 = 109\n\\boxed{109}"),
+        3: ("incorrect", "48 + 17 = 65\n65 - 29 = 38\n38 * 3 = 114\n\\boxed{114}"),
+    }
+    rows = [{**rollout("p", k, text, label=label, tok=tok), "response_len": 60 - 10 * k}
+            for k, (label, text) in responses.items()]
+    for r in rows:
+        r.update(group_size=4, group_correct=1, pass_rate=0.25)
+    candidates = Select(cfg).process(rows).rows
+    assert [c["wrong_rollout_id"] for c in candidates] == ["p/1", "p/2", "p/3"]  # longest first
+    assert [c["repair_rank"] for c in candidates] == [0, 1, 2]
+    located = Locate(cfg).process(candidates).rows
+    assert [r["failure_step"] for r in located] == [1, 3, 2]
+    out = PickRepair(cfg).process(located)
+    assert [r["wrong_rollout_id"] for r in out.rows] == ["p/2"]  # fails at step 3: latest
+    assert reasons(out) == ["not_latest_failure"] * 2
+    longest = Select(small_base("select.repair=longest")).process(rows).rows
+    assert [c["wrong_rollout_id"] for c in longest] == ["p/1"]  # what `longest` repairs
 
 
 # --- locate ---------------------------------------------------------------------------------

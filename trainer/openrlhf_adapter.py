@@ -2,10 +2,10 @@
 that imports OpenRLHF; it subclasses, never forks (see ../shared/OPENRLHF.md).
 
 Each PPO step of OpenRLHF's trainer samples G rollouts per prompt with its vLLM engines and
-rewards them. `TapoPPOTrainer.train_step` then runs our select -> locate -> construct ->
-assemble stages on those rollouts (in process, the same code as `tapo round`; llm locators and
-constructors use the configured `engine`), turns the accepted trajectories into Experiences
-and hands the mixed batch to OpenRLHF. `TapoExperienceMaker` keeps OpenRLHF's group_norm
+rewards them. `TapoPPOTrainer.train_step` then runs our select -> locate -> pick_repair ->
+construct -> assemble stages on those rollouts (in process, the same code as `tapo round`;
+llm locators and constructors use the configured `engine`), turns the accepted trajectories
+into Experiences and hands the mixed batch to OpenRLHF. `TapoExperienceMaker` keeps OpenRLHF's group_norm
 (GRPO) advantages for the on-policy rollouts and gives augmented trajectories the decoupled
 advantage and masks of trainer/objective.py:
 
@@ -253,16 +253,18 @@ class TapoPPOTrainer(PPOTrainer.__ray_actor_class__):
 
 
 def augmented_experiences(samples, n: int, tokenizer, cfg: Config, step: int) -> list:
-    """Runs select -> locate -> construct -> assemble on OpenRLHF's rollouts; returns the
+    """Runs select -> locate -> pick_repair -> construct -> assemble on OpenRLHF's rollouts;
+    returns the
     accepted trajectories as Experiences tagged with their source group."""
     from stages.assemble import Assemble
     from stages.construct import Construct
     from stages.locate import Locate
+    from stages.pick_repair import PickRepair
     from stages.select import Select
 
     rows = rollout_rows(samples, n, tokenizer, step, cfg.task.name)
     candidates = Select(cfg).process(rows).rows
-    located = _run(Locate, cfg, candidates)
+    located = PickRepair(cfg).process(_run(Locate, cfg, candidates)).rows
     trajectories = _run(Construct, cfg, located)
     assemble = Assemble(cfg)
     assemble.side["trajectories"] = trajectories
