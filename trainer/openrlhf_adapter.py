@@ -5,9 +5,9 @@ Each PPO step of OpenRLHF's trainer samples G rollouts per prompt with its vLLM 
 rewards them. `TapoPPOTrainer.train_step` then runs our select -> locate -> pick_repair ->
 construct -> assemble stages on those rollouts (in process, the same code as `tapo round`;
 llm locators and constructors use the configured `engine`), turns the accepted trajectories
-into Experiences and hands the mixed batch to OpenRLHF. `TapoExperienceMaker` keeps OpenRLHF's group_norm
-(GRPO) advantages for the on-policy rollouts and gives augmented trajectories the decoupled
-advantage and masks of trainer/objective.py:
+into Experiences and hands the mixed batch to OpenRLHF. `TapoExperienceMaker` keeps
+OpenRLHF's group_norm (GRPO) advantages for the on-policy rollouts and gives augmented
+trajectories the decoupled advantage and masks of trainer/objective.py:
 
 - advantage: `(r_aug - mean_g) / (std_g + eps)` over the source group's on-policy rewards;
 - the wrong prefix leaves `action_mask` (context only);
