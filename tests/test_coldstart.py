@@ -140,8 +140,8 @@ def test_sft_counts_examples_too_long_for_the_context(small_base, tmp_path):
 
 
 def test_load_problems_reads_the_bundled_jsonl():
-    table = load_problems("data/aime2024.jsonl")
-    assert len(table) == 30 and table["problem_id"].is_unique
+    table, rejected = load_problems("data/aime2024.jsonl")
+    assert rejected == [] and len(table) == 30 and table["problem_id"].is_unique
     assert {"problem", "answer", "solution"} <= set(table.columns)
 
 

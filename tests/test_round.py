@@ -9,7 +9,7 @@ from pipeline.cli import main
 from pipeline.io import read_pandas
 from pipeline.round import run_round
 
-STAGES = ["sample", "classify", "select", "locate", "construct", "assemble"]
+STAGES = ["sample", "classify", "select", "locate", "pick_repair", "construct", "assemble"]
 
 
 def _check_accounting(here, summary):
@@ -17,13 +17,15 @@ def _check_accounting(here, summary):
     stats = summary["stats"]
     problems = summary["stats"]["problems"]["rows_out"]
     assert stats["sample"]["rows_in"] == problems
-    for name in ("classify", "locate", "construct"):
+    for name in ("classify", "locate", "pick_repair", "construct"):
         dropped = sum(v for k, v in stats[name].items() if k.startswith("dropped_"))
         assert stats[name]["rows_out"] + dropped == stats[name]["rows_in"], name
     select_dropped = sum(v for k, v in stats["select"].items() if k.startswith("dropped_"))
-    assert stats["select"]["rows_out"] + select_dropped == problems  # select counts problems
-    assert stats["locate"]["rows_in"] == stats["select"]["rows_out"]
-    assert stats["construct"]["rows_in"] == stats["locate"]["rows_out"]
+    assert summary["candidates"] + select_dropped == problems  # select drops problems
+    assert stats["locate"]["rows_in"] == stats["select"]["rows_out"]  # every wrong rollout
+    assert stats["pick_repair"]["rows_in"] == stats["locate"]["rows_out"]
+    assert stats["pick_repair"]["rows_out"] <= summary["candidates"]  # one per problem at most
+    assert stats["construct"]["rows_in"] == stats["pick_repair"]["rows_out"]
     training = read_pandas(here / "assemble")
     assert training["sample_id"].is_unique
     assert (training["kind"] == "augmented").sum() == stats["construct"]["rows_out"]
@@ -52,7 +54,7 @@ def test_round_end_to_end_and_resume(small_base, tmp_path):
     assert again["reused"] == STAGES and again["stats"] == summary["stats"]
     (here / "construct" / "_SUCCESS").unlink()  # as if killed inside construct
     resumed = run_round(tmp_path / "run", 1, cfg, progress=False)
-    assert resumed["reused"] == STAGES[:4] + ["assemble"]
+    assert resumed["reused"] == STAGES[:5] + ["assemble"]
     pd.testing.assert_frame_equal(read_pandas(here / "assemble"), training)
 
 
@@ -64,9 +66,9 @@ def test_grpo_round_has_no_augmentation(small_base, tmp_path):
 
 def test_rounds_draw_different_problems(small_base, tmp_path):
     cfg = small_base("rollout.problems_per_round=8", "algo.name=grpo")
-    cfg.policy.path = cfg.testbed.base_dir + "/model"  # round 2 without training round 1
+    base = cfg.testbed.base_dir + "/model"  # round 2 without training round 1: --model
     ids = [set(read_pandas(tmp_path / "run" / f"iter_{k:04d}" / "problems")["problem_id"])
-           for k in (1, 2) if run_round(tmp_path / "run", k, cfg, progress=False)]
+           for k in (1, 2) if run_round(tmp_path / "run", k, cfg, progress=False, model=base)]
     assert len(ids[0]) == len(ids[1]) == 8 and not ids[0] & ids[1]
 
 
@@ -102,6 +104,61 @@ def test_cli_round_and_status(small_base, tmp_path, capsys):
     assert main(["round", str(run), "--iteration", "0"]) != 0
 
 
+def test_problem_files_name_the_place_and_exclude_bad_rows(small_base, tmp_path, capsys):
+    from pipeline.round import write_problems
+
+    good = '{"id": "a", "problem": "Compute left to right: 1 + 2", "answer": 3}'
+    broken = tmp_path / "problems.jsonl"
+    broken.write_text(good + "\n" + '{"id": "b", "problem": nul}\n')
+    with pytest.raises(ValueError, match="problems.jsonl line 2: not valid JSON"):
+        write_problems(broken, tmp_path / "p1", 0, None, 0, 8)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(good.encode() + b"\n" + '{"id": "é"}'.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match="latin.jsonl is not UTF-8 text: byte 0xe9 on line 2"):
+        write_problems(latin, tmp_path / "p2", 0, None, 0, 8)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join([good, '{"id": "b", "problem": "x"}', "",
+                                '{"problem": "Compute left to right: 2 + 2", "answer": "4"}',
+                                '{"id": "d", "problem": "  ", "answer": "1"}', "[1, 2]",
+                                '{"id": "e", "problem": "Compute left to right: 3 + 3", '
+                                '"answer": "6"}']))
+    stats = write_problems(mixed, tmp_path / "p3", 0, None, 0, 8)
+    assert stats == {"rows_in": 6, "rows_out": 2, "dropped_bad_problem": 4}
+    excluded = read_pandas(tmp_path / "p3" / "excluded")
+    assert list(excluded["line"]) == [2, 3, 4, 5]  # (records: the blank line is not one)
+    assert set(excluded["reason"]) == {"bad_problem"}
+    assert excluded["detail"][0] == "mixed.jsonl line 2: no answer"
+    assert sorted(read_pandas(tmp_path / "p3")["problem_id"]) == ["a", "e"]
+    run = tmp_path / "run"  # the round says where, and fails
+    assert main(["round", str(run), "--iteration", "1", "--config", str(_cfg(small_base, tmp_path)),
+                 f"rollout.problems={broken}"]) == 1
+    assert "problems.jsonl line 2: not valid JSON" in capsys.readouterr().err
+
+
+def _cfg(small_base, tmp_path):
+    from pipeline.config import write_resolved
+
+    return write_resolved(small_base(), tmp_path / "cfg.yaml")
+
+
+def test_a_model_that_cannot_load_fails_the_stage(small_base, tmp_path, capsys):
+    """`tapo stage sample` with a policy that is not there: exit 1, the error shown, no
+    _SUCCESS (it used to mark sample complete with every row dropped as `error`), and
+    `tapo round` names the missing policy."""
+    run_round(tmp_path / "ok", 1, small_base("algo.name=grpo"), progress=False)
+    problems = tmp_path / "ok" / "iter_0001" / "problems"
+    cfg = _cfg(small_base, tmp_path)
+    argv = ["stage", "sample", "--in", str(problems), "--out", str(tmp_path / "s"),
+            "--config", str(cfg), f"policy.path={tmp_path / 'nonexistent'}"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "rows of a shard raised the same error" in err and "nonexistent" in err
+    assert not (tmp_path / "s" / "_SUCCESS").exists()
+    assert main(["round", str(tmp_path / "r"), "--iteration", "1", "--config", str(cfg),
+                 f"policy.path={tmp_path / 'nonexistent'}"]) == 1
+    assert "policy.path: no model directory at" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backend", ["vllm"])
 def test_round_with_vllm_engine(small_base, tmp_path, backend):
     summary = run_round(tmp_path / "run", 1, small_base(f"engine.backend={backend}"),
@@ -120,7 +177,8 @@ def test_each_stage_runs_alone_from_the_cli(small_base, tmp_path):
     write_resolved(cfg, cfg_path := tmp_path / "c.yaml")
     inputs = {"sample": here / "problems", "classify": alone / "sample",
               "select": alone / "classify", "locate": alone / "select",
-              "construct": alone / "locate", "assemble": alone / "classify"}
+              "pick_repair": alone / "locate", "construct": alone / "pick_repair",
+              "assemble": alone / "classify"}
     for name, source in inputs.items():
         side = ["--side", f"trajectories={alone / 'construct'}"] if name == "assemble" else []
         argv = ["stage", name, "--in", str(source), "--out", str(alone / name), *side,
