@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if "=" in str(getattr(args, "run_dir", None) or ""):  # an override, not the optional RUN_DIR
         args.overrides, args.run_dir = [str(args.run_dir), *args.overrides], None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.engines.logs import ENV
+
+    engine_log = os.environ.get(ENV)
     try:
         commands = {"stage": cmd_stage, "round": cmd_round, "coldstart": cmd_coldstart,
                     "eval": cmd_eval, "compare": cmd_compare, "iterate": cmd_iterate,
@@ -112,17 +116,39 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
         print(f"tapo: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:  # (main() called in-process, as the tests do: the next call starts clean)
+        if engine_log is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = engine_log
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML (default configs/testbed.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the engines' own logs (vLLM, ...) on the console; by default they "
+                        "go to engine.log in the run directory")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+
+
+def _engine_log(args: argparse.Namespace, run_dir: Path) -> None:
+    """Sends the engines' own output to RUN_DIR/engine.log (pipeline/engines/logs.py) unless
+    -v, and says so once."""
+    from pipeline.engines.logs import ENV
+
+    if getattr(args, "verbose", False):
+        os.environ.pop(ENV, None)
+        return
+    path = Path(run_dir).resolve() / "engine.log"
+    os.environ[ENV] = str(path)
+    print(f"engine logs: {path} (-v shows them here)", file=sys.stderr)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from pipeline.runner import load_stage_class, run_stage
 
     cfg = load_config(args.config, args.overrides)
+    _engine_log(args, args.out_dir.parent)
     stage_cls = load_stage_class(args.name)
     side = {}
     for item in args.side:
@@ -146,15 +172,17 @@ def cmd_round(args: argparse.Namespace) -> int:
     if args.algo:
         cfg.algo.name = args.algo
     write_resolved(cfg, saved)
+    _engine_log(args, args.run_dir)
     summary = run_round(args.run_dir, args.iteration, cfg, model=args.model)
     print(render_round(summary))
     return 0
 
 
 def cmd_coldstart(args: argparse.Namespace) -> int:
-    from pipeline.coldstart import run_coldstart
+    from pipeline.coldstart import coldstart_dir, run_coldstart
 
     cfg = load_config(args.config, args.overrides)
+    _engine_log(args, args.run_dir or coldstart_dir(cfg))
     print(render_coldstart(run_coldstart(args.run_dir, cfg)))
     return 0
 
@@ -190,6 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         raise FileNotFoundError(f"no model directory at {args.model}")
     out = args.out or Path(cfg.run.root) / "eval" / str(args.model).strip("/").replace("/", "-")
+    _engine_log(args, out)
     table = evaluate(args.model, [b for b in args.bench.split(",") if b], cfg, out)
     print(markdown_table(table, "bench"))
     print(f"written: {out}/metrics.parquet, results.md, pass_at_k.png")
@@ -200,6 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.compare import compare
 
     cfg = load_config(args.config, args.overrides)
+    _engine_log(args, args.out_dir)
     compare(args.out_dir, [v for v in args.variants.split(",") if v], list(range(args.seeds)),
             args.rounds, cfg)
     print((args.out_dir / "report.md").read_text())
@@ -213,6 +243,7 @@ def cmd_iterate(args: argparse.Namespace) -> int:
     if args.algo:
         cfg.algo.name = args.algo
     run_dir = args.run_dir or cfg.run.dir
+    _engine_log(args, run_dir)
     columns = ["round", "pass_rate", "candidates", "accepted", "loss", "clip_fraction",
                "reflection_rate", "seconds_sample", "seconds_train"]
 

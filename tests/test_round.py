@@ -159,12 +159,25 @@ def test_a_model_that_cannot_load_fails_the_stage(small_base, tmp_path, capsys):
     assert "policy.path: no model directory at" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("backend", ["vllm"])
-def test_round_with_vllm_engine(small_base, tmp_path, backend):
-    summary = run_round(tmp_path / "run", 1, small_base(f"engine.backend={backend}"),
-                        progress=False)
+def test_round_with_vllm_engine_keeps_its_logs_off_the_console(small_base, tmp_path):
+    """A real vLLM round from the CLI: the console has our progress and round lines, vLLM's
+    warnings (its own and its engine processes') are in RUN_DIR/engine.log."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "round", str(run), "--iteration", "1",
+                           "--config", str(_cfg(small_base, tmp_path)), "engine.backend=vllm"],
+                          capture_output=True, text=True, timeout=600)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert "round 1 (tapo)" in console and "engine logs:" in console
+    assert "WARNING" not in console and "EngineCore" not in console, console[-2000:]
+    log = (run / "engine.log").read_text()
+    assert "WARNING" in log and "EngineCore" in log
+    summary = json.loads((run / "iter_0001" / "round.json").read_text())
     assert summary["rollouts"] == 16 * 4
-    _check_accounting(tmp_path / "run" / "iter_0001", summary)
+    _check_accounting(run / "iter_0001", summary)
 
 
 def test_each_stage_runs_alone_from_the_cli(small_base, tmp_path):

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.engines.base import Completion, Prompt, SamplingParams, encode_prompt
+from pipeline.engines.logs import engine_output
 
 
 class HFEngine:
@@ -26,8 +27,9 @@ class HFEngine:
         dtype: torch.dtype = torch.float32,
     ):
         if isinstance(model, (str, Path)):
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
-            model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype)
+            with engine_output():  # (transformers' loading bars)
+                tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
+                model = AutoModelForCausalLM.from_pretrained(str(model), dtype=dtype)
         if tokenizer is None:
             raise ValueError("HFEngine needs a tokenizer when given a loaded model")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from pipeline.engines.base import Completion, Prompt, SamplingParams, encode_prompt
+from pipeline.engines.logs import engine_output, route_logger
 
 
 def vllm_available() -> bool:
@@ -37,17 +38,19 @@ class VLLMEngine:
                 "`pip install -e '.[gpu]'` installs vllm on GPU machines"
             )
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bars, not its logs
-        from vllm import LLM
+        with engine_output():  # its logs, and its engine processes', go to the run's engine.log
+            from vllm import LLM
 
-        self.llm = LLM(
-            model=str(model),
-            tokenizer=str(model),
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
-            seed=seed,
-            tensor_parallel_size=tensor_parallel_size,
-        )
+            self.llm = LLM(
+                model=str(model),
+                tokenizer=str(model),
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                dtype=dtype,
+                seed=seed,
+                tensor_parallel_size=tensor_parallel_size,
+            )
+            route_logger("vllm")  # (after LLM(), which configures vLLM's logging anew)
         self.tokenizer = self.llm.get_tokenizer()
         from vllm.platforms import current_platform
 
@@ -60,7 +63,8 @@ class VLLMEngine:
         memory; the engine cannot generate afterwards."""
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None:
-            core.shutdown()
+            with engine_output():
+                core.shutdown()
 
     def generate(
         self, prompts: list[Prompt], n: int, params: SamplingParams,
@@ -91,14 +95,16 @@ class VLLMEngine:
                     for p in prompts]
         if seeds is not None and self.per_request_seed:
             flat = [r for r in requests for _ in range(n)]
-            outputs = self.llm.generate(flat, [sampling(1, s) for row in seeds for s in row],
-                                        use_tqdm=False)
+            with engine_output():
+                outputs = self.llm.generate(flat, [sampling(1, s) for row in seeds for s in row],
+                                            use_tqdm=False)
             done = [self._completion(o, out.prompt_token_ids, params.logprobs)
                     for out in outputs for o in out.outputs]
             return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
-        outputs = self.llm.generate(
-            requests, sampling(n, params.seed if self.per_request_seed else None),
-            use_tqdm=False)
+        with engine_output():
+            outputs = self.llm.generate(
+                requests, sampling(n, params.seed if self.per_request_seed else None),
+                use_tqdm=False)
         return [[self._completion(o, out.prompt_token_ids, params.logprobs) for o in out.outputs]
                 for out in outputs]
 
