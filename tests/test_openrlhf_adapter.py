@@ -137,7 +137,8 @@ def test_augmented_experiences_from_openrlhf_rollouts(round_shard):
     cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"path": policy})})
     out = adapter.augmented_experiences(samples, G, tokenizer, cfg, step=7)
     selected = Select(cfg).process(adapter.rollout_rows(samples, G, tokenizer, 7, "arith")).rows
-    assert 0 < len(out) == len(selected)  # the rule constructor repairs every candidate
+    problems = {r["problem_id"] for r in selected}  # (a row per wrong rollout: latest_failure)
+    assert 0 < len(out) == len(problems)  # the rule constructor repairs every candidate
     for e in out:
         g, prompt_len = int(e.info["tapo_group"][0]), int(e.info["tapo_prompt_len"][0])
         prefix_len = int(e.info["tapo_prefix_len"][0])

@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 
 from pipeline.cli import main
 from pipeline.io import read_pandas
@@ -102,6 +103,10 @@ def test_cli_round_and_status(small_base, tmp_path, capsys):
     assert main(["status", str(run)]) == 0
     assert "construct" in capsys.readouterr().out
     assert main(["round", str(run), "--iteration", "0"]) != 0
+    base = cfg.testbed.base_dir + "/model"  # --model: this call's policy, not the run's config
+    assert main(["round", str(run), "--iteration", "1", "--model", base]) == 0
+    assert "policy " + base in capsys.readouterr().out
+    assert yaml.safe_load((run / "config.yaml").read_text())["policy"]["path"] == ""
 
 
 def test_problem_files_name_the_place_and_exclude_bad_rows(small_base, tmp_path, capsys):

@@ -54,7 +54,7 @@ def test_one_step_lowers_the_loss_on_its_batch(shard):
     in_loss = _in_loss(batch, old, obj)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    log = _update(model, optimizer, batch, old, in_loss, torch.arange(len(rows)), obj,
+    log = _update(model, optimizer, batch, old, None, in_loss, torch.arange(len(rows)), obj,
                   cfg.train)
     assert log["grad_norm"] > 0 and log["loss_tokens"] == int(in_loss.sum())
     model.eval()
