@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
+from pipeline.grader import GraderError
 from pipeline.runner import StageFailed
 
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"tapo: config error: {e}", file=sys.stderr)
         return 2
-    except StageFailed as e:
+    except (StageFailed, GraderError) as e:
         print(f"tapo: {e}", file=sys.stderr)
         return 1
     except (FileNotFoundError, KeyError, TypeError, ValueError) as e:

@@ -7,7 +7,9 @@ Labels: correct, incorrect, no_answer (no \\boxed{}), timeout (the item ran past
 error (the checker itself failed). The answer is the last \\boxed{}. The task's fast path runs
 in this process; the rest goes to worker processes, each item under a hard timeout: a worker
 still busy at its deadline is killed and replaced (sympy can hang inside C code, where no signal
-reaches it), so hostile input costs `timeout_s`, never the batch.
+reaches it), so hostile input costs `timeout_s`, never the batch. A worker's clock starts once it
+is ready (math-verify imported and warmed up, which can take seconds on a loaded machine); a
+worker that cannot start within `STARTUP_S` fails the grading (GraderError), not the items.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from multiprocessing.connection import Connection, wait
 from stages.tasks import arith
 from stages.tasks import math as math_task
 from stages.tasks.base import extract_boxed
+
+READY = "ready"
+STARTUP_S = 120.0  # a worker not ready by then is broken, not slow
+
+
+class GraderError(RuntimeError):
+    """The grader pool cannot grade at all (a worker that cannot start)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,8 @@ def _serve(conn: Connection) -> None:
     import logging
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
+    math_task.verify_answer("1", "1")  # imports and warms math-verify and sympy
+    conn.send(READY)
     while True:
         try:
             chunk = conn.recv()
@@ -68,7 +79,8 @@ class _Worker:
         self.proc.start()
         child.close()
         self.chunk: deque[tuple[int, str, str]] = deque()  # sent, not yet answered
-        self.deadline = 0.0  # for the item at the head of the chunk
+        self.ready = False  # READY received: its clock may run
+        self.deadline = time.monotonic() + STARTUP_S  # to start; then for the chunk's head item
 
     def kill(self) -> None:
         self.proc.kill()
@@ -122,26 +134,35 @@ class Grader:
         pending = len(queue)
         while pending:
             for w in self._workers:
-                if not w.chunk and queue:
+                if w.ready and not w.chunk and queue:
                     w.chunk.extend(queue.popleft() for _ in range(min(chunk_size, len(queue))))
                     w.conn.send(list(w.chunk))
                     w.deadline = time.monotonic() + self.timeout_s
-            busy = [w for w in self._workers if w.chunk]
-            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            ready = wait([w.conn for w in busy], timeout=timeout)
-            for w in busy:
+            waiting = [w for w in self._workers if w.chunk or not w.ready]
+            timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+            ready = wait([w.conn for w in waiting], timeout=timeout)
+            for w in waiting:
                 if w.conn in ready:
                     try:
                         while w.conn.poll():
-                            index, label, reason = w.conn.recv()
+                            message = w.conn.recv()
+                            if message == READY:
+                                w.ready = True
+                                continue
+                            index, label, reason = message
                             w.chunk.popleft()
                             verdicts[index] = Verdict(label, reason, answers[index])
                             pending -= 1
                             w.deadline = time.monotonic() + self.timeout_s
                     except (EOFError, OSError):  # the worker died (e.g. out of memory)
+                        if not w.ready:
+                            raise GraderError("a grader worker died while starting (importing "
+                                              "math-verify)") from None
                         pending -= self._fail_head(w, "error", "grader worker died", verdicts,
                                                    answers, queue)
                 elif time.monotonic() >= w.deadline:
+                    if not w.ready:
+                        raise GraderError(f"a grader worker did not start in {STARTUP_S:g} s")
                     pending -= self._fail_head(w, "timeout",
                                                f"grading took over {self.timeout_s:g} s",
                                                verdicts, answers, queue)

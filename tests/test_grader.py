@@ -110,3 +110,25 @@ def test_hung_items_inside_chunks_requeue_the_rest():
     labels = [v.label for v in verdicts]
     assert [i for i, lab in enumerate(labels) if lab == "timeout"] == [7, 8, 23]
     assert all(lab == "correct" for i, lab in enumerate(labels) if i not in (7, 8, 23))
+
+
+def test_a_workers_start_up_is_not_an_items_time_out():
+    """Spawning a worker and importing math-verify takes longer than this 0.3 s limit; the
+    clock starts when the worker is ready, so a plain item still grades (on a loaded machine
+    every fresh worker's first item timed out, and each replacement's too)."""
+    with Grader("math", workers=2, timeout_s=0.3) as g:
+        verdicts = g.grade(["\\boxed{0.5}", "\\boxed{\\dfrac{1}{2}}"], ["\\frac{1}{2}", "\\frac12"])
+        assert [v.label for v in verdicts] == ["correct", "correct"] and g.restarts == 0
+
+
+def test_a_worker_that_cannot_start_fails_the_grading(tmp_path, monkeypatch):
+    """A broken math-verify install is not every item's `error`: the grading fails, loudly."""
+    from pipeline.grader import GraderError
+
+    fake = tmp_path / "math_verify"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('broken math-verify install')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # (spawned workers take this process's sys.path)
+    with Grader("math", workers=1, timeout_s=3.0) as g, pytest.raises(
+            GraderError, match="died while starting"):
+        g.grade(["\\boxed{0.5}"], ["\\frac{1}{2}"])
