@@ -162,7 +162,7 @@ def test_openai_against_real_vllm_serve(vllm_server, vllm_engine):
 @needs_vllm
 def test_openai_survives_dropped_connection_and_500(vllm_server):
     proxy = FlakyProxy(vllm_server)
-    eng = OpenAIEngine(proxy.url, "tiny", concurrency=1, retries=3, backoff_s=0.05)
+    eng = OpenAIEngine(proxy.url, "tiny", concurrency=1, retries=3)
     [[c]] = eng.generate(PROMPTS[:1], 1, SamplingParams(temperature=0, max_tokens=8))
     assert c.length > 0 and proxy.seen == 3
     proxy.server.shutdown()
@@ -206,10 +206,89 @@ def test_sample_seeds_every_request_and_keeps_the_servers_prompt_ids(
     proxy.server.shutdown()
 
 
-def test_openai_gives_up_with_clear_error():
-    eng = OpenAIEngine(f"http://127.0.0.1:{_free_port()}/v1", "m", retries=1, backoff_s=0.01,
-                       timeout_s=2)
-    with pytest.raises(OpenAIEngineError, match="failed after retries"):
+class FakeServer:
+    """A stdlib OpenAI-compatible completions server on 127.0.0.1 that answers every request as
+    `mode` says: an HTTP status, "slow" (past the client's time-out), "choices" (one choice
+    too few) or "ok"; it records every request body."""
+
+    def __init__(self, mode):
+        self.mode, self.bodies = mode, []
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.bodies.append(body)
+                if isinstance(fake.mode, int):
+                    self.send_error(fake.mode, "fake")
+                    return
+                if fake.mode == "slow":
+                    time.sleep(1.0)
+                n = body["n"] - (fake.mode == "choices")
+                data = json.dumps({
+                    "id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": i, "text": f"{body['prompt']}:{i}", "logprobs": None,
+                                 "finish_reason": "stop", "token_ids": [5, i],
+                                 "prompt_token_ids": [7]} for i in range(n)]}).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up (a time-out)
+                    pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+ONE = SamplingParams(max_tokens=2)
+
+
+@pytest.mark.parametrize("mode, attempts", [(500, 3), (429, 3), (503, 3), ("slow", 3), (400, 1),
+                                            (404, 1)])
+def test_openai_retries_exactly_what_it_should(mode, attempts):
+    """retries=2: three attempts on a 5xx, a 429 or a read time-out, one on a 400 or 404, then
+    a clear error naming the server."""
+    with FakeServer(mode) as server:
+        eng = OpenAIEngine(server.url, "m", retries=2, timeout_s=0.3)
+        with pytest.raises(OpenAIEngineError, match="127.0.0.1.*/completions failed"):
+            eng.generate(["x"], 1, ONE)
+        assert len(server.bodies) == attempts
+
+
+def test_openai_spreads_requests_over_base_urls_and_checks_choices():
+    with FakeServer("ok") as a, FakeServer("ok") as b:
+        eng = OpenAIEngine([a.url, b.url], "m", concurrency=2)
+        groups = eng.generate(["p0", "p1", "p2", "p3"], 2, ONE)
+        assert sorted(x["prompt"] for x in a.bodies) == ["p0", "p2"]
+        assert sorted(x["prompt"] for x in b.bodies) == ["p1", "p3"]
+        assert [[c.text for c in g] for g in groups] == [[f"p{i}:0", f"p{i}:1"] for i in range(4)]
+        assert groups[0][1].token_ids == [5, 1] and groups[0][0].prompt_token_ids == [7]
+        assert all(x["return_token_ids"] and x["n"] == 2 for x in a.bodies)
+        seeded = eng.generate(["p0"], 2, ONE, seeds=[[11, 12]])
+        assert [len(g) for g in seeded] == [2]
+        assert sorted(x["seed"] for x in a.bodies + b.bodies if x["n"] == 1) == [11, 12]
+    with FakeServer("choices") as short:
+        with pytest.raises(OpenAIEngineError, match="asked for 2 choices, got 1"):
+            OpenAIEngine(short.url, "m").generate(["x"], 2, ONE)
+
+
+def test_openai_gives_up_on_a_refused_port_with_clear_error():
+    eng = OpenAIEngine(f"http://127.0.0.1:{_free_port()}/v1", "m", retries=1, timeout_s=2)
+    with pytest.raises(OpenAIEngineError, match="failed.*APIConnectionError"):
         eng.generate(["x"], 1, SamplingParams(max_tokens=2))
 
 

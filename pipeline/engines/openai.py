@@ -1,27 +1,25 @@
-"""The `openai` engine: any OpenAI-compatible completions server (`vllm serve`, or several).
+"""The `openai` engine: any OpenAI-compatible completions server (`vllm serve`, or several),
+through the `openai` client (what vLLM's own docs use for its server).
 
-Requests go to `POST {base_url}/completions`, one per prompt, at most `concurrency` at a time,
-spread round-robin over the given base URLs. A request that fails to connect, times out or gets
-a 5xx/429 answer is retried with exponential backoff, `retries` times, then raises. Token ids are
+Requests go to `{base_url}/completions`, one per prompt (with `seeds`: one per sample, n = 1,
+carrying its seed), spread round-robin over the base URLs, at most `concurrency` in flight (the
+client's async API under a semaphore: no threads). The client retries a request `retries` times,
+with exponential backoff and jitter (and a server's Retry-After), on a connection error, a
+time-out and 408/409/429/5xx answers; any other answer (400, ...) fails at once. Token ids are
 asked for with vLLM's `return_token_ids` extension (the response's and the prompt's, as the
 server tokenized it); a server without it yields empty response token ids, and prompt ids from
-the local tokenizer (encode_prompt) when there is one. With `seeds`, every sample is its own
-request (n = 1) carrying its seed.
-Reads nothing local; writes nothing.
+the local tokenizer (encode_prompt) when there is one. Reads nothing local; writes nothing.
 """
 
 from __future__ import annotations
 
-import json
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
 from itertools import cycle
+from typing import Any
+
+from openai import AsyncOpenAI, OpenAIError
 
 from pipeline.engines.base import Completion, Prompt, SamplingParams, encode_prompt, render_prompt
-
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 class OpenAIEngineError(RuntimeError):
@@ -39,7 +37,6 @@ class OpenAIEngine:
         concurrency: int = 8,
         timeout_s: float = 300.0,
         retries: int = 4,
-        backoff_s: float = 0.5,
         api_key: str = "EMPTY",
         tokenizer=None,
     ):
@@ -48,23 +45,21 @@ class OpenAIEngine:
             raise ValueError("the openai engine needs at least one base URL")
         self.base_urls = [u.rstrip("/") for u in urls]
         self.model, self.concurrency = model, concurrency
-        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.api_key = api_key
+        self.timeout_s, self.retries, self.api_key = timeout_s, retries, api_key
         self.tokenizer = tokenizer  # renders chat prompts; plain prompts need none
 
     def generate(
         self, prompts: list[Prompt], n: int, params: SamplingParams,
         seeds: list[list[int]] | None = None,
     ) -> list[list[Completion]]:
-        urls = cycle(self.base_urls)
+        urls = cycle(range(len(self.base_urls)))
         texts = [render_prompt(p, self.tokenizer) for p in prompts]
         if seeds is None:
             jobs = [(next(urls), self._body(t, n, params, params.seed)) for t in texts]
         else:
             jobs = [(next(urls), self._body(t, 1, params, s))
                     for t, row in zip(texts, seeds, strict=True) for s in row]
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            answers = list(pool.map(lambda job: self._post(*job), jobs))
+        answers = asyncio.run(self._send(jobs))
         per_prompt = len(answers) // max(len(prompts), 1)
         out = []
         for i, prompt in enumerate(prompts):
@@ -72,6 +67,28 @@ class OpenAIEngine:
             out.append([c for a in mine for c in self._completions(a, n // len(mine), params,
                                                                     prompt)])
         return out
+
+    async def _send(self, jobs: list[tuple[int, dict]]) -> list[dict[str, Any]]:
+        """Every job's answer (as a dict), in order; at most `concurrency` in flight."""
+        clients = [AsyncOpenAI(base_url=u, api_key=self.api_key, max_retries=self.retries,
+                               timeout=self.timeout_s) for u in self.base_urls]
+        bound = asyncio.Semaphore(self.concurrency)
+
+        async def one(url: int, body: dict) -> dict[str, Any]:
+            async with bound:
+                try:
+                    answer = await clients[url].completions.create(**body)
+                except OpenAIError as e:
+                    raise OpenAIEngineError(
+                        f"{self.base_urls[url]}/completions failed (after up to "
+                        f"{self.retries} retries): {type(e).__name__}: {e}") from e
+            return answer.model_dump()
+
+        try:
+            return await asyncio.gather(*(one(url, body) for url, body in jobs))
+        finally:
+            for client in clients:
+                await client.close()
 
     def _body(self, prompt: str, n: int, params: SamplingParams, seed: int) -> dict:
         greedy = params.temperature <= 0
@@ -83,8 +100,7 @@ class OpenAIEngine:
             "top_p": 1.0 if greedy else params.top_p,
             "max_tokens": params.max_tokens,
             "seed": seed,
-            "return_token_ids": True,
-            "skip_special_tokens": True,
+            "extra_body": {"return_token_ids": True, "skip_special_tokens": True},
         }
         if params.logprobs:
             body["logprobs"] = 0
@@ -92,34 +108,9 @@ class OpenAIEngine:
             body["stop"] = list(params.stop)
         return body
 
-    def _post(self, base_url: str, body: dict) -> dict:
-        data = json.dumps(body).encode()
-        last_error = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(
-                f"{base_url}/completions",
-                data=data,
-                headers={"Content-Type": "application/json",
-                         "Authorization": f"Bearer {self.api_key}"},
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
-            except urllib.error.HTTPError as e:
-                last_error = f"HTTP {e.code}: {e.read()[:300]!r}"
-                if e.code not in RETRY_STATUS:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
-                last_error = f"{type(e).__name__}: {e}"
-            except json.JSONDecodeError as e:
-                last_error = f"answer is not JSON: {e}"
-        raise OpenAIEngineError(f"{base_url}/completions failed after retries: {last_error}")
-
     def _completions(self, answer: dict, n: int, params: SamplingParams,
                      prompt: Prompt) -> list[Completion]:
-        choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index", 0))
+        choices = sorted(answer.get("choices") or [], key=lambda c: c.get("index") or 0)
         if len(choices) != n:
             raise OpenAIEngineError(f"asked for {n} choices, got {len(choices)}")
         out = []
