@@ -152,6 +152,43 @@ def test_select_window_budget_and_choices(small_base):
     assert {r["problem_id"] for r in other_seed.rows} == {"quarter", "half", "half2"}
 
 
+C, W, N = "correct", "incorrect", "no_answer"
+EDGES = {  # name: (overrides, groups {pid: labels}, selected problems, {pid: drop reason})
+    "p equal to p_low > 0 is in": (["select.p_low=0.25", "select.max_constructions=9"],
+                                   {"q": [C, W, W, W], "h": [C, C, W, W], "e": [C, C, C, W]},
+                                   ["q", "h"], {"e": "outside_window"}),
+    "p just under p_low is out": (["select.p_low=0.26", "select.max_constructions=9"],
+                                  {"q": [C, W, W, W], "h": [C, C, W, W]},
+                                  ["h"], {"q": "outside_window"}),
+    "max_constructions=0": (["select.max_constructions=0"], {"q": [C, W, W, W]},
+                            [], {"q": "over_budget"}),
+    "budget_fraction=0": (["select.budget_fraction=0"], {"q": [C, W, W, W]},
+                          [], {"q": "over_budget"}),
+    "ties, seed 0": (["select.max_constructions=1", "select.seed=0"],
+                     {"t1": [C, W, W, W], "t2": [C, W, W, W]}, ["t1"], {"t2": "over_budget"}),
+    "ties, seed 2": (["select.max_constructions=1", "select.seed=2"],
+                     {"t1": [C, W, W, W], "t2": [C, W, W, W]}, ["t2"], {"t1": "over_budget"}),
+}
+
+
+@pytest.mark.parametrize("name", EDGES)
+def test_select_edges(small_base, name):
+    overrides, groups, selected, dropped = EDGES[name]
+    rows = [r for pid, labels in groups.items() for r in _group(pid, labels)]
+    out = Select(small_base(*overrides)).process(rows)
+    assert sorted({r["problem_id"] for r in out.rows}) == sorted(selected)
+    assert [r["problem_id"] for r in out.rows if r["repair_rank"] == 0] == selected  # in order
+    assert {d["problem_id"]: d["reason"] for d in out.dropped} == dropped
+
+
+def test_select_repairs_a_finished_rollout_before_a_longer_truncated_one(small_base):
+    rows = _group("p", [C, W, W, N], lengths=[10, 90, 30, 95])
+    rows[1]["finish_reason"] = "length"  # the longest incorrect one ran out of tokens
+    for repair, order in (("longest", ["p/2"]), ("latest_failure", ["p/2", "p/1", "p/3"])):
+        out = Select(small_base(f"select.repair={repair}")).process(rows)
+        assert [r["wrong_rollout_id"] for r in out.rows] == order
+
+
 def test_latest_failure_locates_every_wrong_rollout_and_keeps_the_latest(small_base):
     """select.repair=latest_failure (the default): select passes every wrong rollout of a
     candidate, locate finds each failure, pick_repair keeps the longest valid prefix."""
