@@ -48,11 +48,11 @@ def test_hf_records_and_stop_strings(tiny_base):  # noqa: F811
     check_records(eng.generate(PROMPTS, 3, PARAMS), 3, eng.tokenizer)
     greedy = eng.generate(PROMPTS, 1, SamplingParams(temperature=0, max_tokens=12))
     text = greedy[0][0].text
-    if len(text) > 2:  # cut at a stop string taken from the greedy text itself
-        stop = text[1:3]
-        cut = eng.generate(PROMPTS, 1, SamplingParams(temperature=0, max_tokens=12,
-                                                       stop=(stop,)))[0][0]
-        assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
+    assert len(text) > 2 and greedy[0][0].length == 12  # (the tiny model never stops early)
+    stop = text[1:3]  # cut at a stop string taken from the greedy text itself
+    cut = eng.generate(PROMPTS, 1, SamplingParams(temperature=0, max_tokens=12,
+                                                   stop=(stop,)))[0][0]
+    assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
 
 
 @pytest.fixture(scope="module")

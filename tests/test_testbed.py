@@ -38,7 +38,12 @@ def test_tiny_build_writes_splits_model_and_manifest(tiny_base):
             assert arith.first_wrong_step(p, row.solution) is None
             assert arith.grade(row.solution, row.answer)[0] == "correct"
     build = json.loads((base / "build.json").read_text())
-    assert build["parameters"] > 0 and build["loss_last"] > 0
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert build["parameters"] == sum(p.numel() for p in model.parameters())
+    v, h, i = model.config.vocab_size, 32, model.config.intermediate_size  # (one layer)
+    assert build["parameters"] == v * h + (4 * h * h + 3 * h) + 3 * h * i + 3 * h == 26816
+    # tied embeddings + q, k, v (with biases), o + gate, up, down + two norms and the final one
+    assert build["loss_last"] > 0
     assert (base / "_SUCCESS").exists()
 
 
@@ -82,8 +87,20 @@ def test_build_is_deterministic(tiny_base, tmp_path):
 def test_measure_base_reports_targets(tiny_base):
     _, base, model_dir = tiny_base
     heldout = pd.read_parquet(base / "data" / "heldout.parquet").head(5)
-    m = measure_base(HFEngine(model_dir), heldout, n=2, max_tokens=8)
-    assert m["n_problems"] == 5 and 0 <= m["greedy_accuracy"] <= 1 and 0 <= m["mixed_share"] <= 1
+    engine = HFEngine(model_dir)
+    m = measure_base(engine, heldout, n=2, max_tokens=8)
+    prompts = [arith.PROMPT_TEMPLATE.format(problem=p) for p in heldout["problem"]]
+    graded = [[arith.grade(c.text, a)[0] == "correct" for c in group] for group, a in zip(
+        engine.generate(prompts, 2, SamplingParams(temperature=1.0, max_tokens=8, seed=1)),
+        heldout["answer"])]
+    greedy = [arith.grade(g[0].text, a)[0] == "correct" for g, a in zip(
+        engine.generate(prompts, 1, SamplingParams(temperature=0, max_tokens=8)),
+        heldout["answer"])]
+    assert m == {"greedy_accuracy": sum(greedy) / 5,
+                 "sampled_accuracy": sum(sum(g) / 2 for g in graded) / 5,
+                 "mixed_share": sum(sum(g) == 1 for g in graded) / 5,
+                 "all_wrong_share": sum(sum(g) == 0 for g in graded) / 5,
+                 "n_problems": 5, "samples_per_problem": 2}
 
 
 def test_hf_engine_seeded_and_shapes(tiny_base):
