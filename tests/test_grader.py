@@ -132,3 +132,29 @@ def test_a_worker_that_cannot_start_fails_the_grading(tmp_path, monkeypatch):
     with Grader("math", workers=1, timeout_s=3.0) as g, pytest.raises(
             GraderError, match="died while starting"):
         g.grade(["\\boxed{0.5}"], ["\\frac{1}{2}"])
+
+
+def test_a_worker_killed_mid_item_gives_that_item_error_and_the_rest_grade():
+    """SIGKILL the worker while it is on a slow item: that item is `error`, the items after it
+    grade on a replacement worker, and the restart is counted."""
+    import os
+    import signal
+    import threading
+
+    responses = ["\\boxed{9^{9^{9^{9^{9^{9}}}}}}", "\\boxed{0.5}", "\\boxed{\\dfrac{1}{2}}"]
+    references = ["2", "\\frac{1}{2}", "\\frac12"]
+    with Grader("math", workers=1, timeout_s=30.0) as g:
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(v=g.grade(responses, references)))
+        thread.start()
+        deadline = time.time() + 60
+        while time.time() < deadline and not (g._workers and g._workers[0].ready
+                                               and g._workers[0].chunk):
+            time.sleep(0.01)
+        time.sleep(0.3)  # well inside the slow item
+        os.kill(g._workers[0].proc.pid, signal.SIGKILL)
+        thread.join(60)
+        labels = [(v.label, v.reason) for v in result["v"]]
+        assert labels[0] == ("error", "grader worker died")
+        assert [lab for lab, _ in labels[1:]] == ["correct", "correct"]
+        assert g.restarts == 1

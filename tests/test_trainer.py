@@ -96,11 +96,11 @@ def _train(cfg, policy, shard_dir, out, *overrides):
 
 
 def test_resume_after_kill_inside_training(shard, tmp_path):
-    """SIGKILL a training run after a few steps; the restart ends with the weights of an
-    uninterrupted run."""
+    """SIGKILL a training run between two saved states (save_every=3); the restart ends with the
+    weights of an uninterrupted run, and the log holds steps 1..N once each."""
     cfg, policy, shard_dir = shard
-    overrides = ["train.mini_batch_size=2", "train.micro_batch_size=2"]
-    _train(cfg, policy, shard_dir, tmp_path / "whole", *overrides)
+    overrides = ["train.mini_batch_size=8", "train.micro_batch_size=2", "train.save_every=3"]
+    whole = _train(cfg, policy, shard_dir, tmp_path / "whole", *overrides)
     cfg_path = tmp_path / "cfg.yaml"
     cmd = [sys.executable, "-m", "pipeline", "train", "--policy", str(policy), "--shard",
            str(shard_dir), "--out", str(tmp_path / "killed"), "--config", str(cfg_path),
@@ -110,17 +110,19 @@ def test_resume_after_kill_inside_training(shard, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines())
                                           >= 4):
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert (tmp_path / "killed" / "_state.pt").exists()
+    logged = len(log.read_text().splitlines())
+    saved = torch.load(tmp_path / "killed" / "_state.pt")["step"]
+    assert saved % 3 == 0 and logged > saved  # killed inside an interval: steps to redo
     assert not (tmp_path / "killed" / "_SUCCESS").exists()
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "killed").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in log.read_text().splitlines()]
-    assert steps == list(range(1, len(steps) + 1))  # no step logged twice
+    assert steps == list(range(1, whole["steps"] + 1))  # each step once
 
 
 def test_iterate_two_rounds_tapo_and_grpo_and_resume(small_base, tmp_path):
