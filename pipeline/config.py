@@ -33,9 +33,10 @@ class Section(BaseModel):
 
 
 class RunConfig(Section):
-    name: str = Field("testbed", pattern=r"^[A-Za-z0-9_.\-]+$")
-    root: str = "runs"
-    seed: int = 0
+    name: str = Field("testbed", pattern=r"^[A-Za-z0-9_.\-]+$",
+                      description="the run's name: its directory is run.root/run.name")
+    root: str = Field("runs", description="where runs are written")
+    seed: int = Field(0, description="seeds the round's problems and every sample's request seed")
 
     @property
     def dir(self) -> Path:
@@ -43,7 +44,8 @@ class RunConfig(Section):
 
 
 class TaskConfig(Section):
-    name: typing.Literal["arith", "math"] = "arith"
+    name: typing.Literal["arith", "math"] = Field(
+        "arith", description="arith: the testbed task; math: \\boxed{} answers, math-verify")
     chat: bool = Field(False, description="math: prompt with the model's chat template")
 
 
@@ -60,12 +62,12 @@ class RolloutConfig(Section):
     """Which problems a round samples, and how (the `sample` stage)."""
 
     problems: str = Field("", description="parquet of training problems; empty: testbed train")
-    problems_per_round: int = Field(64, ge=1)
+    problems_per_round: int = Field(64, ge=1, description="B: problems sampled per round")
     shard_size: int = Field(32, ge=1, description="problems per shard")
     group_size: int = Field(8, ge=2, description="G: rollouts per problem")
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(160, ge=1)
+    temperature: float = Field(1.0, ge=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling")
+    max_tokens: int = Field(160, ge=1, description="tokens per rollout")
 
 
 class SelectConfig(Section):
@@ -95,16 +97,18 @@ class LocateConfig(Section):
                                                      "k, so the reflection follows the error it "
                                                      "names; false: steps 1..k-1 only")
     model: str = Field("", description="llm: a teacher model directory; empty: the policy")
-    max_tokens: int = Field(64, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(64, ge=1, description="llm: tokens of the locator's answer")
+    temperature: float = Field(0.0, ge=0, description="llm: the locator's temperature (0: greedy)")
 
 
 class ConstructConfig(Section):
     method: typing.Literal["rule", "llm"] = Field("rule", description="rule: arith only")
-    mode: typing.Literal["prefix", "full_reconstruction"] = "prefix"
+    mode: typing.Literal["prefix", "full_reconstruction"] = Field(
+        "prefix", description="prefix: keep the wrong prefix; full_reconstruction: the ablation")
     model: str = Field("", description="llm: a teacher model directory; empty: the policy")
-    max_tokens: int = Field(512, ge=1)
-    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(512, ge=1, description="llm: tokens of the constructor's answer")
+    temperature: float = Field(0.0, ge=0,
+                               description="llm: the constructor's temperature (0: greedy)")
 
 
 class ColdstartConfig(Section):
@@ -118,29 +122,30 @@ class ColdstartConfig(Section):
     heldout: str = Field("", description="problems for the reflection probe; empty: testbed "
                                          "held-out split")
     samples: int = Field(4, ge=1, description="responses per problem")
-    temperature: float = Field(1.0, ge=0)
-    max_tokens: int = Field(160, ge=1)
+    temperature: float = Field(1.0, ge=0,
+                               description="sampling temperature of the base's responses")
+    max_tokens: int = Field(160, ge=1, description="tokens per response")
     size: int = Field(45000, ge=2, description="examples in the mixture, SFT : IF = 2 : 1 "
                                                "(the paper: 30k + 15k)")
     direct_share: float = Field(0.5, ge=0, le=1, description="of the SFT share: the base's own "
                                                              "correct responses, as they are")
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, description="SFT learning rate (the testbed config: 1e-3)")
     epochs: float = Field(2.0, gt=0, description="passes over the mixture")
-    batch_size: int = Field(16, ge=1)
-    seed: int = 0
+    batch_size: int = Field(16, ge=1, description="SFT examples per optimizer step")
+    seed: int = Field(0, description="seeds the problem order, the mixture's draw and the SFT")
 
 
 class EvalConfig(Section):
     """`make eval` / `make compare`: n samples per problem, Pass@k, DSR, ERR (PAPER.md)."""
 
     n: int = Field(8, ge=1, description="samples per problem (paper scale: 16)")
-    temperature: float = Field(0.6, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
+    temperature: float = Field(0.6, ge=0, description="sampling temperature")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling")
     max_tokens: int = Field(160, ge=1, description="paper scale: 32768")
     max_problems: int | None = Field(None, ge=1, description="the first N of each benchmark")
     reflection_pattern: str = Field(REFLECTION_RE.pattern,
                                     description="a response that matches it reflects")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the problem subset (eval.max_problems)")
 
 
 class TestbedConfig(Section):
@@ -153,21 +158,23 @@ class TestbedConfig(Section):
     n_pretrain: int = Field(50000, ge=1, description="reference solutions to pretrain on")
     n_train: int = Field(4000, ge=1, description="problems for cold start and RL")
     n_heldout: int = Field(200, ge=1, description="the fixed held-out evaluation set")
-    vocab_size: int = Field(384, ge=300, le=8192)
-    hidden_size: int = Field(128, ge=32)
-    num_layers: int = Field(4, ge=1)
-    num_heads: int = Field(4, ge=1)
-    max_positions: int = Field(1024, ge=128)
-    steps: int = Field(2800, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    seed: int = 0
+    vocab_size: int = Field(384, ge=300, le=8192,
+                            description="byte-level BPE vocabulary to train (digits stay single)")
+    hidden_size: int = Field(128, ge=32, description="the Qwen2 model's width")
+    num_layers: int = Field(4, ge=1, description="transformer layers")
+    num_heads: int = Field(4, ge=1, description="attention heads")
+    max_positions: int = Field(1024, ge=128, description="context length")
+    steps: int = Field(2800, ge=1, description="pretraining optimizer steps")
+    batch_size: int = Field(32, ge=1, description="pretraining sequences per step")
+    lr: float = Field(3e-3, gt=0, description="pretraining peak learning rate")
+    seed: int = Field(0, description="seeds the data, the tokenizer and the weights")
 
 
 class EngineConfig(Section):
     """Which generation backend, and its knobs. `auto`: vllm when installed, else hf."""
 
-    backend: typing.Literal["auto", "hf", "vllm", "openai"] = "auto"
+    backend: typing.Literal["auto", "hf", "vllm", "openai"] = Field(
+        "auto", description="auto: vllm when installed, else hf")
     batch_size: int = Field(64, ge=1, description="hf: sequences per generate call")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm (CPU: RAM share)")
     max_model_len: int = Field(1024, ge=16, description="vllm: context length")
@@ -194,7 +201,8 @@ class AlgoConfig(Section):
     """The RL objective (trainer/objective.py documents each rule); `name=grpo` turns the
     augmentation off, everything else equal."""
 
-    name: typing.Literal["tapo", "grpo"] = "tapo"
+    name: typing.Literal["tapo", "grpo"] = Field(
+        "tapo", description="tapo; grpo: no augmentation, everything else equal")
     dae: bool = Field(True, description="decoupled advantages; off: the ablation w/o DAE")
     ood: typing.Literal["mask", "shaping", "off"] = Field("mask", description="OOD suppression")
 
@@ -205,8 +213,10 @@ class AlgoConfig(Section):
     ood_threshold: float = Field(1e-3, gt=0, lt=1, description="mask: pi_old below this")
     shaping_gamma: float = Field(0.1, gt=0, description="shaping: p / (p + gamma)")
     negative_samples: bool = Field(True, description="off: the ablation w/o negative samples")
-    clip_low: float = Field(0.2, ge=0, lt=1)
-    clip_high: float = Field(0.28, ge=0)
+    clip_low: float = Field(0.2, ge=0, lt=1, description="PPO clip below 1 (rollout tokens)")
+    clip_high: float = Field(0.28, ge=0,
+                             description="PPO clip above 1 (clip-higher); the corrective tokens' "
+                                         "cap")
     kl_coef: float = Field(0.0, ge=0, description="k3 KL loss to the run's initial "
                                                        "policy (OpenRLHF: its initial model)")
 
@@ -214,14 +224,14 @@ class AlgoConfig(Section):
 class TrainConfig(Section):
     """The local trainer: one pass (or `epochs`) over a round's training shard."""
 
-    lr: float = Field(1e-4, gt=0)
-    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    epochs: int = Field(1, ge=1, description="passes over the round's shard")
     mini_batch_size: int = Field(64, ge=1, description="sequences per optimizer step")
     micro_batch_size: int = Field(16, ge=1, description="sequences per forward pass")
-    max_grad_norm: float = Field(1.0, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     save_every: int = Field(1, ge=1, description="optimizer steps between resumable states")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the mini-batch order")
 
 
 class Config(Section):

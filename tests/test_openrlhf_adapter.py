@@ -233,11 +233,11 @@ def test_readme_launch_commands_parse_with_openrlhfs_own_parser(monkeypatch):
     class Parsed(Exception):
         pass
 
+    original = argparse.ArgumentParser.parse_args
     for module, argv in commands:
         def parse(self, args=None, namespace=None, _argv=argv):
             raise Parsed(original(self, _argv))
 
-        original = argparse.ArgumentParser.parse_args
         monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse)
         with pytest.raises(Parsed) as parsed:
             runpy.run_module(module, run_name="__main__")

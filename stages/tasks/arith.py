@@ -43,8 +43,8 @@ class ArithConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_steps: int = Field(3, ge=1, le=12)
-    max_steps: int = Field(5, ge=1, le=12)
+    min_steps: int = Field(3, ge=1, le=12, description="fewest operations in a problem")
+    max_steps: int = Field(5, ge=1, le=12, description="most operations in a problem")
     operand_max: int = Field(99, ge=2, le=9999, description="largest + / - operand")
     multiplier_max: int = Field(9, ge=2, le=99, description="largest * operand")
     value_max: int = Field(999, ge=10, description="intermediate values stay in [0, value_max]")
