@@ -142,7 +142,8 @@ class EvalConfig(Section):
     temperature: float = Field(0.6, ge=0, description="sampling temperature")
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling")
     max_tokens: int = Field(160, ge=1, description="paper scale: 32768")
-    max_problems: int | None = Field(None, ge=1, description="the first N of each benchmark")
+    max_problems: int | None = Field(None, ge=1, description="a seeded random N of each "
+                                                             "benchmark (eval.seed)")
     reflection_pattern: str = Field(REFLECTION_RE.pattern,
                                     description="a response that matches it reflects")
     seed: int = Field(0, description="seeds the problem subset (eval.max_problems)")

@@ -236,6 +236,7 @@ class TapoPPOTrainer(PPOTrainer.__ray_actor_class__):
         self.tapo_cfg = tapo_config()
         self.tapo_cfg.policy.path = pretrain  # the stages tokenize with the trained model's
         check_kl(self.args.algo.kl, objective_of(self.tapo_cfg))
+        self.tapo_stages: dict = {}  # locate/construct, built once: their engine lives on
         old = self.experience_maker
         self.experience_maker = TapoExperienceMaker(
             old.actor_model_group, old.critic_model_group, old.reward_model_group,
@@ -248,14 +249,18 @@ class TapoPPOTrainer(PPOTrainer.__ray_actor_class__):
         if self.tapo_cfg.algo.name == "tapo":
             rollout_samples = rollout_samples + augmented_experiences(
                 rollout_samples, self.args.rollout.n_samples_per_prompt, self.tokenizer,
-                self.tapo_cfg, global_step)
+                self.tapo_cfg, global_step, self.tapo_stages)
         return super().train_step(rollout_samples, global_step)
 
 
-def augmented_experiences(samples, n: int, tokenizer, cfg: Config, step: int) -> list:
+def augmented_experiences(samples, n: int, tokenizer, cfg: Config, step: int,
+                          stages: dict | None = None) -> list:
     """Runs select -> locate -> pick_repair -> construct -> assemble on OpenRLHF's rollouts;
-    returns the
-    accepted trajectories as Experiences tagged with their source group."""
+    returns the accepted trajectories as Experiences tagged with their source group. `stages`
+    keeps the locate and construct stages (and so their engines) from one step to the next;
+    without it they are built and closed here. Their llm locator and constructor run a fixed
+    model: `locate.model` / `construction.model` (a teacher), else the run's initial checkpoint,
+    not the step's current policy (OpenRLHF's vLLM engines are not shared with them)."""
     from stages.assemble import Assemble
     from stages.construct import Construct
     from stages.locate import Locate
@@ -264,8 +269,17 @@ def augmented_experiences(samples, n: int, tokenizer, cfg: Config, step: int) ->
 
     rows = rollout_rows(samples, n, tokenizer, step, cfg.task.name)
     candidates = Select(cfg).process(rows).rows
-    located = PickRepair(cfg).process(_run(Locate, cfg, candidates)).rows
-    trajectories = _run(Construct, cfg, located)
+    kept = stages if stages is not None else {}
+    for stage_cls in (Locate, Construct):
+        if stage_cls.name not in kept:
+            kept[stage_cls.name] = stage_cls(cfg)
+    try:
+        located = PickRepair(cfg).process(_process(kept["locate"], candidates)).rows
+        trajectories = _process(kept["construct"], located)
+    finally:
+        if stages is None:
+            for stage in kept.values():
+                stage.close()
     assemble = Assemble(cfg)
     assemble.side["trajectories"] = trajectories
     keys = list(samples[0].info) if samples else []
@@ -276,12 +290,8 @@ def augmented_experiences(samples, n: int, tokenizer, cfg: Config, step: int) ->
     return out
 
 
-def _run(stage_cls, cfg: Config, rows: list[dict]) -> list[dict]:
-    stage = stage_cls(cfg)
-    try:
-        return stage.process(rows).rows if rows else []
-    finally:
-        stage.close()
+def _process(stage, rows: list[dict]) -> list[dict]:
+    return stage.process(rows).rows if rows else []
 
 
 def main(argv: Sequence[str] | None = None) -> None:
