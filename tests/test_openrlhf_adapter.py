@@ -247,3 +247,56 @@ def test_readme_launch_commands_parse_with_openrlhfs_own_parser(monkeypatch):
             assert args["algo.kl.init_coef"] == 0 and args["rollout.n_samples_per_prompt"] == 8
         else:
             assert args["ds.param_dtype"] == "bf16" and args["data.input_template"] == ""
+
+
+@pytest.mark.parametrize("ood, kept", [("mask", [4, 6]), ("off", [4, 5, 6])])
+def test_tapo_adjust_on_hand_built_experiences(ood, kept):
+    """One group of two rollouts (rewards 1, 0) and a trajectory of it: prompt 3 tokens,
+    response 2 prefix + 3 corrective tokens, the middle corrective token at pi_old = 1e-4.
+    Worked by hand: A_aug = (1 - 0.5) / (std(1, 0) + 1e-6) = 0.5 / 0.7071078; the action
+    positions of the response are 2..6 (position t predicts token t + 1), the prefix 2..3 never
+    enters; with ood=mask the token below 1e-3 (position 5) leaves the mask, with off it stays."""
+    from trainer.objective import ObjectiveConfig
+
+    def row(kind, reward, prefix_len=0):
+        return {"prompt_token_ids": [11, 12, 13], "response_token_ids": [21, 22, 23, 24, 25],
+                "reward": reward, "kind": kind, "prefix_len": prefix_len, "finish_reason": "stop",
+                "prompt": "p", "answer": "a"}
+
+    on = [adapter.experience_from_row(row("rollout", r), 0) for r in (1.0, 0.0)]
+    for i, e in enumerate(on):
+        e.index = [i]
+        e.advantages = torch.full_like(e.action_mask, 9.0, dtype=torch.float32)  # OpenRLHF's
+    aug = adapter.experience_from_row(row("augmented", 1.0, prefix_len=2), 0)
+    aug.action_log_probs = torch.log(torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.5, 1e-4, 0.5]]))
+    adapter.tapo_adjust(on, [aug], 2, ObjectiveConfig(ood=ood))
+
+    assert torch.nonzero(aug.action_mask[0]).flatten().tolist() == kept
+    a_aug = 0.5 / (2 ** -0.5 + 1e-6)
+    want = torch.zeros(7)
+    want[kept] = a_aug
+    assert aug.advantages[0].tolist() == pytest.approx(want.tolist(), rel=1e-6)
+    assert aug.returns[0].tolist() == pytest.approx(want.tolist(), rel=1e-6)
+    assert all((e.advantages == 9.0).all() for e in on)  # DAE: the rollouts keep OpenRLHF's
+
+
+def test_tapo_adjust_without_dae_by_hand():
+    """algo.dae=false: the trajectory joins its group, statistics over (1, 0, 1): mean 2/3,
+    unbiased std sqrt(1/3); the rollouts get (1 - 2/3) / sqrt(1/3) and (0 - 2/3) / sqrt(1/3)."""
+    from trainer.objective import ObjectiveConfig
+
+    def row(kind, reward, prefix_len=0):
+        return {"prompt_token_ids": [11, 12], "response_token_ids": [21, 22, 23],
+                "reward": reward, "kind": kind, "prefix_len": prefix_len, "finish_reason": "stop",
+                "prompt": "p", "answer": "a"}
+
+    on = [adapter.experience_from_row(row("rollout", r), 0) for r in (1.0, 0.0)]
+    for i, e in enumerate(on):
+        e.index = [i]
+    aug = adapter.experience_from_row(row("augmented", 1.0, prefix_len=1), 0)
+    aug.action_log_probs = torch.zeros(1, 4)
+    adapter.tapo_adjust(on, [aug], 2, ObjectiveConfig(dae=False))
+    std = (1 / 3) ** 0.5 + 1e-6
+    assert on[0].advantages[0, 1:].tolist() == pytest.approx([(1 / 3) / std] * 3, rel=1e-5)
+    assert on[1].advantages[0, 1:].tolist() == pytest.approx([-(2 / 3) / std] * 3, rel=1e-5)
+    assert aug.advantages[0].tolist() == pytest.approx([0, 0] + [(1 / 3) / std] * 2, rel=1e-5)
