@@ -300,3 +300,78 @@ def test_tapo_adjust_without_dae_by_hand():
     assert on[0].advantages[0, 1:].tolist() == pytest.approx([(1 / 3) / std] * 3, rel=1e-5)
     assert on[1].advantages[0, 1:].tolist() == pytest.approx([-(2 / 3) / std] * 3, rel=1e-5)
     assert aug.advantages[0].tolist() == pytest.approx([0, 0] + [(1 / 3) / std] * 2, rel=1e-5)
+
+
+class LocalActorGroup:
+    """The actor side of OpenRLHF's PPO step, in this process: `append` collects the
+    Experiences the trainer pushes; `fit` scores them with OpenRLHF's own PolicyLoss under the
+    model (no DeepSpeed: the CPU stand-in for the Ray actor group)."""
+
+    def __init__(self, model):
+        self.model, self.experiences = model, []
+
+    def async_run_method_batch(self, method_name, experience):
+        assert method_name == "append"
+        self.experiences.extend(experience)
+        return []
+
+    def async_run_method(self, method_name, kl_ctl=0.0):
+        from openrlhf.models.loss import PolicyLoss
+
+        assert method_name == "fit"
+        loss_fn, total, tokens = PolicyLoss(0.2, 0.28), 0.0, 0
+        with torch.no_grad():
+            for e in self.experiences:
+                logits = self.model(e.sequences, attention_mask=e.attention_mask).logits
+                logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(
+                    -1, e.sequences[:, 1:].unsqueeze(-1)).squeeze(-1)
+                n = int(e.action_mask.sum())
+                if n:
+                    loss = loss_fn(logp, e.action_log_probs, e.advantages, e.action_mask)[0]
+                    total, tokens = total + float(loss) * n, tokens + n
+        return [{"policy_loss": total / max(tokens, 1), "tokens": tokens}]
+
+
+def test_train_step_itself_on_cpu(round_shard, monkeypatch):
+    """TapoPPOTrainer.train_step, OpenRLHF's step with TAPO's trajectories added, runs on CPU
+    (the experience maker and the actor group in this process, Ray's get the identity): the
+    actor receives the rollouts and one trajectory per accepted candidate, with TAPO's masks;
+    at ratio 1 OpenRLHF's loss is minus the mean advantage over the masked tokens."""
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+
+    cfg, policy, rollouts, _, groups = round_shard
+    cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"path": policy})})
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    samples = [adapter.experience_from_row(r, groups[r["problem_id"]])
+               for r in rollouts.to_dict("records")]
+    for s in samples:
+        for key in adapter.TAPO_KEYS:
+            s.info.pop(key)
+    trainer = adapter.TapoPPOTrainer.__new__(adapter.TapoPPOTrainer)  # (no Ray actor groups)
+    actor = LocalActorGroup(model)
+    trainer.tapo_cfg, trainer.tapo_stages, trainer.tokenizer = cfg, {}, tokenizer
+    trainer.args = SimpleNamespace(
+        rollout=SimpleNamespace(n_samples_per_prompt=G, batch_size=len(samples) // G),
+        train=SimpleNamespace(dynamic_batch_enable=False), ds=SimpleNamespace(enable_sleep=False),
+        critic=SimpleNamespace(freezing_steps=-1))
+    trainer.experience_maker = LocalExperienceMaker(model, tokenizer, objective_config(cfg))
+    trainer.actor_model_group, trainer.critic_model_group = actor, None
+    trainer.vllm_engines, trainer.kl_ctl = None, FixedKLController(0.0)
+    monkeypatch.setattr(ppo_trainer.ray, "get", lambda refs: refs)
+    status, step = trainer.train_step(samples, 3)
+    for stage in trainer.tapo_stages.values():
+        stage.close()
+
+    rows = [(e, j) for e in actor.experiences for j in range(len(e.sequences))]  # (micro-batches)
+    augmented = [(e, j) for e, j in rows if float(e.info["tapo_aug"][j]) == 1]
+    assert step == 4 and len(rows) == len(samples) + len(augmented) and len(augmented) > 0
+    assert status["rollout/num_samples"] == len(rows)
+    for e, j in augmented:  # the prefix never enters: the mask starts after prompt + prefix
+        start = int(e.info["tapo_prompt_len"][j]) - 1 + int(e.info["tapo_prefix_len"][j])
+        assert not e.action_mask[j, :start].any() and e.action_mask[j].any()
+    masked = sum(float((e.advantages * e.action_mask).sum()) for e in actor.experiences)
+    tokens = sum(int(e.action_mask.sum()) for e in actor.experiences)
+    assert status["tokens"] == tokens
+    assert status["policy_loss"] == pytest.approx(-masked / tokens, abs=1e-5)
