@@ -94,9 +94,10 @@ def load_problems(path: str | Path) -> tuple[pd.DataFrame, list[dict[str, Any]]]
     if not path.exists():
         raise FileNotFoundError(f"no problems file at {path}")
     if path.suffix == ".jsonl":
-        records, where = _read_jsonl(path), "line"
+        numbered, where = _read_jsonl(path), "line"
     else:
-        records, where = pd.read_parquet(path).to_dict("records"), "row"
+        numbered, where = list(enumerate(pd.read_parquet(path).to_dict("records"), 1)), "row"
+    records = [r for _, r in numbered]
     if records and "problem_id" not in records[0] and any("id" in r for r in records):
         records = [{"problem_id": r.pop("id", None), **r} for r in records]
     columns = {k for r in records for k in r}
@@ -105,7 +106,7 @@ def load_problems(path: str | Path) -> tuple[pd.DataFrame, list[dict[str, Any]]]
         raise ValueError(f"{path} lacks columns {sorted(missing)} (problem_id or id, problem, "
                          "answer)")
     kept, rejected = [], []
-    for number, record in enumerate(records, start=1):
+    for (number, _), record in zip(numbered, records, strict=True):
         problem = record.get("problem")
         bad = [k for k in ("problem_id", "answer") if _missing(record.get(k))]
         if not isinstance(problem, str) or not problem.strip():
@@ -125,7 +126,8 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and value != value) or value == ""
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every non-blank line."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -134,7 +136,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         raise ValueError(f"{path} is not UTF-8 text: byte {data[e.start]:#04x} on line "
                          f"{line}") from None
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # (JSON Lines: \n ends a line)
         if not line.strip():
             continue
         try:
@@ -142,8 +144,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path.name} line {number}: not valid JSON ({e.msg} at column "
                              f"{e.colno})") from None
-        records.append(record if isinstance(record, dict) else {"problem": None,
-                                                                "value": record})
+        records.append((number, record if isinstance(record, dict) else {"problem": None,
+                                                                          "value": record}))
     return records
 
 

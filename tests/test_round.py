@@ -130,7 +130,7 @@ def test_problem_files_name_the_place_and_exclude_bad_rows(small_base, tmp_path,
     stats = write_problems(mixed, tmp_path / "p3", 0, None, 0, 8)
     assert stats == {"rows_in": 6, "rows_out": 2, "dropped_bad_problem": 4}
     excluded = read_pandas(tmp_path / "p3" / "excluded")
-    assert list(excluded["line"]) == [2, 3, 4, 5]  # (records: the blank line is not one)
+    assert list(excluded["line"]) == [2, 4, 5, 6]  # the file's own line numbers
     assert set(excluded["reason"]) == {"bad_problem"}
     assert excluded["detail"][0] == "mixed.jsonl line 2: no answer"
     assert sorted(read_pandas(tmp_path / "p3")["problem_id"]) == ["a", "e"]
