@@ -14,7 +14,7 @@ from stages.tasks import arith
 TINY = [
     "testbed.n_pretrain=300", "testbed.n_train=50", "testbed.n_heldout=20",
     "testbed.hidden_size=32", "testbed.num_layers=1", "testbed.num_heads=1",
-    "testbed.steps=3", "testbed.batch_size=8",
+    "testbed.steps=3", "testbed.batch_size=8", "testbed.max_extra_steps=0",
 ]
 
 
@@ -136,3 +136,12 @@ def test_full_build_meets_targets(tmp_path):
     assert summary["rollouts"] == 64 * 8 and 0 < summary["candidates"] <= 16  # 25% budget
     assert summary["accepted"] == summary["candidates"]  # rule constructor: all verified
     assert summary["training_rows"] == 64 * 8 + summary["accepted"]
+
+
+def test_a_build_below_the_greedy_target_pretrains_further(tmp_path):
+    """The tiny build (3 steps) answers nothing right: it gets its extra steps, at most
+    `max_extra_steps`, and build.json says how many."""
+    cfg = load_config(None, TINY + ["testbed.max_extra_steps=5"]).testbed
+    build_base(cfg, tmp_path / "base")
+    build = json.loads((tmp_path / "base" / "build.json").read_text())
+    assert build["heldout"]["greedy_accuracy"] < 0.25 and build["extra_steps"] == 5
