@@ -48,7 +48,7 @@ bench:  ## benchmarks, with ratios against the raw dependency (builds the base m
 	$(BIN)/python -m bench.engines --config $(CONFIG)
 
 check-grader:  ## grade every bundled reference solution against its own reference answer
-	$(BIN)/python -m pipeline.grader_check
+	$(BIN)/python -m pipeline.flows.grader_check
 
 iterate:  ## N rounds (N=10) of stages + training into runs/$(RUN)/; ALGO=grpo for plain GRPO
 	$(BIN)/tapo iterate runs/$(RUN) --rounds $(N) --config $(CONFIG) algo.name=$(ALGO) $(ARGS)

@@ -20,7 +20,8 @@ from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
 from pipeline.engines.vllm import VLLMEngine, vllm_available
-from stages.tasks import arith
+from pipeline.layout import testbed_model, testbed_split
+from stages.tasks import task_of
 
 MAX_TOKENS = 160
 
@@ -101,12 +102,13 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=200)
     args = parser.parse_args()
     cfg = load_config(args.config)
-    base = cfg.testbed.base_dir
-    heldout = pd.read_parquet(f"{base}/data/heldout.parquet").head(args.problems)
-    prompts = [arith.PROMPT_TEMPLATE.format(problem=p) for p in heldout["problem"]]
+    model = str(testbed_model(cfg.testbed.base_dir))
+    heldout = pd.read_parquet(testbed_split(cfg.testbed.base_dir, "heldout")).head(args.problems)
+    task = task_of(cfg)
+    prompts = [task.prompt(p) for p in heldout["problem"]]
     if vllm_available():
-        print(json.dumps(bench_vllm(f"{base}/model", prompts, args.n, cfg.engine)), flush=True)
-    print(json.dumps(bench_hf(f"{base}/model", prompts[:50], args.n, cfg.engine.batch_size)))
+        print(json.dumps(bench_vllm(model, prompts, args.n, cfg.engine)), flush=True)
+    print(json.dumps(bench_hf(model, prompts[:50], args.n, cfg.engine.batch_size)))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ import json
 import re
 import time
 
+from pipeline.flows.grader_check import DATA, load_jsonl
 from pipeline.grader import Grader
-from pipeline.grader_check import DATA, load_jsonl
+from stages.tasks import get_task
+
+MATH = get_task("math")
 
 _SIMPLE_FRAC = re.compile(r"^\\frac\{(\d+)\}\{(\d+)\}$")
 
@@ -74,7 +77,7 @@ def pebble_grade(items: list[tuple[str, str]], workers: int = 2,
         t0 = time.perf_counter()
         futures = {}
         for i, (a, r) in enumerate(items):
-            v = fast_grade("math", f"\\boxed{{{a}}}", r)
+            v = fast_grade(MATH, f"\\boxed{{{a}}}", r)
             labels.append(v.label if v else "")
             if v is None:
                 futures[i] = pool.schedule(_verify, (extract_boxed(f"\\boxed{{{a}}}"), r),
@@ -95,7 +98,7 @@ def main() -> None:
     t0 = time.perf_counter()
     plain = plain_math_verify(items)
     t_plain = time.perf_counter() - t0
-    with Grader("math", workers=2, timeout_s=5.0) as grader:
+    with Grader(MATH, workers=2, timeout_s=5.0) as grader:
         grader.grade(["\\boxed{x}"], ["y"])  # start the workers outside the timing
         time.sleep(WARM_S)
         t0 = time.perf_counter()

@@ -147,10 +147,11 @@ def _engine_log(args: argparse.Namespace, run_dir: Path) -> None:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     from pipeline.runner import load_stage_class, run_stage
+    from stages import REGISTRY
 
     cfg = load_config(args.config, args.overrides)
     _engine_log(args, args.out_dir.parent)
-    stage_cls = load_stage_class(args.name)
+    stage_cls = load_stage_class(args.name, REGISTRY)
     side = {}
     for item in args.side:
         name, sep, path = item.partition("=")
@@ -166,9 +167,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_round(args: argparse.Namespace) -> int:
     from pipeline.config import write_resolved
-    from pipeline.round import run_round
+    from pipeline.flows.round import render_round, run_round
+    from pipeline.layout import CONFIG
 
-    saved = args.run_dir / "config.yaml"
+    saved = args.run_dir / CONFIG
     cfg = load_config(args.config or (saved if saved.exists() else None), args.overrides)
     if args.algo:
         cfg.algo.name = args.algo
@@ -180,7 +182,7 @@ def cmd_round(args: argparse.Namespace) -> int:
 
 
 def cmd_coldstart(args: argparse.Namespace) -> int:
-    from pipeline.coldstart import coldstart_dir, run_coldstart
+    from pipeline.flows.coldstart import coldstart_dir, render_coldstart, run_coldstart
 
     cfg = load_config(args.config, args.overrides)
     _engine_log(args, args.run_dir or coldstart_dir(cfg))
@@ -188,32 +190,8 @@ def cmd_coldstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_coldstart(s: dict) -> str:
-    """The funnel, the examples per source, SFT time and the probe's reflection rates."""
-    from pipeline.evaluate import format_cell
-
-    lines = [f"cold start from {s['base']} -> {s['model']}",
-             f"  problems {s['problems']}, responses {s['responses']}, wrong "
-             f"{s['wrong_responses']}, candidates {s['candidates']}, located {s['located']}, "
-             f"constructed {s['constructed']}",
-             "  rejected: " + (", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "none")]
-    for source, counts in s["examples"].items():
-        lines.append(f"  {source:>3} examples: " + ", ".join(f"{k} {v}"
-                                                           for k, v in counts.items()))
-    sft = s["sft"]
-    lines.append(f"  sft: {sft['examples']} examples ({sft['too_long']} too long), "
-                 f"{sft['steps']} steps, loss {sft['loss_first']:.3f} -> {sft['loss_last']:.3f}, "
-                 f"{sft['seconds']:.0f} s")
-    if "probe" in s:
-        rate = s["probe"]["reflection_rate"]
-        lines.append(f"  reflection rate on {s['probe']['prefixes']} held-out wrong prefixes: "
-                     f"base {format_cell(rate['base'])}, "
-                     f"cold start {format_cell(rate['coldstart'])}")
-    return "\n".join(lines)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate, markdown_table
+    from pipeline.flows.evaluate import evaluate, markdown_table
 
     cfg = load_config(args.config, args.overrides)
     if not args.model.is_dir():
@@ -227,7 +205,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import compare
+    from pipeline.flows.compare import compare
 
     cfg = load_config(args.config, args.overrides)
     _engine_log(args, args.out_dir)
@@ -238,7 +216,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_iterate(args: argparse.Namespace) -> int:
-    from pipeline.iterate import iterate
+    from pipeline.flows.iterate import iterate
 
     cfg = load_config(args.config, args.overrides)
     if args.algo:
@@ -267,22 +245,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def render_round(summary: dict) -> str:
-    """A few lines: rows and drops per stage, seconds, and the acceptance share."""
-    lines = [f"round {summary['iteration']} ({summary['algo']}), policy {summary['policy']}"]
-    for name, stats in summary["stats"].items():
-        drops = ", ".join(f"{k[8:]} {v}" for k, v in stats.items() if k.startswith("dropped_"))
-        rows = f"{stats['rows_in']} -> {stats['rows_out']}"
-        lines.append(f"  {name:<10} {rows:>14}  {summary['seconds'][name]:7.1f} s"
-                     + (f"  dropped: {drops}" if drops else ""))
-    lines.append(f"  pass rate {summary['pass_rate']:.3f} over {summary['rollouts']} rollouts; "
-                 f"training rows {summary['training_rows']} ({summary['augmented']} augmented)")
-    if "candidates" in summary:
-        lines.append(f"  candidates {summary['candidates']}, accepted {summary['accepted']} "
-                     f"({summary['acceptance']:.0%})")
-    return "\n".join(lines)
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.status import render_status
 
@@ -291,7 +253,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from pipeline.testbed import build_base
+    from pipeline.flows.testbed import build_base
 
     cfg = load_config(args.config, args.overrides)
     model_dir = build_base(cfg.testbed, cfg.testbed.base_dir)

@@ -18,8 +18,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.util import fingerprint
-from stages.tasks.arith import ArithConfig
-from stages.tasks.base import REFLECTION_RE
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "testbed.yaml"
 
@@ -43,10 +41,53 @@ class RunConfig(Section):
         return Path(self.root) / self.name
 
 
+# What a response that reflects contains: the transition phrase of our trajectories or the
+# construction format's tag (stages.tasks.base.reflects; `eval.reflection_pattern`).
+REFLECTION_PATTERN = r"Wait, step \d+ is wrong|<analysis>"
+TASK_ENTRY_POINTS = "tapo.tasks"
+
+
+def task_plugins() -> dict[str, str]:
+    """name -> `module:Class` of the tasks installed under the `tapo.tasks` entry point, read
+    from the packages' metadata (no task code is imported here)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=TASK_ENTRY_POINTS)}
+
+
 class TaskConfig(Section):
-    name: typing.Literal["arith", "math"] = Field(
-        "arith", description="arith: the testbed task; math: \\boxed{} answers, math-verify")
+    """The task plugin (stages/tasks/) and its settings."""
+
+    name: str = Field("arith", description="arith: the testbed task; math: \\boxed{} answers, "
+                                           "math-verify; or an installed `tapo.tasks` plugin")
     chat: bool = Field(False, description="math: prompt with the model's chat template")
+
+    @field_validator("name")
+    @classmethod
+    def _installed(cls, name: str) -> str:
+        known = task_plugins()  # empty when the project is not installed: get_task decides
+        if known and name not in known:
+            raise ValueError(f"unknown task {name!r}; installed tasks: "
+                             f"{', '.join(repr(k) for k in sorted(known))}")
+        return name
+
+
+class ArithConfig(Section):
+    """The arith task's generator (stages/tasks/arith.py): the testbed's difficulty knobs.
+    Declared here, as data, so that the config imports no task code."""
+
+    min_steps: int = Field(3, ge=1, le=12, description="fewest operations in a problem")
+    max_steps: int = Field(5, ge=1, le=12, description="most operations in a problem")
+    operand_max: int = Field(99, ge=2, le=9999, description="largest + / - operand")
+    multiplier_max: int = Field(9, ge=2, le=99, description="largest * operand")
+    value_max: int = Field(999, ge=10, description="intermediate values stay in [0, value_max]")
+    ops: str = Field("+-*", pattern=r"^[+\-*]+$", description="operators to draw from")
+
+    @model_validator(mode="after")
+    def _steps_ordered(self) -> ArithConfig:
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) > max_steps ({self.max_steps})")
+        return self
 
 
 class PolicyConfig(Section):
@@ -144,7 +185,7 @@ class EvalConfig(Section):
     max_tokens: int = Field(160, ge=1, description="paper scale: 32768")
     max_problems: int | None = Field(None, ge=1, description="a seeded random N of each "
                                                              "benchmark (eval.seed)")
-    reflection_pattern: str = Field(REFLECTION_RE.pattern,
+    reflection_pattern: str = Field(REFLECTION_PATTERN,
                                     description="a response that matches it reflects")
     seed: int = Field(0, description="seeds the problem subset (eval.max_problems)")
 

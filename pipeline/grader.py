@@ -1,15 +1,17 @@
-"""The grader: a label with a reason for every (response, reference) pair.
+"""The grader: a label with a reason for every (response, reference) pair, by a task's checker.
 
-    with Grader("math", workers=2, timeout_s=5) as g:
+    with Grader(get_task("math"), workers=2, timeout_s=5) as g:
         verdicts = g.grade(responses, references)
 
-Labels: correct, incorrect, no_answer (no \\boxed{}), timeout (the item ran past `timeout_s`),
-error (the checker itself failed). The answer is the last \\boxed{}. The task's fast path runs
-in this process; the rest goes to worker processes, each item under a hard timeout: a worker
-still busy at its deadline is killed and replaced (sympy can hang inside C code, where no signal
-reaches it), so hostile input costs `timeout_s`, never the batch. A worker's clock starts once it
-is ready (math-verify imported and warmed up, which can take seconds on a loaded machine); a
-worker that cannot start within `STARTUP_S` fails the grading (GraderError), not the items.
+Labels: correct, incorrect, no_answer (the checker finds no answer), timeout (the item ran past
+`timeout_s`), error (the checker itself failed). The grader knows no task: the checker (a task
+plugin, stages/tasks) extracts the answer and settles what it can in this process
+(`fast_verdict`); the rest goes to worker processes (`verify`), each item under a hard timeout:
+a worker still busy at its deadline is killed and replaced (sympy can hang inside C code,
+where no signal reaches it), so hostile input costs `timeout_s`, never the batch. A worker's
+clock starts once it is ready (math-verify imported and warmed up, which can take seconds on a
+loaded machine); a worker that cannot start within `STARTUP_S` fails the grading (GraderError),
+not the items.
 
 A pool of our own rather than pebble's (which also kills a worker at a per-task time-out): on the
 same 5,457 items with 2 workers each, both warm (`python -m bench.grader`, 2 cores), ours grades
@@ -24,10 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-
-from stages.tasks import arith
-from stages.tasks import math as math_task
-from stages.tasks.base import extract_boxed
+from typing import Protocol
 
 READY = "ready"
 STARTUP_S = 120.0  # a worker not ready by then is broken, not slow
@@ -44,25 +43,33 @@ class Verdict:
     answer: str | None
 
 
-def fast_grade(task: str, response: str, reference: str) -> Verdict | None:
-    """The verdict when it needs no math-verify, else None (the pool decides)."""
-    answer = extract_boxed(response)
+class Checker(Protocol):
+    """What the grader needs of a task (stages.tasks.base.Task has it); picklable, since the
+    worker processes run its `verify`."""
+
+    def answer(self, response: str) -> str | None: ...
+
+    def fast_verdict(self, answer: str, reference: str) -> tuple[str, str] | None: ...
+
+    def verify(self, answer: str, reference: str) -> tuple[str, str]: ...
+
+
+def fast_grade(checker: Checker, response: str, reference: str) -> Verdict | None:
+    """The verdict when the checker settles it in this process, else None (the pool decides)."""
+    answer = checker.answer(response)
     if answer is None:
         return Verdict("no_answer", "no \\boxed{} in the response", None)
-    if task == "arith":
-        label, reason = arith.grade(response, reference)
-        return Verdict(label, reason, answer)
-    settled = math_task.fast_verdict(answer, reference)
+    settled = checker.fast_verdict(answer, reference)
     return Verdict(*settled, answer) if settled else None
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, checker: Checker) -> None:
     """Worker loop: a chunk of (index, answer, reference) in; one (index, label, reason) out
     per item as soon as it is graded, so a hung item is known by its missing answer."""
     import logging
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    math_task.verify_answer("1", "1")  # imports and warms math-verify and sympy
+    checker.verify("1", "1")  # imports and warms the checker (math-verify and sympy)
     conn.send(READY)
     while True:
         try:
@@ -71,16 +78,16 @@ def _serve(conn: Connection) -> None:
             return
         for index, answer, reference in chunk:
             try:
-                label, reason = math_task.verify_answer(answer, reference)
+                label, reason = checker.verify(answer, reference)
             except Exception as e:  # the checker failed on this item: say so, keep serving
                 label, reason = "error", f"{type(e).__name__}: {str(e)[:200]}"
             conn.send((index, label, reason))
 
 
 class _Worker:
-    def __init__(self, ctx):
+    def __init__(self, ctx, checker: Checker):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, checker), daemon=True)
         self.proc.start()
         child.close()
         self.chunk: deque[tuple[int, str, str]] = deque()  # sent, not yet answered
@@ -94,12 +101,12 @@ class _Worker:
 
 
 class Grader:
-    """Grades with the task's rules; math-verify items run in `workers` processes."""
+    """Grades with a task's checker; what its fast path leaves runs in `workers` processes."""
 
-    def __init__(self, task: str = "math", workers: int = 2, timeout_s: float = 5.0):
-        if task not in ("math", "arith"):
-            raise ValueError(f"unknown task {task!r}; tasks: math, arith")
-        self.task, self.n_workers, self.timeout_s = task, max(1, workers), timeout_s
+    def __init__(self, checker: Checker, workers: int = 2, timeout_s: float = 5.0):
+        if not callable(getattr(checker, "verify", None)):
+            raise TypeError(f"the grader needs a task (stages.tasks.get_task), not {checker!r}")
+        self.checker, self.n_workers, self.timeout_s = checker, max(1, workers), timeout_s
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: list[_Worker] = []
         self.restarts = 0
@@ -121,10 +128,10 @@ class Grader:
         verdicts: list[Verdict | None] = []
         slow: deque[tuple[int, str, str]] = deque()
         for i, (response, reference) in enumerate(zip(responses, references)):
-            verdict = fast_grade(self.task, response, reference)
+            verdict = fast_grade(self.checker, response, reference)
             verdicts.append(verdict)
             if verdict is None:
-                slow.append((i, extract_boxed(response) or "", reference))
+                slow.append((i, self.checker.answer(response) or "", reference))
         if slow:
             self._run_pool(slow, verdicts, {i: a for i, a, _ in slow})
         return verdicts  # type: ignore[return-value]
@@ -134,7 +141,7 @@ class Grader:
         its chunk. A worker past its deadline is killed: the item it was on is a timeout, the
         rest of its chunk goes back to the queue."""
         while len(self._workers) < min(self.n_workers, len(queue)):
-            self._workers.append(_Worker(self._ctx))
+            self._workers.append(_Worker(self._ctx, self.checker))
         chunk_size = max(1, min(32, len(queue) // (4 * len(self._workers))))
         pending = len(queue)
         while pending:
@@ -184,5 +191,5 @@ class Grader:
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
-        self._workers[self._workers.index(worker)] = _Worker(self._ctx)
+        self._workers[self._workers.index(worker)] = _Worker(self._ctx, self.checker)
         self.restarts += 1

@@ -122,15 +122,15 @@ def stage_ref(stage_cls: type[Stage]) -> str:
     return f"{stage_cls.__module__}:{stage_cls.__qualname__}"
 
 
-def load_stage_class(ref: str) -> type[Stage]:
-    """A registered stage name (see stages.REGISTRY) or `package.module:ClassName`."""
+def load_stage_class(ref: str, registry: Mapping[str, str] | None = None) -> type[Stage]:
+    """`package.module:ClassName`, or a name of `registry` (name -> `module:Class`, e.g.
+    stages.REGISTRY)."""
     if ":" not in ref:
-        from stages import REGISTRY
-
-        if ref not in REGISTRY:
-            known = ", ".join(sorted(REGISTRY)) or "(none yet)"
+        registry = registry or {}
+        if ref not in registry:
+            known = ", ".join(sorted(registry)) or "(none given)"
             raise KeyError(f"unknown stage {ref!r}; registered stages: {known}")
-        ref = REGISTRY[ref]
+        ref = registry[ref]
     module, _, qualname = ref.partition(":")
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):

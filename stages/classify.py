@@ -15,6 +15,7 @@ from pipeline.grader import Grader
 from pipeline.runner import Stage, StageOutput
 from stages import schema
 from stages.common import valid_unique
+from stages.tasks import task_of
 
 
 class Classify(Stage):
@@ -26,7 +27,7 @@ class Classify(Stage):
 
     def __init__(self, config):
         super().__init__(config)
-        self.grader = Grader(config.task.name, config.grader.workers, config.grader.timeout_s)
+        self.grader = Grader(task_of(config), config.grader.workers, config.grader.timeout_s)
 
     def process(self, rows):
         out = StageOutput()

@@ -7,25 +7,17 @@ import functools
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from pipeline.config import Config
 from pipeline.engines import Engine, Prompt, SamplingParams, make_engine
-from stages.tasks import arith
-from stages.tasks import math as math_task
-from stages.tasks.base import split_steps
-
-
-class Rejection(NamedTuple):
-    """Why a row is dropped: `reason` (a short key, counted) and a `detail` for the reader."""
-
-    reason: str
-    detail: str
+from pipeline.layout import testbed_model
+from stages.tasks.base import Step, task_of
 
 
 def policy_path(cfg: Config) -> Path:
     """The model being trained: `policy.path`, or the testbed base model when empty."""
-    return Path(cfg.policy.path) if cfg.policy.path else Path(cfg.testbed.base_dir) / "model"
+    return Path(cfg.policy.path) if cfg.policy.path else testbed_model(cfg.testbed.base_dir)
 
 
 @functools.lru_cache(maxsize=4)
@@ -38,15 +30,6 @@ def load_tokenizer(path: str) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
-def task_prompt(cfg: Config, problem: str) -> Prompt:
-    """The task's prompt for a problem: plain text, or chat messages (math with task.chat)."""
-    if cfg.task.name == "arith":
-        return arith.PROMPT_TEMPLATE.format(problem=problem)
-    if cfg.task.chat:
-        return math_task.chat_messages(problem)
-    return math_task.PROMPT_TEMPLATE.format(problem=problem)
-
-
 def instruction_prompt(text: str, tokenizer: Any) -> Prompt:
     """An instruction to a model as the engines take it: a user turn when the model has a chat
     template, else the plain text and a newline. `render_prompt(...)` of it is the exact text
@@ -57,9 +40,10 @@ def instruction_prompt(text: str, tokenizer: Any) -> Prompt:
 
 
 def require_rule_task(config: Config, section: str) -> None:
-    """`SECTION.method=rule` uses the arith step checker: any other task needs `llm`."""
-    if getattr(config, section).method == "rule" and config.task.name != "arith":
-        raise ValueError(f"{section}.method=rule needs the arith task (an exact step checker); "
+    """`SECTION.method=rule` uses the task's exact step checker: a task without one needs
+    `llm`."""
+    if getattr(config, section).method == "rule" and not task_of(config).has_step_checker:
+        raise ValueError(f"{section}.method=rule needs a task with an exact step checker (arith); "
                          f"task {config.task.name!r} needs {section}.method=llm")
 
 
@@ -148,6 +132,6 @@ def tiebreak(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
 
 
-def numbered_steps(text: str) -> str:
-    """The response's steps (non-empty lines), numbered `[1] ...`, one per line."""
-    return "\n".join(f"[{s.index}] {s.text}" for s in split_steps(text))
+def numbered_steps(steps: list[Step]) -> str:
+    """A response's steps (Task.split_steps), numbered `[1] ...`, one per line."""
+    return "\n".join(f"[{s.index}] {s.text}" for s in steps)

@@ -32,15 +32,13 @@ from pipeline.util import model_state
 from stages import schema
 from stages.common import (
     EngineHolder,
-    Rejection,
     ask,
     load_tokenizer,
     numbered_steps,
     policy_path,
     require_rule_task,
 )
-from stages.tasks import arith
-from stages.tasks.base import split_steps
+from stages.tasks.base import Rejection, Step, task_of
 
 TRANSITION = "Wait, step {k} is wrong: "
 
@@ -80,13 +78,14 @@ class Construct(Stage):
         super().__init__(config)
         require_rule_task(config, "construction")
         self.engine = EngineHolder(config, config.construction.model or policy_path(config))
-        self.grader = Grader(config.task.name, config.grader.workers, config.grader.timeout_s)
+        self.task = task_of(config)
+        self.grader = Grader(self.task, config.grader.workers, config.grader.timeout_s)
 
     def process(self, rows):
         cfg = self.config.construction
         full = cfg.mode == "full_reconstruction"
         if cfg.method == "rule":
-            built = [rule_trajectory(row, full) for row in rows]
+            built = [rule_trajectory(self.task, row, full) for row in rows]
         else:
             built = self._llm(rows, full)
         tokenizer = load_tokenizer(str(policy_path(self.config)))
@@ -126,8 +125,9 @@ class Construct(Stage):
     def _llm(self, rows, full: bool):
         cfg = self.config.construction
         answers = ask(self.engine, [construct_instruction(
-            r["failure_step"], r["problem"], r["wrong_response"], r["reference_response"],
-            cfg.mode) for r in rows], cfg.temperature, cfg.max_tokens, self.config.run.seed)
+            r["failure_step"], r["problem"], self.task.split_steps(r["wrong_response"]),
+            r["reference_response"], cfg.mode) for r in rows],
+            cfg.temperature, cfg.max_tokens, self.config.run.seed)
         return [llm_trajectory(r, a, full) for r, a in zip(rows, answers, strict=True)]
 
     @classmethod
@@ -139,11 +139,12 @@ class Construct(Stage):
         self.grader.close()
 
 
-def construct_instruction(k: int, problem: str, wrong_response: str, reference: str,
+def construct_instruction(k: int, problem: str, steps: list[Step], reference: str,
                           mode: str) -> str:
-    """CONSTRUCT_INSTRUCTION for a wrong response failing at step k and a construction mode."""
+    """CONSTRUCT_INSTRUCTION for a wrong response (cut into `steps`) failing at step k, and a
+    construction mode."""
     return CONSTRUCT_INSTRUCTION.format(
-        k=k, problem=problem, steps=numbered_steps(wrong_response),
+        k=k, problem=problem, steps=numbered_steps(steps),
         reference=reference.strip(), what=WHAT[mode].format(k=k))
 
 
@@ -151,26 +152,13 @@ def _separator(prefix: str) -> str:
     return "\n" if prefix and not prefix.endswith("\n") else ""
 
 
-def rule_trajectory(row, full: bool):
-    """(prefix, diagnosis, correction) built exactly for an arith candidate, or a Rejection."""
-    problem = arith.parse_problem(row["problem"])
-    if full:
-        return "", "", problem.solution()
-    prefix = row["wrong_response"][: row["prefix_chars"]]
-    steps = split_steps(row["wrong_response"])
+def rule_trajectory(task, row, full: bool):
+    """(prefix, diagnosis, correction) built by the task's exact step checker, or a
+    Rejection."""
+    prefix = "" if full else row["wrong_response"][: row["prefix_chars"]]
+    steps = task.split_steps(row["wrong_response"])
     failed = steps[row["failure_step"] - 1] if row["failure_step"] <= len(steps) else None
-    before = prefix[: failed.start] if failed is not None else prefix  # without a kept step k
-    state = arith.first_wrong_step(problem, before)
-    if state is None:
-        return Rejection("prefix_is_complete", "the kept prefix already solves the problem")
-    if state.step is not None:
-        return Rejection("prefix_has_error", f"step {state.step.index} of the prefix is wrong")
-    k, n = state.chain_step, len(problem.ops)
-    found = failed.text if failed is not None else ""
-    expected = arith.expected_line(problem, k)
-    diagnosis = _separator(prefix) + arith.reflection_line(k, found, expected) + "\n"
-    correction = "\n".join(arith.expected_line(problem, j) for j in range(k, n + 2))
-    return prefix, diagnosis, correction
+    return task.repair(row["problem"], prefix, failed, full)
 
 
 def llm_trajectory(row, answer: str, full: bool):

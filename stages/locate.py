@@ -26,7 +26,6 @@ from pipeline.util import model_state
 from stages import schema
 from stages.common import (
     EngineHolder,
-    Rejection,
     ask,
     load_tokenizer,
     numbered_steps,
@@ -34,8 +33,7 @@ from stages.common import (
     prefix_boundary,
     require_rule_task,
 )
-from stages.tasks import arith
-from stages.tasks.base import split_steps
+from stages.tasks.base import Rejection, Step, task_of
 
 LOCATE_INSTRUCTION = """\
 A student solved a problem step by step and got the final answer wrong. Find the first wrong step.
@@ -66,11 +64,12 @@ class Locate(Stage):
         super().__init__(config)
         require_rule_task(config, "locate")
         self.engine = EngineHolder(config, config.locate.model or policy_path(config))
+        self.task = task_of(config)
 
     def process(self, rows):
         tokenizer = load_tokenizer(str(policy_path(self.config)))
         if self.config.locate.method == "rule":
-            found = [self._rule(row) for row in rows]
+            found = [self.task.locate_failure(r["problem"], r["wrong_response"]) for r in rows]
         else:
             found = self._llm(rows)
         out = StageOutput()
@@ -79,38 +78,28 @@ class Locate(Stage):
                 out.drop(row, result.reason, result.detail)
                 continue
             step, chars, detail = result
+            steps = self.task.split_steps(row["wrong_response"])
             if self.config.locate.keep_failed_step:
-                chars = failed_step_end(row["wrong_response"], step, chars)
+                chars = failed_step_end(steps, step, chars)
             try:
                 n_tokens, chars = prefix_boundary(tokenizer, row["wrong_token_ids"],
                                                   row["wrong_response"], chars)
             except ValueError as e:
                 out.drop(row, "token_mismatch", str(e))
                 continue
-            out.keep({**row, "n_steps": len(split_steps(row["wrong_response"])),
+            out.keep({**row, "n_steps": len(steps),
                       "failure_step": step, "prefix_chars": chars, "prefix_tokens": n_tokens,
                       "locator": self.config.locate.method, "locate_detail": detail})
         return out
 
-    @staticmethod
-    def _rule(row):
-        """(failure_step, prefix_chars, detail) by the arith checker, or a Rejection."""
-        error = arith.first_wrong_step(arith.parse_problem(row["problem"]), row["wrong_response"])
-        if error is None:
-            return Rejection("no_error_found", "the step checker finds every step correct")
-        n_steps = len(split_steps(row["wrong_response"]))
-        step = error.step.index if error.step is not None else n_steps + 1
-        detail = json.dumps({"chain_step": error.chain_step, "expected": error.expected,
-                             "found": error.found})
-        return step, error.char_start, detail
-
     def _llm(self, rows):
         cfg = self.config.locate
         answers = ask(self.engine, [LOCATE_INSTRUCTION.format(
-            problem=r["problem"], steps=numbered_steps(r["wrong_response"]),
+            problem=r["problem"], steps=numbered_steps(self.task.split_steps(r["wrong_response"])),
             reference=r["reference_response"].strip()) for r in rows],
             cfg.temperature, cfg.max_tokens, self.config.run.seed)
-        return [parse_located_step(a, r["wrong_response"]) for r, a in zip(rows, answers)]
+        return [parse_located_step(a, self.task.split_steps(r["wrong_response"]))
+                for r, a in zip(rows, answers)]
 
     @classmethod
     def models_state(cls, config):
@@ -120,20 +109,18 @@ class Locate(Stage):
         self.engine.close()
 
 
-def failed_step_end(response: str, step: int, chars: int) -> int:
-    """The end of line `step` (its line terminator included), or `chars` when there is no such
-    step."""
-    steps = split_steps(response)
+def failed_step_end(steps: list[Step], step: int, chars: int) -> int:
+    """The end of line `step` of a response's `steps` (its line terminator included), or
+    `chars` when there is no such step."""
     return steps[step - 1].line_end if 1 <= step <= len(steps) else chars
 
 
-def parse_located_step(answer: str, response: str):
-    """(failure_step, prefix_chars, detail) from a locator model's answer, or a Rejection when
-    it names no valid step."""
+def parse_located_step(answer: str, steps: list[Step]):
+    """(failure_step, prefix_chars, detail) from a locator model's answer about a response cut
+    into `steps`, or a Rejection when it names no valid step."""
     m = _STEP_TAG.search(answer)
     if m is None:
         return Rejection("locator_unparseable", f"no <step>k</step> in {answer[:200]!r}")
-    steps = split_steps(response)
     k = int(m.group(1))
     if not 1 <= k <= len(steps):
         return Rejection("locator_out_of_range", f"step {k} of {len(steps)}")

@@ -18,10 +18,10 @@ from stages.common import (
     EngineHolder,
     load_tokenizer,
     policy_path,
-    task_prompt,
     tiebreak,
     valid_unique,
 )
+from stages.tasks import task_of
 
 
 class Sample(Stage):
@@ -47,7 +47,8 @@ class Sample(Stage):
             return out
         cfg, seed = self.config.rollout, self.config.run.seed
         tokenizer = load_tokenizer(str(policy_path(self.config)))
-        prompts = [task_prompt(self.config, r["problem"]) for r in problems]
+        task = task_of(self.config)
+        prompts = [task.prompt(r["problem"]) for r in problems]
         params = SamplingParams(
             temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
             seed=tiebreak(seed, problems[0]["problem_id"]) % 2**31,

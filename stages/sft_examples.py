@@ -33,6 +33,7 @@ from pipeline.runner import Stage, StageOutput
 from stages import schema
 from stages.common import instruction_prompt, load_tokenizer, policy_path, valid_unique
 from stages.construct import TRANSITION, construct_instruction
+from stages.tasks.base import split_steps, task_of
 
 SFT, DIRECT, IF = "sft", "direct", "if"
 RATIO = (2, 1)  # (SFT + DIRECT) : IF
@@ -41,7 +42,7 @@ RATIO = (2, 1)  # (SFT + DIRECT) : IF
 class SftExamples(Stage):
     name = "sft_examples"
     version = "2"
-    sections = ("coldstart", "policy", "testbed")
+    sections = ("task", "coldstart", "policy", "testbed")
     input_schema = schema.TRAJECTORIES
     output_schema = schema.SFT_EXAMPLES
     whole_input = True
@@ -52,6 +53,7 @@ class SftExamples(Stage):
         cfg = self.config.coldstart
         located = {r["wrong_rollout_id"]: r for r in self.side["located"]}
         tokenizer = load_tokenizer(str(policy_path(self.config)))
+        task = task_of(self.config)
         out = StageOutput()
         sft, direct, instruct = [], [], []
         for t in sorted(rows, key=lambda t: t["trajectory_id"]):
@@ -65,7 +67,7 @@ class SftExamples(Stage):
             if not t["diagnosis"].strip():
                 out.drop(_stub(t, IF), "no_analysis", "the trajectory has no diagnosis")
             else:
-                instruct.append(if_example(source, t, tokenizer))
+                instruct.append(if_example(source, t, tokenizer, task.split_steps))
         sft, direct, instruct = (valid_unique(
             pool, key=lambda e: (e["prompt"], e["response"]), valid=lambda e: True, out=out,
             bad=("", ""), duplicate="duplicate") for pool in (sft, direct, instruct))
@@ -99,11 +101,11 @@ def direct_example(located: dict, t: dict) -> dict:
             "response": located["reference_response"]}
 
 
-def if_example(located: dict, t: dict, tokenizer) -> dict:
+def if_example(located: dict, t: dict, tokenizer, split=split_steps) -> dict:
     """The construction instruction for the located wrong response, as the policy reads it in
     construction, answered in the tags."""
     instruction = render_prompt(instruction_prompt(construct_instruction(
-        t["failure_step"], t["problem"], located["wrong_response"],
+        t["failure_step"], t["problem"], split(located["wrong_response"]),
         located["reference_response"], t["mode"]), tokenizer), tokenizer)
     transition = TRANSITION.format(k=t["failure_step"]).strip()
     analysis = t["diagnosis"].strip().removeprefix(transition).strip()

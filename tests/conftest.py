@@ -29,7 +29,7 @@ def shards(tmp_path):
 def small_base(tmp_path_factory):
     """The small testbed (configs/testbed-small.yaml) built once per session (about 20 s):
     returns a function giving its config with extra overrides."""
-    from pipeline.testbed import build_base
+    from pipeline.flows.testbed import build_base
 
     base = tmp_path_factory.mktemp("small") / "base"
     overrides = [f"testbed.base_dir={base}", "engine.backend=hf",

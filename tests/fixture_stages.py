@@ -95,3 +95,25 @@ class NeedsModel(Stage):
         for row in rows:
             out.keep(row)
         return out
+
+
+# --- a task plugin of our own (the grader's workers import it from here) ---------------------
+
+from stages.tasks.base import Task, register  # noqa: E402
+
+
+@register
+class ParityTask(Task):
+    """A task the project does not ship: the answer is "even" or "odd"; the fast path settles
+    "even", everything else goes to the grader's worker processes (`verify`)."""
+
+    name = "parity"
+
+    def prompt(self, problem: str) -> str:
+        return f"Is {problem} even or odd?\n"
+
+    def fast_verdict(self, answer, reference):
+        return ("correct", "fast") if answer == reference == "even" else None
+
+    def verify(self, answer, reference):
+        return ("correct" if answer == reference else "incorrect"), f"worker {os.getpid()}"

@@ -9,8 +9,9 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
+from pipeline.flows.round import resolve_policy
 from pipeline.io import part_name, read_pandas, write_table_atomic
-from pipeline.round import load_problems, resolve_policy
+from pipeline.problems import load_problems
 from stages import schema
 from stages.coldstart_select import ColdstartSelect
 from stages.common import load_tokenizer, policy_path

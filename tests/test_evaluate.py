@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import main
-from pipeline.compare import VARIANTS, summary_rows, variant_config
 from pipeline.config import load_config
-from pipeline.evaluate import ks, pass_at_k, response_metrics
+from pipeline.flows.compare import VARIANTS, summary_rows, variant_config
+from pipeline.flows.evaluate import ks, pass_at_k, response_metrics
 from pipeline.io import read_pandas
 from stages.tasks.base import REFLECTION_RE
 from tests.conftest import SMALL_CONFIG
@@ -141,10 +141,10 @@ def test_make_targets_pass_overrides_and_require_a_model():
 
 
 def test_math_prompt_keeps_the_boxed_instruction():
-    from stages.common import task_prompt
+    from stages.tasks import task_of
 
     cfg = load_config(None, ["task.name=math"])
-    prompt = task_prompt(cfg, "Find $f(x)$ where {x} = 2.")
+    prompt = task_of(cfg).prompt("Find $f(x)$ where {x} = 2.")
     assert prompt == "Find $f(x)$ where {x} = 2.\nPlease reason step by step, and put your final " \
                      "answer within \\boxed{}.\n"
 
@@ -153,8 +153,8 @@ def test_a_model_retrained_at_the_same_path_is_sampled_again(small_base, tmp_pat
     import os
     import shutil
 
-    from pipeline.evaluate import bench_config
-    from pipeline.round import write_problems
+    from pipeline.flows.evaluate import bench_config
+    from pipeline.problems import write_problems
     from pipeline.runner import run_stage
     from stages.sample import Sample
 

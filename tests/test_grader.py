@@ -3,13 +3,16 @@ import time
 import pytest
 
 from pipeline.grader import Grader, fast_grade
+from stages.tasks import get_task
 from stages.tasks import math as math_task
 from stages.tasks.base import extract_boxed
+
+MATH = get_task("math")
 
 
 @pytest.fixture(scope="module")
 def grader():
-    with Grader("math", workers=2, timeout_s=3.0) as g:
+    with Grader(MATH, workers=2, timeout_s=3.0) as g:
         yield g
 
 
@@ -60,16 +63,18 @@ def test_every_item_gets_label_and_reason(grader):
 
 def test_length_mismatch_and_unknown_task():
     with pytest.raises(ValueError):
-        Grader("math").grade(["a"], [])
-    with pytest.raises(ValueError, match="unknown task"):
-        Grader("chess")
+        Grader(MATH).grade(["a"], [])
+    with pytest.raises(KeyError, match="unknown task 'chess'; tasks: arith, math"):
+        get_task("chess")
+    with pytest.raises(TypeError, match="needs a task"):
+        Grader("math")
 
 
 def test_fast_path_needs_no_pool():
-    assert fast_grade("math", "\\boxed{ 7 }", "7").label == "correct"
-    assert fast_grade("math", "\\boxed{8}", "7").label == "incorrect"
-    assert fast_grade("math", "\\boxed{x}", "7") is None
-    assert fast_grade("arith", "\\boxed{7}", "7").label == "correct"
+    assert fast_grade(MATH, "\\boxed{ 7 }", "7").label == "correct"
+    assert fast_grade(MATH, "\\boxed{8}", "7").label == "incorrect"
+    assert fast_grade(MATH, "\\boxed{x}", "7") is None
+    assert fast_grade(get_task("arith"), "\\boxed{7}", "7").label == "correct"
 
 
 def test_extract_boxed_is_linear_on_huge_input():
@@ -83,7 +88,7 @@ def test_extract_boxed_is_linear_on_huge_input():
 def test_reference_solutions_grade_correct_on_real_data():
     """MATH-500 and GSM8K reference solutions against their own answers (50 of each), and AIME /
     HMMT answers round-tripping: the grader check's agreement target is 99%."""
-    from pipeline.grader_check import run_check
+    from pipeline.flows.grader_check import run_check
 
     report = run_check(limit=50)
     assert report["total"] == 50 * 2 + 30 * 3
@@ -93,7 +98,7 @@ def test_reference_solutions_grade_correct_on_real_data():
 
 
 def test_gsm8k_final_line_becomes_boxed():
-    from pipeline.grader_check import gsm8k_response
+    from pipeline.flows.grader_check import gsm8k_response
 
     assert gsm8k_response("She has 3.\n#### 1,234") == "She has 3.\n\\boxed{1234}"
 
@@ -105,7 +110,7 @@ def test_hung_items_inside_chunks_requeue_the_rest():
     references = [f"\\frac{{{2 * i}}}{{{2 * i + 2}}}" for i in range(40)]
     for hostile in (7, 8, 23):
         responses[hostile] = "\\boxed{9^{9^{9^{9^{9^{9}}}}}}"
-    with Grader("math", workers=2, timeout_s=2.0) as g:
+    with Grader(MATH, workers=2, timeout_s=2.0) as g:
         verdicts = g.grade(responses, references)
     labels = [v.label for v in verdicts]
     assert [i for i, lab in enumerate(labels) if lab == "timeout"] == [7, 8, 23]
@@ -116,7 +121,7 @@ def test_a_workers_start_up_is_not_an_items_time_out():
     """Spawning a worker and importing math-verify takes longer than this 0.3 s limit; the
     clock starts when the worker is ready, so a plain item still grades (on a loaded machine
     every fresh worker's first item timed out, and each replacement's too)."""
-    with Grader("math", workers=2, timeout_s=0.3) as g:
+    with Grader(MATH, workers=2, timeout_s=0.3) as g:
         verdicts = g.grade(["\\boxed{0.5}", "\\boxed{\\dfrac{1}{2}}"], ["\\frac{1}{2}", "\\frac12"])
         assert [v.label for v in verdicts] == ["correct", "correct"] and g.restarts == 0
 
@@ -129,7 +134,7 @@ def test_a_worker_that_cannot_start_fails_the_grading(tmp_path, monkeypatch):
     fake.mkdir()
     (fake / "__init__.py").write_text("raise ImportError('broken math-verify install')\n")
     monkeypatch.syspath_prepend(str(tmp_path))  # (spawned workers take this process's sys.path)
-    with Grader("math", workers=1, timeout_s=3.0) as g, pytest.raises(
+    with Grader(MATH, workers=1, timeout_s=3.0) as g, pytest.raises(
             GraderError, match="died while starting"):
         g.grade(["\\boxed{0.5}"], ["\\frac{1}{2}"])
 
@@ -143,7 +148,7 @@ def test_a_worker_killed_mid_item_gives_that_item_error_and_the_rest_grade():
 
     responses = ["\\boxed{9^{9^{9^{9^{9^{9}}}}}}", "\\boxed{0.5}", "\\boxed{\\dfrac{1}{2}}"]
     references = ["2", "\\frac{1}{2}", "\\frac12"]
-    with Grader("math", workers=1, timeout_s=30.0) as g:
+    with Grader(MATH, workers=1, timeout_s=30.0) as g:
         result = {}
         thread = threading.Thread(target=lambda: result.update(v=g.grade(responses, references)))
         thread.start()
@@ -158,3 +163,20 @@ def test_a_worker_killed_mid_item_gives_that_item_error_and_the_rest_grade():
         assert labels[0] == ("error", "grader worker died")
         assert [lab for lab, _ in labels[1:]] == ["correct", "correct"]
         assert g.restarts == 1
+
+
+def test_the_grader_knows_no_task_a_plugin_grades():
+    """A task registered outside the project is found by name and graded by its own checker,
+    in this process (fast path) and in the pool's workers (verify)."""
+    import os
+
+    from tests.fixture_stages import ParityTask
+
+    task = get_task("parity")
+    assert isinstance(task, ParityTask) and task.prompt("7") == "Is 7 even or odd?\n"
+    with Grader(task, workers=1, timeout_s=10.0) as g:
+        verdicts = g.grade(["\\boxed{even}", "\\boxed{odd}", "\\boxed{even}", "none"],
+                           ["even", "odd", "odd", "odd"])
+    assert [v.label for v in verdicts] == ["correct", "correct", "incorrect", "no_answer"]
+    assert verdicts[0].reason == "fast" and verdicts[1].reason.startswith("worker ")
+    assert verdicts[1].reason != f"worker {os.getpid()}"  # (another process)

@@ -6,6 +6,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -33,9 +34,10 @@ if importlib.util.find_spec("openrlhf") is None:  # (a GPU-less install without 
 _stub_flash_attn()
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
+import pipeline.flows.online as online  # noqa: E402
 import trainer.openrlhf_adapter as adapter  # noqa: E402  (installed: an import error fails)
+from pipeline.flows.round import run_round  # noqa: E402
 from pipeline.io import read_pandas  # noqa: E402
-from pipeline.round import run_round  # noqa: E402
 from trainer.objective import loss_mask  # noqa: E402
 from trainer.rl import build_batch, objective_config, old_logprobs  # noqa: E402
 
@@ -136,8 +138,8 @@ def test_augmented_experiences_from_openrlhf_rollouts(round_shard):
         for key in adapter.TAPO_KEYS:
             s.info.pop(key)
     cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"path": policy})})
-    out = adapter.augmented_experiences(samples, G, tokenizer, cfg, step=7)
-    selected = Select(cfg).process(adapter.rollout_rows(samples, G, tokenizer, 7, "arith")).rows
+    out = online.augmented_experiences(samples, G, tokenizer, cfg, step=7)
+    selected = Select(cfg).process(online.rollout_rows(samples, G, tokenizer, 7, cfg)).rows
     problems = {r["problem_id"] for r in selected}  # (a row per wrong rollout: latest_failure)
     assert 0 < len(out) == len(problems)  # the rule constructor repairs every candidate
     for e in out:
@@ -156,19 +158,24 @@ def test_augmented_experiences_from_openrlhf_rollouts(round_shard):
 
 
 def test_rollout_rows_round_trip(round_shard):
-    _, policy, rollouts, _, groups = round_shard
+    cfg, policy, rollouts, _, groups = round_shard
     tokenizer = AutoTokenizer.from_pretrained(policy)
     samples = [adapter.experience_from_row(r, groups[r["problem_id"]])
                for r in rollouts.head(2 * G).to_dict("records")]
-    rows = adapter.rollout_rows(samples, G, tokenizer, step=3)
+    rows = online.rollout_rows(samples, G, tokenizer, 3, cfg)
     assert [r["rollout_id"] for r in rows[:2]] == ["step3-g0/0", "step3-g0/1"]
     for r, original in zip(rows, rollouts.head(2 * G).itertuples()):
         assert r["response_token_ids"] == list(original.response_token_ids)
         assert r["response"] == original.response and r["label"] == original.label
 
 
-def test_reward_fn_grades_with_our_grader():
-    from trainer.reward_fn import reward_func
+MATH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "math.yaml"
+
+
+def test_reward_fn_grades_with_our_grader(monkeypatch):
+    from pipeline.flows.reward_fn import reward_func
+
+    monkeypatch.setenv("TAPO_CONFIG", str(MATH_CONFIG))  # the run's task grades
 
     out = reward_func(["Q\\boxed{\\frac{1}{2}}", "Q\\boxed{0.5}", "Q no answer"], ["Q"] * 3,
                       ["\\frac12", "\\frac{1}{2}", "1"])
@@ -177,7 +184,7 @@ def test_reward_fn_grades_with_our_grader():
 
 def test_entry_point_refuses_async_mode():
     with pytest.raises(SystemExit, match="async"):
-        adapter.main(["--train.async_enable"])
+        online.main(["--train.async_enable"])
 
 
 @pytest.mark.parametrize("tapo_kl, flags, ok", [
@@ -213,7 +220,7 @@ def readme_launch_commands() -> list[tuple[str, list[str]]]:
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             for marker, module in (("openrlhf.cli.train_sft", "openrlhf.cli.train_sft"),
-                                   ("trainer.openrlhf_adapter", "openrlhf.cli.train_ppo_ray")):
+                                   ("pipeline.flows.online", "openrlhf.cli.train_ppo_ray")):
                 if marker in words:
                     commands.append((module, words[words.index(marker) + 1 :]))
     return commands
@@ -349,9 +356,9 @@ def test_train_step_itself_on_cpu(round_shard, monkeypatch):
     for s in samples:
         for key in adapter.TAPO_KEYS:
             s.info.pop(key)
-    trainer = adapter.TapoPPOTrainer.__new__(adapter.TapoPPOTrainer)  # (no Ray actor groups)
+    trainer = online.OnlineTapoTrainer.__new__(online.OnlineTapoTrainer)  # (no Ray actors)
     actor = LocalActorGroup(model)
-    trainer.tapo_cfg, trainer.tapo_stages, trainer.tokenizer = cfg, {}, tokenizer
+    trainer.tapo_cfg, trainer.tokenizer = cfg, tokenizer
     trainer.args = SimpleNamespace(
         rollout=SimpleNamespace(n_samples_per_prompt=G, batch_size=len(samples) // G),
         train=SimpleNamespace(dynamic_batch_enable=False), ds=SimpleNamespace(enable_sleep=False),

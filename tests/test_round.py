@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.flows.round import run_round
 from pipeline.io import read_pandas
-from pipeline.round import run_round
 
 STAGES = ["sample", "classify", "select", "locate", "pick_repair", "construct", "assemble"]
 
@@ -110,7 +110,7 @@ def test_cli_round_and_status(small_base, tmp_path, capsys):
 
 
 def test_problem_files_name_the_place_and_exclude_bad_rows(small_base, tmp_path, capsys):
-    from pipeline.round import write_problems
+    from pipeline.problems import write_problems
 
     good = '{"id": "a", "problem": "Compute left to right: 1 + 2", "answer": 3}'
     broken = tmp_path / "problems.jsonl"
@@ -203,3 +203,28 @@ def test_each_stage_runs_alone_from_the_cli(small_base, tmp_path):
                 "--config", str(cfg_path)]
         assert main(argv) == 0, name
         pd.testing.assert_frame_equal(read_pandas(alone / name), read_pandas(here / name))
+
+
+def test_in_memory_chain_gives_the_rounds_rows(small_base, tmp_path):
+    """The OpenRLHF adapter's driver (run_chain_in_memory over the ONLINE chain) and the round
+    on disk make the same training rows from the same graded rollouts, value for value."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.chain import run_chain_in_memory
+    from pipeline.flows.chains import ONLINE
+    from pipeline.io import list_parts
+    from stages.schema import TRAINING
+
+    cfg = small_base("rollout.problems_per_round=24", "select.p_high=0.75")
+    summary = run_round(tmp_path / "run", 1, cfg, progress=False)
+    here = tmp_path / "run" / "iter_0001"
+    cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(
+        update={"path": summary["policy"]})})
+    rollouts = [r for p in list_parts(here / "classify") for r in pq.read_table(p).to_pylist()]
+    rows = run_chain_in_memory(ONLINE, cfg, {"classify": rollouts})
+    assert summary["accepted"] > 0 and len(rows["construct"]) == summary["accepted"]
+    on_disk = pa.concat_tables(pq.read_table(p) for p in list_parts(here / "assemble"))
+    in_memory = pa.Table.from_pylist(rows["assemble"], schema=TRAINING)
+    order = [("sample_id", "ascending")]  # (on disk, each shard's trajectories follow it)
+    assert in_memory.sort_by(order).equals(on_disk.sort_by(order))

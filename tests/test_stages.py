@@ -16,6 +16,7 @@ from stages.locate import Locate, parse_located_step
 from stages.sample import Sample
 from stages.select import Select
 from stages.tasks import arith
+from stages.tasks.base import split_steps
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "llm_outputs.json").read_text())
 PROBLEM = arith.parse_problem("Compute left to right: 48 + 17 - 29 * 3")  # 65, 36, 108
@@ -257,7 +258,7 @@ def test_one_step_splitter_for_every_line_terminator(small_base, eol):
     steps = split_steps(wrong)
     assert [s.text for s in steps] == wrong.split(eol)
     step2_end = len("48 + 17 = 65" + eol + "65 - 29 = 38" + eol)
-    assert steps[1].line_end == step2_end and failed_step_end(wrong, 2, 0) == step2_end
+    assert steps[1].line_end == step2_end and failed_step_end(steps, 2, 0) == step2_end
     (row,) = Locate(cfg).process([candidate(tok, wrong)]).rows
     assert row["failure_step"] == 2 and row["n_steps"] == 4
     assert row["prefix_chars"] == step2_end  # byte-level tokens end at the terminator
@@ -301,7 +302,7 @@ def test_llm_locator_on_recorded_chat_answers(small_base, case):
 
 
 def test_parse_located_step_edge_cases():
-    response = "a\n\nb\nc"
+    response = split_steps("a\n\nb\nc")
     assert parse_located_step("<step>2</step>", response)[:2] == (2, 3)
     assert parse_located_step("<step>3</step> then <step>1</step>", response)[:2] == (3, 5)
     assert parse_located_step("<step>4</step>", response).reason == "locator_out_of_range"

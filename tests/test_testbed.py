@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
-from pipeline.testbed import build_base, measure_base
+from pipeline.flows.testbed import build_base, measure_base
 from stages.tasks import arith
 
 TINY = [
@@ -129,7 +129,7 @@ def test_full_build_meets_targets(tmp_path):
     assert m["mixed_share"] >= 0.30, m
 
     # one TAPO round on the default testbed, with the default engine (vllm when installed)
-    from pipeline.round import run_round
+    from pipeline.flows.round import run_round
 
     cfg = load_config(None, [f"testbed.base_dir={tmp_path / 'base'}"])
     summary = run_round(tmp_path / "run", 1, cfg, progress=False)

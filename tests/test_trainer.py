@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import write_resolved
+from pipeline.flows.iterate import iterate, read_metrics
+from pipeline.flows.round import run_round
 from pipeline.io import read_pandas
-from pipeline.iterate import iterate, read_metrics
-from pipeline.round import run_round
 from trainer.objective import policy_loss
 from trainer.rl import _update, build_batch, objective_config, old_logprobs, response_logprobs
 

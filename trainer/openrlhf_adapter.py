@@ -1,11 +1,12 @@
-"""TAPO inside OpenRLHF 0.11.2 (Ray + DeepSpeed, multi-GPU and multi-node). The only module
-that imports OpenRLHF; it subclasses, never forks (see ../shared/OPENRLHF.md).
+"""TAPO's objective inside OpenRLHF 0.11.2 (Ray + DeepSpeed, multi-GPU and multi-node). The
+trainer side of the online loop (the only trainer module that imports OpenRLHF); it subclasses,
+never forks (see ../shared/OPENRLHF.md). It knows training rows (stages/schema.TRAINING
+columns) and Experiences, not how trajectories are made: that is pipeline/flows/online.py,
+whose trainer subclass fills `TapoPPOTrainer.augment` with our stages.
 
 Each PPO step of OpenRLHF's trainer samples G rollouts per prompt with its vLLM engines and
-rewards them. `TapoPPOTrainer.train_step` then runs our select -> locate -> pick_repair ->
-construct -> assemble stages on those rollouts (in process, the same code as `tapo round`;
-llm locators and constructors use the configured `engine`), turns the accepted trajectories
-into Experiences and hands the mixed batch to OpenRLHF. `TapoExperienceMaker` keeps
+rewards them. `TapoPPOTrainer.train_step` adds the step's augmented trajectories (`augment`)
+as Experiences and hands the mixed batch to OpenRLHF. `TapoExperienceMaker` keeps
 OpenRLHF's group_norm (GRPO) advantages for the on-policy rollouts and gives augmented
 trajectories the decoupled advantage and masks of trainer/objective.py:
 
@@ -21,17 +22,9 @@ OpenRLHF's clipped loss on an augmented token equals our capped ratio, because e
 advantage is positive (the lower clip only binds when A < 0). `algo.ood=shaping` needs the
 current policy's probabilities inside the actor's loss and is not offered here.
 
-Launch (GPU cluster, `pip install -e '.[gpu]'`; TAPO settings from a tapo config file):
-
-    TAPO_CONFIG=configs/my-run.yaml python -m trainer.openrlhf_adapter \\
-        --actor.model_name_or_path /models/Qwen3-8B --data.prompt_dataset data/train.parquet \\
-        --data.input_key prompt --data.label_key answer --rollout.n_samples_per_prompt 8 \\
-        --algo.advantage.estimator group_norm --actor.eps_clip_low_high 0.2 0.28 \\
-        --algo.kl.init_coef 0 --reward.remote_url trainer/reward_fn.py ...
-
-(every flag is OpenRLHF's own `train_ppo_ray` flag; `trainer/reward_fn.py` grades with our
-grader). The augmented count per step varies, so keep `--train.dynamic_batch_enable` off (it
-would silently drop the extra samples); the synchronous trainer only (no `--train.async_enable`).
+Launch: `python -m pipeline.flows.online` (see there). The augmented count per step varies,
+so keep `--train.dynamic_batch_enable` off (it would silently drop the extra samples); the
+synchronous trainer only (no `--train.async_enable`).
 """
 
 from __future__ import annotations
@@ -85,37 +78,6 @@ def experience_from_row(row, group: int, info_keys: Sequence[str] = ()) -> Exper
         truncated=torch.tensor([row["finish_reason"] == "length"]),
         total_length=torch.tensor([float(len(seq))]), prompts=[row["prompt"]],
         labels=[row.get("answer", "")], images=[None], mm_train_inputs=[None], info=info)
-
-
-def rollout_rows(samples: Sequence[Experience], n: int, tokenizer, step: int,
-                 task: str = "math") -> list[dict]:
-    """OpenRLHF's rollouts (batch-of-one Experiences, n consecutive per prompt, rewarded) as
-    our classified rollout rows (stages/schema.CLASSIFIED): label correct iff reward > 0.5; the
-    problem is the prompt text (arith: the problem inside the testbed's prompt template)."""
-    from stages.tasks.arith import problem_from_prompt
-
-    rows = []
-    for i, s in enumerate(samples):
-        g, k = divmod(i, n)
-        group = samples[g * n : (g + 1) * n]
-        correct = sum(float(x.rewards[0]) > 0.5 for x in group)
-        mask = s.action_mask[0].bool()
-        ids = s.sequences[0][1:][mask].tolist()
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        prompt_len = int(torch.nonzero(mask)[0]) + 1
-        ok = float(s.rewards[0]) > 0.5
-        rows.append({
-            "problem_id": f"step{step}-g{g}", "answer": str(s.labels[0]),
-            "problem": problem_from_prompt(s.prompts[0]) if task == "arith" else s.prompts[0],
-            "rollout_id": f"step{step}-g{g}/{k}", "sample_index": k,
-            "prompt": tokenizer.decode(s.sequences[0][:prompt_len].tolist()),
-            "prompt_token_ids": s.sequences[0][:prompt_len].tolist(),
-            "response": text, "response_token_ids": ids,
-            "finish_reason": "length" if bool(s.truncated[0]) else "stop",
-            "response_len": len(ids), "label": "correct" if ok else "incorrect",
-            "reason": "reward", "extracted_answer": None, "reward": float(ok), "group_size": n,
-            "group_correct": correct, "pass_rate": correct / n})
-    return rows
 
 
 # --- the TAPO advantage and masks on Experiences (pure) -------------------------------------
@@ -228,85 +190,42 @@ class TapoExperienceMaker(RemoteExperienceMaker):
 
 
 class TapoPPOTrainer(PPOTrainer.__ray_actor_class__):
-    """OpenRLHF's PPO trainer whose steps add TAPO's trajectories (a Ray actor class: use
-    `TapoPPOTrainerRemote`)."""
+    """OpenRLHF's PPO trainer whose steps add the trajectories `augment` returns (none here:
+    pipeline/flows/online.py's subclass makes them). A Ray actor class; `main` registers it."""
 
     def __init__(self, pretrain, *args, **kwargs):
         super().__init__(pretrain, *args, **kwargs)
         self.tapo_cfg = tapo_config()
         self.tapo_cfg.policy.path = pretrain  # the stages tokenize with the trained model's
         check_kl(self.args.algo.kl, objective_of(self.tapo_cfg))
-        self.tapo_stages: dict = {}  # locate/construct, built once: their engine lives on
         old = self.experience_maker
         self.experience_maker = TapoExperienceMaker(
             old.actor_model_group, old.critic_model_group, old.reward_model_group,
             old.initial_model_group, old.kl_ctl, old.strategy, old.tokenizer,
             tapo=objective_of(self.tapo_cfg))
 
+    def augment(self, rollout_samples, global_step) -> list[Experience]:
+        """The step's augmented trajectories (Experiences from `experience_from_row`, tagged
+        with their source group)."""
+        return []
+
     def train_step(self, rollout_samples, global_step):
         for s in rollout_samples:
             s.info.update({k: torch.zeros(len(s.sequences)) for k in TAPO_KEYS})
         if self.tapo_cfg.algo.name == "tapo":
-            rollout_samples = rollout_samples + augmented_experiences(
-                rollout_samples, self.args.rollout.n_samples_per_prompt, self.tokenizer,
-                self.tapo_cfg, global_step, self.tapo_stages)
+            rollout_samples = rollout_samples + self.augment(rollout_samples, global_step)
         return super().train_step(rollout_samples, global_step)
 
 
-def augmented_experiences(samples, n: int, tokenizer, cfg: Config, step: int,
-                          stages: dict | None = None) -> list:
-    """Runs select -> locate -> pick_repair -> construct -> assemble on OpenRLHF's rollouts;
-    returns the accepted trajectories as Experiences tagged with their source group. `stages`
-    keeps the locate and construct stages (and so their engines) from one step to the next;
-    without it they are built and closed here. Their llm locator and constructor run a fixed
-    model: `locate.model` / `construction.model` (a teacher), else the run's initial checkpoint,
-    not the step's current policy (OpenRLHF's vLLM engines are not shared with them)."""
-    from stages.assemble import Assemble
-    from stages.construct import Construct
-    from stages.locate import Locate
-    from stages.pick_repair import PickRepair
-    from stages.select import Select
-
-    rows = rollout_rows(samples, n, tokenizer, step, cfg.task.name)
-    candidates = Select(cfg).process(rows).rows
-    kept = stages if stages is not None else {}
-    for stage_cls in (Locate, Construct):
-        if stage_cls.name not in kept:
-            kept[stage_cls.name] = stage_cls(cfg)
-    try:
-        located = PickRepair(cfg).process(_process(kept["locate"], candidates)).rows
-        trajectories = _process(kept["construct"], located)
-    finally:
-        if stages is None:
-            for stage in kept.values():
-                stage.close()
-    assemble = Assemble(cfg)
-    assemble.side["trajectories"] = trajectories
-    keys = list(samples[0].info) if samples else []
-    out = []
-    for r in assemble.process(rows).rows:  # (prompt ids: the group's, exactly as rolled out)
-        if r["kind"] == "augmented":
-            out.append(experience_from_row(r, int(r["problem_id"].rsplit("-g", 1)[1]), keys))
-    return out
-
-
-def _process(stage, rows: list[dict]) -> list[dict]:
-    return stage.process(rows).rows if rows else []
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Runs OpenRLHF's `train_ppo_ray` entry point with `TapoPPOTrainer` in place of its
-    trainer. Reads TAPO settings from $TAPO_CONFIG; every flag is OpenRLHF's."""
+def main(argv: Sequence[str] | None = None, trainer_cls: type = TapoPPOTrainer) -> None:
+    """Runs OpenRLHF's `train_ppo_ray` entry point with `trainer_cls` in place of its trainer.
+    Reads TAPO settings from $TAPO_CONFIG; every flag is OpenRLHF's."""
     import openrlhf.trainer.ppo_trainer as ppo_trainer
     import ray
 
     argv = list(argv if argv is not None else sys.argv[1:])
     if "--train.async_enable" in argv:
         raise SystemExit("TAPO runs OpenRLHF's synchronous trainer; drop --train.async_enable")
-    ppo_trainer.PPOTrainer = ray.remote(TapoPPOTrainer)
+    ppo_trainer.PPOTrainer = ray.remote(trainer_cls)
     sys.argv = ["train_ppo_ray", *argv]
     runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
-
-
-if __name__ == "__main__":
-    main()

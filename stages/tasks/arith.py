@@ -20,13 +20,15 @@ Everything here is pure and deterministic: the generator takes a seed, the check
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pipeline.config import ArithConfig
+from stages.tasks.base import Rejection, Step, Task, extract_boxed, register, split_steps
 
-from stages.tasks.base import Step, extract_boxed, split_steps
+__all__ = ["ArithConfig", "ArithProblem", "ArithTask", "extract_boxed", "split_steps"]
 
 PROMPT_TEMPLATE = "Q: {problem}\nA:\n"
 PROBLEM_PREFIX = "Compute left to right: "
@@ -36,25 +38,6 @@ _STEP_RE = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 _REFLECTION_RE = re.compile(r"^\s*Wait, step (\d+) is wrong\b")
 _PROBLEM_TOKEN_RE = re.compile(r"-?\d+|[+\-*]")
 _MAX_ANSWER_DIGITS = 40  # a "number" longer than this is garbage, never int()-ed
-
-
-class ArithConfig(BaseModel):
-    """Difficulty knobs of the generator."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_steps: int = Field(3, ge=1, le=12, description="fewest operations in a problem")
-    max_steps: int = Field(5, ge=1, le=12, description="most operations in a problem")
-    operand_max: int = Field(99, ge=2, le=9999, description="largest + / - operand")
-    multiplier_max: int = Field(9, ge=2, le=99, description="largest * operand")
-    value_max: int = Field(999, ge=10, description="intermediate values stay in [0, value_max]")
-    ops: str = Field("+-*", pattern=r"^[+\-*]+$", description="operators to draw from")
-
-    @model_validator(mode="after")
-    def _steps_ordered(self) -> ArithConfig:
-        if self.min_steps > self.max_steps:
-            raise ValueError(f"min_steps ({self.min_steps}) > max_steps ({self.max_steps})")
-        return self
 
 
 @dataclass(frozen=True)
@@ -186,6 +169,11 @@ def grade(text: str, reference: str) -> tuple[str, str]:
     answer = extract_boxed(text)
     if answer is None:
         return "no_answer", "no \\boxed{} in the response"
+    return grade_answer(answer, reference)
+
+
+def grade_answer(answer: str, reference: str) -> tuple[str, str]:
+    """`grade` of an extracted answer."""
     if not re.fullmatch(rf"-?\d{{1,{_MAX_ANSWER_DIGITS}}}", answer):
         return "incorrect", f"boxed answer {answer[:40]!r} is not an integer"
     if not re.fullmatch(rf"\s*-?\d{{1,{_MAX_ANSWER_DIGITS}}}\s*", str(reference)):
@@ -271,3 +259,54 @@ def reflection_line(k: int, found: str, expected: str) -> str:
         a, op, b, c = parse_step(expected)
         return f"{REFLECTION_PREFIX}{k} is wrong: {a} {op} {b} = {c}, not {parsed[3]}."
     return f"{REFLECTION_PREFIX}{k} is wrong: it should be {expected}."
+
+
+# --- the plugin -----------------------------------------------------------------------------
+
+
+@register
+class ArithTask(Task):
+    """The testbed task: plain-text prompts, exact integer grading, an exact step checker."""
+
+    name = "arith"
+    has_step_checker = True
+
+    def prompt(self, problem: str) -> str:
+        return PROMPT_TEMPLATE.format(problem=problem)
+
+    def problem_from_prompt(self, prompt: str) -> str:
+        return problem_from_prompt(prompt)
+
+    def fast_verdict(self, answer: str, reference: str) -> tuple[str, str]:
+        return grade_answer(answer, reference)  # always settled: the pool never starts
+
+    def verify(self, answer: str, reference: str) -> tuple[str, str]:
+        return grade_answer(answer, reference)
+
+    def locate_failure(self, problem: str, response: str):
+        """(failure_step, prefix_chars, detail) by the step checker, or a Rejection."""
+        error = first_wrong_step(parse_problem(problem), response)
+        if error is None:
+            return Rejection("no_error_found", "the step checker finds every step correct")
+        step = error.step.index if error.step is not None else len(split_steps(response)) + 1
+        detail = json.dumps({"chain_step": error.chain_step, "expected": error.expected,
+                             "found": error.found})
+        return step, error.char_start, detail
+
+    def repair(self, problem: str, prefix: str, failed: Step | None, full: bool):
+        """(prefix, diagnosis, correction) built exactly, or a Rejection."""
+        parsed = parse_problem(problem)
+        if full:
+            return "", "", parsed.solution()
+        before = prefix[: failed.start] if failed is not None else prefix  # without step k
+        state = first_wrong_step(parsed, before)
+        if state is None:
+            return Rejection("prefix_is_complete", "the kept prefix already solves the problem")
+        if state.step is not None:
+            return Rejection("prefix_has_error", f"step {state.step.index} of the prefix is wrong")
+        k, n = state.chain_step, len(parsed.ops)
+        expected = expected_line(parsed, k)
+        separator = "\n" if prefix and not prefix.endswith("\n") else ""
+        diagnosis = separator + reflection_line(k, failed.text if failed else "", expected) + "\n"
+        correction = "\n".join(expected_line(parsed, j) for j in range(k, n + 2))
+        return prefix, diagnosis, correction

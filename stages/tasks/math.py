@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
-from stages.tasks.base import Step, extract_boxed, split_steps
+from stages.tasks.base import Step, Task, extract_boxed, register, split_steps
 
-__all__ = ["Step", "extract_boxed", "split_steps"]
+__all__ = ["MathTask", "Step", "extract_boxed", "split_steps"]
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PROMPT_TEMPLATE = "{problem}\n" + INSTRUCTION.replace("{}", "{{}}") + "\n"  # for str.format
@@ -57,3 +57,21 @@ def verify_answer(answer: str, reference: str) -> tuple[str, str]:
     if verify(gold, pred, timeout_seconds=None):
         return "correct", "math-verify: equivalent"
     return "incorrect", "math-verify: not equivalent"
+
+
+@register
+class MathTask(Task):
+    """Competition math: LaTeX answers, math-verify; a chat prompt with `task.chat`."""
+
+    name = "math"
+
+    def prompt(self, problem: str):
+        if self.config.chat:
+            return chat_messages(problem)
+        return PROMPT_TEMPLATE.format(problem=problem)
+
+    def fast_verdict(self, answer: str, reference: str) -> tuple[str, str] | None:
+        return fast_verdict(answer, reference)
+
+    def verify(self, answer: str, reference: str) -> tuple[str, str]:
+        return verify_answer(answer, reference)

@@ -2,7 +2,7 @@
 own reference answer (MATH-500; GSM8K, whose `#### x` line is read as the final answer), and
 AIME / HMMT reference answers must round-trip (`\\boxed{answer}` grades correct).
 
-    python -m pipeline.grader_check [--limit N] [--out report.md]
+    python -m pipeline.flows.grader_check [--limit N] [--out report.md]
 
 Reads data/*.jsonl; prints (and optionally writes) the agreement and every disagreement.
 """
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.grader import Grader
+from stages.tasks import get_task
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 _GSM8K_FINAL = re.compile(r"^####\s*(.+?)\s*$", re.MULTILINE)
 
 
@@ -53,7 +54,7 @@ def check_items(limit: int | None = None) -> list[Item]:
 
 def run_check(limit: int | None = None, workers: int = 2, timeout_s: float = 5.0) -> dict:
     items = check_items(limit)
-    with Grader("math", workers=workers, timeout_s=timeout_s) as grader:
+    with Grader(get_task("math"), workers=workers, timeout_s=timeout_s) as grader:
         verdicts = grader.grade([i.response for i in items], [i.reference for i in items])
     per_source: dict[str, list[int]] = {}
     disagreements = []

@@ -28,31 +28,20 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.chain import run_chain
 from pipeline.config import Config, write_resolved
 from pipeline.engines import SamplingParams
+from pipeline.flows.chains import COLDSTART
+from pipeline.flows.evaluate import format_cell
+from pipeline.flows.round import testbed_base
 from pipeline.io import read_pandas
-from pipeline.round import write_problems
-from pipeline.runner import EXCLUDED, Stage, run_stage
+from pipeline.layout import testbed_split
+from pipeline.problems import write_problems
+from pipeline.runner import EXCLUDED
 from pipeline.util import write_json_atomic
-from stages.classify import Classify
-from stages.coldstart_select import ColdstartSelect
 from stages.common import EngineHolder
-from stages.construct import Construct
-from stages.locate import Locate
-from stages.sample import Sample
-from stages.sft_examples import SftExamples
 from stages.tasks.base import reflects
 from trainer.sft import train_sft
-
-CHAIN: list[tuple[str, type[Stage], str]] = [  # (dir, stage, input dir)
-    ("sample", Sample, "problems"),
-    ("classify", Classify, "sample"),
-    ("select", ColdstartSelect, "classify"),
-    ("locate", Locate, "select"),
-    ("construct", Construct, "locate"),
-    ("examples", SftExamples, "construct"),
-]
-SIDE = {"select": {"problems": "problems"}, "examples": {"located": "locate"}}
 
 
 def coldstart_dir(cfg: Config) -> Path:
@@ -63,9 +52,7 @@ def base_model(cfg: Config) -> Path:
     """The model the cold start samples and fine-tunes: `policy.path`, else the testbed base."""
     if cfg.policy.path:
         return Path(cfg.policy.path)
-    from pipeline.testbed import build_base
-
-    return build_base(cfg.testbed, cfg.testbed.base_dir)
+    return testbed_base(cfg)
 
 
 def sampling_config(cfg: Config, base: Path) -> Config:
@@ -78,19 +65,14 @@ def sampling_config(cfg: Config, base: Path) -> Config:
     return cfg.model_copy(update={"rollout": rollout, "policy": policy})
 
 
-def run_chain(cfg: Config, pool: Path, here: Path, until: str, count: int | None,
+def build_chain(cfg: Config, pool: Path, here: Path, until: str, count: int | None,
               progress: bool = True) -> dict[str, dict[str, int]]:
-    """`count` problems of the pool (None: all) -> ... -> `until` (a CHAIN dir) into `here`;
-    returns the stats per stage."""
+    """`count` problems of the pool (None: all) -> ... -> `until` (a COLDSTART step) into
+    `here`; returns the stats per stage."""
     stats = {"problems": write_problems(pool, here / "problems", 0, count, cfg.coldstart.seed,
                                         cfg.rollout.shard_size)}
-    for name, stage_cls, source in CHAIN:
-        side = {k: here / v for k, v in SIDE.get(name, {}).items()}
-        stats[name] = run_stage(stage_cls, cfg, here / source, here / name, progress=progress,
-                                side=side).stats
-        if name == until:
-            break
-    return stats
+    runs = run_chain(COLDSTART, cfg, here, progress=progress, until=until)
+    return stats | {name: run.result.stats for name, run in runs.items()}
 
 
 def probe_prompts(located_dir: Path) -> list[str]:
@@ -142,9 +124,9 @@ def run_coldstart(run_dir: str | Path | None, cfg: Config,
     base = base_model(cfg)
     scfg = sampling_config(cfg, base)
     write_resolved(cfg, here / "config.yaml")
-    pool = Path(cfg.coldstart.problems or Path(cfg.testbed.base_dir) / "data" / "train.parquet")
+    pool = Path(cfg.coldstart.problems or testbed_split(cfg.testbed.base_dir, "train"))
     t = time.time()
-    stats = run_chain(scfg, pool, here, "examples", cfg.coldstart.max_problems, progress)
+    stats = build_chain(scfg, pool, here, "examples", cfg.coldstart.max_problems, progress)
     build_seconds = time.time() - t
     sft = train_sft(base, here / "examples", here / "model", cfg, progress=progress)
 
@@ -152,10 +134,10 @@ def run_coldstart(run_dir: str | Path | None, cfg: Config,
                                **source_counts(stats, here / "examples"), "sft": sft,
                                "seconds": {"build": round(build_seconds, 2),
                                            "sft": sft["seconds"]}}
-    heldout = Path(cfg.coldstart.heldout or Path(cfg.testbed.base_dir) / "data" / "heldout.parquet")
+    heldout = Path(cfg.coldstart.heldout or testbed_split(cfg.testbed.base_dir, "heldout"))
     if heldout.exists():
         t = time.time()
-        run_chain(scfg, heldout, here / "probe", "locate", None, progress)
+        build_chain(scfg, heldout, here / "probe", "locate", None, progress)
         prompts = probe_prompts(here / "probe" / "locate")
         summary["probe"] = {"prefixes": len(prompts), "reflection_rate": {
             "base": reflection_rate(cfg, base, prompts) if prompts else None,
@@ -163,3 +145,25 @@ def run_coldstart(run_dir: str | Path | None, cfg: Config,
         summary["seconds"]["probe"] = round(time.time() - t, 2)
     write_json_atomic(here / "coldstart.json", summary)
     return summary
+
+
+def render_coldstart(s: dict) -> str:
+    """The funnel, the examples per source, SFT time and the probe's reflection rates."""
+    lines = [f"cold start from {s['base']} -> {s['model']}",
+             f"  problems {s['problems']}, responses {s['responses']}, wrong "
+             f"{s['wrong_responses']}, candidates {s['candidates']}, located {s['located']}, "
+             f"constructed {s['constructed']}",
+             "  rejected: " + (", ".join(f"{k} {v}" for k, v in s["rejected"].items()) or "none")]
+    for source, counts in s["examples"].items():
+        lines.append(f"  {source:>3} examples: " + ", ".join(f"{k} {v}"
+                                                           for k, v in counts.items()))
+    sft = s["sft"]
+    lines.append(f"  sft: {sft['examples']} examples ({sft['too_long']} too long), "
+                 f"{sft['steps']} steps, loss {sft['loss_first']:.3f} -> {sft['loss_last']:.3f}, "
+                 f"{sft['seconds']:.0f} s")
+    if "probe" in s:
+        rate = s["probe"]["reflection_rate"]
+        lines.append(f"  reflection rate on {s['probe']['prefixes']} held-out wrong prefixes: "
+                     f"base {format_cell(rate['base'])}, "
+                     f"cold start {format_cell(rate['coldstart'])}")
+    return "\n".join(lines)

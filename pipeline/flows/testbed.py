@@ -27,6 +27,8 @@ from pipeline.config import TestbedConfig
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
 from pipeline.io import write_table_atomic
+from pipeline.layout import testbed_model, testbed_split
+from pipeline.runner import SUCCESS
 from pipeline.util import fingerprint, write_json_atomic
 from stages.tasks import arith
 from trainer.lm import LMExample, TrainSchedule, train_lm
@@ -121,16 +123,27 @@ def sft_examples(
     ]
 
 
+def base_fingerprint(cfg: TestbedConfig) -> str:
+    return fingerprint(cfg.model_dump(mode="json", exclude={"base_dir"}))
+
+
+def base_is_current(cfg: TestbedConfig, base_dir: str | Path) -> bool:
+    """Whether base_dir holds a complete build of this config."""
+    done = Path(base_dir) / SUCCESS
+    return (done.exists()
+            and json.loads(done.read_text()).get("fingerprint") == base_fingerprint(cfg))
+
+
 def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) -> Path:
     """Builds (or finds complete) the testbed base; returns the model directory."""
     base_dir = Path(base_dir)
-    fp = fingerprint(cfg.model_dump(mode="json", exclude={"base_dir"}))
-    done = base_dir / "_SUCCESS"
-    if not force and done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
-        return base_dir / "model"
+    fp = base_fingerprint(cfg)
+    done = base_dir / SUCCESS
+    if not force and base_is_current(cfg, base_dir):
+        return testbed_model(base_dir)
     if base_dir.exists():
         shutil.rmtree(base_dir)
-    (base_dir / "data").mkdir(parents=True)
+    testbed_split(base_dir, "train").parent.mkdir(parents=True)
     t0 = time.time()
     splits = {
         "pretrain": arith.generate_split("pretrain", cfg.n_pretrain, cfg.seed, cfg.arith),
@@ -138,7 +151,7 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
         "heldout": arith.generate_split("heldout", cfg.n_heldout, cfg.seed, cfg.arith),
     }
     for name, problems in splits.items():
-        write_table_atomic(problem_rows(problems, name), base_dir / "data" / f"{name}.parquet")
+        write_table_atomic(problem_rows(problems, name), testbed_split(base_dir, name))
     t_data = time.time() - t0
 
     tokenizer = train_tokenizer(tokenizer_corpus(splits["pretrain"]), cfg.vocab_size)
@@ -171,8 +184,8 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
 
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(base_dir / "model")
-    tokenizer.save_pretrained(base_dir / "model")
+    model.save_pretrained(testbed_model(base_dir))
+    tokenizer.save_pretrained(testbed_model(base_dir))
     n_params = sum(p.numel() for p in model.parameters())
     write_json_atomic(
         base_dir / "build.json",
@@ -190,7 +203,7 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
         },
     )
     write_json_atomic(done, {"fingerprint": fp})
-    return base_dir / "model"
+    return testbed_model(base_dir)
 
 
 def measure_base(engine, heldout: pd.DataFrame, n: int = 8, max_tokens: int = 160) -> dict:

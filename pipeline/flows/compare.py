@@ -3,9 +3,9 @@
     report = compare(out_dir, ["tapo", "grpo"], seeds=[0, 1, 2], rounds=10, cfg=cfg)
 
 Every (variant, seed) run starts from the same checkpoint (the cold-start model when complete,
-else the testbed base: pipeline/round.py resolve_policy) and runs `rounds` rounds of
+else the testbed base: pipeline/flows/round.py resolve_policy) and runs `rounds` rounds of
 `make iterate` into OUT/<variant>-s<seed>/ with run.seed = train.seed = seed. The start and
-each run's last checkpoint are evaluated on the testbed's held-out set (pipeline/evaluate.py)
+each run's last checkpoint are evaluated on the testbed's held-out set (pipeline/flows/evaluate.py)
 into OUT/eval/. Then OUT/compare.parquet (a row per run), OUT/report.md (mean and standard
 deviation over seeds per variant), OUT/pass_rate_per_round.png (the training pass rate of each
 round's fresh problems, mean over seeds) and OUT/pass_at_k.png. Everything resumes: complete
@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config, apply_override, validate
-from pipeline.evaluate import (
+from pipeline.flows.evaluate import (
     evaluate_bench,
     format_cell,
     metric_columns,
@@ -28,8 +28,9 @@ from pipeline.evaluate import (
     plot_pass_at_k,
     save_plot,
 )
-from pipeline.iterate import checkpoint_dir, iterate, read_metrics
-from pipeline.round import resolve_policy
+from pipeline.flows.iterate import iterate, read_metrics
+from pipeline.flows.round import resolve_policy
+from pipeline.layout import checkpoint_dir
 
 VARIANTS: dict[str, list[str]] = {  # name -> config overrides over the given config
     "tapo": [],

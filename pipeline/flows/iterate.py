@@ -2,7 +2,7 @@
 
     iterate(run_dir, rounds=10, cfg=cfg)
 
-Round K runs the stages into RUN_DIR/iter_KKKK (pipeline/round.py) with the checkpoint of round
+Round K runs the stages into RUN_DIR/iter_KKKK (flows/round.py) with the checkpoint of round
 K-1 (round 1: the run's initial policy, `policy.path`, else the cold-start checkpoint when
 complete, else the base model), trains on the
 round's shard (trainer/rl.py; with `algo.kl_coef > 0` the KL reference is round 1's policy)
@@ -22,14 +22,12 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config, write_resolved
-from pipeline.round import iter_dir, run_round
+from pipeline.flows.round import run_round
+from pipeline.layout import CONFIG, METRICS, checkpoint_dir, iter_dir, round_summary
+from pipeline.runner import SUCCESS
 from trainer.rl import train_round
 
 STAGE_SECONDS = ("sample", "classify", "select", "locate", "construct", "assemble", "train")
-
-
-def checkpoint_dir(run_dir: str | Path, iteration: int) -> Path:
-    return Path(run_dir) / "models" / f"iter_{iteration:04d}"
 
 
 def iterate(run_dir: str | Path, rounds: int, cfg: Config, progress: bool = True,
@@ -37,11 +35,11 @@ def iterate(run_dir: str | Path, rounds: int, cfg: Config, progress: bool = True
     """Runs rounds 1..`rounds` (complete ones are no-ops); returns the metrics table.
     `on_round(row)` is called after each round (the CLI prints it)."""
     run_dir = Path(run_dir)
-    write_resolved(cfg, run_dir / "config.yaml")
+    write_resolved(cfg, run_dir / CONFIG)
     for k in range(1, rounds + 1):
         summary = run_round(run_dir, k, cfg, progress=progress)
         initial = summary["policy"] if k == 1 else json.loads(
-            (iter_dir(run_dir, 1) / "round.json").read_text())["policy"]
+            round_summary(run_dir, 1).read_text())["policy"]
         train_round(summary["policy"], iter_dir(run_dir, k) / "assemble",
                     checkpoint_dir(run_dir, k), cfg, progress=progress, reference=initial)
         table = write_metrics(run_dir)
@@ -52,8 +50,8 @@ def iterate(run_dir: str | Path, rounds: int, cfg: Config, progress: bool = True
 
 def metrics_row(run_dir: Path, k: int) -> dict[str, Any] | None:
     """Round k's row, from its round.json and its checkpoint's _SUCCESS; None if incomplete."""
-    round_file = iter_dir(run_dir, k) / "round.json"
-    train_file = checkpoint_dir(run_dir, k) / "_SUCCESS"
+    round_file = round_summary(run_dir, k)
+    train_file = checkpoint_dir(run_dir, k) / SUCCESS
     if not (round_file.exists() and train_file.exists()):
         return None
     summary = json.loads(round_file.read_text())
@@ -76,12 +74,12 @@ def write_metrics(run_dir: Path) -> pd.DataFrame:
         rows.append(row)
         k += 1
     table = pd.DataFrame(rows)
-    tmp = run_dir / ".metrics.csv.tmp"
+    tmp = run_dir / f".{METRICS}.tmp"
     table.to_csv(tmp, index=False)
-    tmp.replace(run_dir / "metrics.csv")
+    tmp.replace(run_dir / METRICS)
     return table
 
 
 def read_metrics(run_dir: Path, rounds: int | None = None) -> pd.DataFrame:
-    table = pd.read_csv(run_dir / "metrics.csv")
+    table = pd.read_csv(run_dir / METRICS)
     return table if rounds is None else table[table["round"] <= rounds]

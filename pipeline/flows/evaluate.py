@@ -26,14 +26,14 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.chain import run_chain
 from pipeline.config import Config
+from pipeline.flows.chains import EVAL
 from pipeline.io import read_pandas
-from pipeline.round import write_problems
-from pipeline.runner import run_stage
-from stages.classify import Classify
-from stages.sample import Sample
+from pipeline.layout import testbed_split
+from pipeline.problems import write_problems
 
-DATA = Path(__file__).resolve().parent.parent / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 BENCHMARKS = {  # name -> (file, task); `testbed`: the testbed's held-out split
     "aime24": (DATA / "aime2024.jsonl", "math"),
     "aime25": (DATA / "aime2025.jsonl", "math"),
@@ -92,7 +92,7 @@ def bench_file(cfg: Config, bench: str) -> Path:
     if bench not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {bench!r}; known: {', '.join(BENCHMARKS)}")
     path = BENCHMARKS[bench][0]
-    return path if path is not None else Path(cfg.testbed.base_dir) / "data" / "heldout.parquet"
+    return path if path is not None else testbed_split(cfg.testbed.base_dir, "heldout")
 
 
 def evaluate_bench(model: str | Path, bench: str, cfg: Config, out_dir: Path,
@@ -101,15 +101,13 @@ def evaluate_bench(model: str | Path, bench: str, cfg: Config, out_dir: Path,
     bcfg = bench_config(cfg, model, bench)
     problems = write_problems(bench_file(cfg, bench), out_dir / "problems", 0,
                               cfg.eval.max_problems, cfg.eval.seed, cfg.rollout.shard_size)
-    sampled = run_stage(Sample, bcfg, out_dir / "problems", out_dir / "sample", progress=progress)
-    graded = run_stage(Classify, bcfg, out_dir / "sample", out_dir / "classify",
-                       progress=progress)
+    runs = run_chain(EVAL, bcfg, out_dir, progress=progress)
     responses = read_pandas(out_dir / "classify",
                             columns=["problem_id", "label", "response", "response_len"])
     if responses.empty:
         raise ValueError(f"{bench}: no response was graded; see {out_dir}/sample/excluded and "
                          f"{out_dir}/classify/excluded for why")
-    dropped = sum(v for st in (sampled.stats, graded.stats) for k, v in st.items()
+    dropped = sum(v for run in runs.values() for k, v in run.result.stats.items()
                   if k.startswith("dropped_"))
     return {"model": str(model), "bench": bench, "benchmark_problems": problems["rows_out"],
             "dropped": dropped, **response_metrics(responses, cfg.eval.reflection_pattern)}

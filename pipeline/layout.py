@@ -1,0 +1,43 @@
+"""The run folder and the testbed folder: the one module that builds paths inside them.
+
+    RUN_DIR/config.yaml              the resolved config of the run
+    RUN_DIR/iter_KKKK/<stage>/       round K's stage directories (pipeline/runner.py)
+    RUN_DIR/iter_KKKK/round.json     round K's summary (pipeline/flows/round.py)
+    RUN_DIR/models/iter_KKKK/        the checkpoint round K trains (trainer/)
+    RUN_DIR/metrics.csv              one row per complete round (pipeline/flows/iterate.py)
+
+    TESTBED/data/<split>.parquet     the testbed's problems: pretrain, train, heldout
+    TESTBED/model/                   the testbed base model
+    TESTBED/build.json, _SUCCESS     how it was built; written last
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG = "config.yaml"
+ROUND_SUMMARY = "round.json"
+METRICS = "metrics.csv"
+
+
+def iter_dir(run_dir: str | Path, iteration: int) -> Path:
+    """Round K's stage directories."""
+    return Path(run_dir) / f"iter_{iteration:04d}"
+
+
+def round_summary(run_dir: str | Path, iteration: int) -> Path:
+    return iter_dir(run_dir, iteration) / ROUND_SUMMARY
+
+
+def checkpoint_dir(run_dir: str | Path, iteration: int) -> Path:
+    """The checkpoint round K trains (and round K+1 samples from)."""
+    return Path(run_dir) / "models" / f"iter_{iteration:04d}"
+
+
+def testbed_split(base_dir: str | Path, split: str) -> Path:
+    """The testbed's problems of one split: pretrain, train or heldout."""
+    return Path(base_dir) / "data" / f"{split}.parquet"
+
+
+def testbed_model(base_dir: str | Path) -> Path:
+    return Path(base_dir) / "model"

@@ -1,0 +1,86 @@
+"""The packages import one way (README, "Layout"): framework <- tasks <- stages; framework <-
+trainer; everything <- flows <- cli. Walks every import statement (function-level ones too)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ALLOWED = {  # layer -> the layers it may import
+    "framework": {"framework"},
+    "tasks": {"framework", "tasks"},
+    "stages": {"framework", "tasks", "stages"},
+    "trainer": {"framework", "trainer"},
+    "flows": {"framework", "tasks", "stages", "trainer", "flows"},
+    "cli": {"framework", "tasks", "stages", "trainer", "flows", "cli"},
+}
+
+
+def layer(module: str) -> str | None:
+    """The layer of a project module (dotted name); None for anything else."""
+    if module in ("pipeline.cli", "pipeline.__main__"):
+        return "cli"
+    if module.startswith("pipeline.flows"):
+        return "flows"
+    if module == "pipeline" or module.startswith("pipeline."):
+        return "framework"
+    if module.startswith("stages.tasks"):
+        return "tasks"
+    if module == "stages" or module.startswith("stages."):
+        return "stages"
+    if module == "trainer" or module.startswith("trainer."):
+        return "trainer"
+    return None
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every absolute import in the file."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))  # (and `from pipeline import flows`:)
+            out += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names
+                    if layer(f"{node.module}.{alias.name}") == "flows"]
+    return out
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+SOURCES = sorted(p for package in ("pipeline", "stages", "trainer")
+                 for p in (ROOT / package).rglob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    assert SOURCES and all(layer(module_of(p)) for p in SOURCES)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_go_one_way(path):
+    here = layer(module_of(path))
+    wrong = [f"line {line}: {module} ({layer(module)})" for line, module in imports(path)
+             if layer(module) is not None and layer(module) not in ALLOWED[here]]
+    assert not wrong, f"{path.relative_to(ROOT)} ({here}) imports against the layers: {wrong}"
+
+
+def test_the_walker_sees_function_level_imports(tmp_path):
+    """The check itself can fail: a late import inside a function is found."""
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from stages.select import Select\n    import trainer.rl\n")
+    assert [m for _, m in imports(source)] == ["stages.select", "trainer.rl"]
+
+
+def test_no_task_branch_outside_the_tasks():
+    """Task differences live in the task plugins: no `task == "arith"` (or `.name == "math"`)
+    anywhere else."""
+    import re
+
+    branch = re.compile(r"""(task|name)\s*[!=]=\s*["'](arith|math)["']""")
+    hits = [f"{p.relative_to(ROOT)}:{i}" for p in SOURCES if "tasks" not in p.parts
+            for i, line in enumerate(p.read_text().splitlines(), 1) if branch.search(line)]
+    assert not hits, hits
