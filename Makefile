@@ -5,6 +5,7 @@ BIN     := $(VENV)/bin
 CONFIG  ?= configs/testbed.yaml
 N       ?= 10
 ALGO    ?= tapo
+TRAINER ?=
 RUN     ?= testbed-$(ALGO)
 BENCH   ?= testbed
 SEEDS   ?= 3
@@ -46,12 +47,13 @@ bench:  ## benchmarks, with ratios against the raw dependency (builds the base m
 	$(BIN)/python -m bench.grader
 	$(BIN)/tapo base --config $(CONFIG)
 	$(BIN)/python -m bench.engines --config $(CONFIG)
+	$(BIN)/python -m bench.trainers --config $(CONFIG)
 
 check-grader:  ## grade every bundled reference solution against its own reference answer
 	$(BIN)/python -m pipeline.flows.grader_check
 
-iterate:  ## N rounds (N=10) of stages + training into runs/$(RUN)/; ALGO=grpo for plain GRPO
-	$(BIN)/tapo iterate runs/$(RUN) --rounds $(N) --config $(CONFIG) algo.name=$(ALGO) $(ARGS)
+iterate:  ## N rounds (N=10) of stages + training into runs/$(RUN)/; ALGO=grpo for plain GRPO; TRAINER=openrlhf
+	$(BIN)/tapo iterate runs/$(RUN) --rounds $(N) --config $(CONFIG) algo.name=$(ALGO) $(if $(TRAINER),train.backend=$(TRAINER)) $(ARGS)
 
 coldstart:  ## the cold-start SFT/IF set from the base model's errors + SFT into runs/coldstart/model
 	$(BIN)/tapo coldstart --config $(CONFIG) $(ARGS)

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the new checkpoint directory")
     p.add_argument("--reference", type=Path, default=None,
                    help="the KL reference when algo.kl_coef > 0 (default: --policy)")
+    p.add_argument("--backend", choices=["local", "openrlhf"], default=None,
+                   help="sets train.backend")
     _config_args(p)
 
     p = sub.add_parser("status", help="completion, row counts and drops of a run's stages")
@@ -237,9 +239,11 @@ def cmd_iterate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.rl import train_round
+    from trainer.backends import train_round
 
     cfg = load_config(args.config, args.overrides)
+    if args.backend:
+        cfg.train.backend = args.backend
     print(json.dumps(train_round(args.policy, args.shard, args.out, cfg,
                                  reference=args.reference)))
     return 0

@@ -268,7 +268,22 @@ class AlgoConfig(Section):
 
 
 class TrainConfig(Section):
-    """The local trainer: one pass (or `epochs`) over a round's training shard."""
+    """The policy update on a round's training shard: one pass (or `epochs`), by the local
+    trainer (trainer/rl.py) or by OpenRLHF's machinery under DeepSpeed (trainer/
+    openrlhf_shard.py), with the same objective and the same mini-batches."""
+
+    backend: typing.Literal["local", "openrlhf"] = Field(
+        "local", description="local: one process, CPU or one GPU; openrlhf: OpenRLHF's actor, "
+                             "loss and DeepSpeed strategy, launched by `train.launcher`")
+    launcher: typing.Literal["deepspeed", "torchrun"] = Field(
+        "deepspeed", description="openrlhf: the launcher of the training processes")
+    num_gpus: int = Field(1, ge=1, description="openrlhf: processes per node (GPUs; on a "
+                                               "machine without one, CPU processes)")
+    hostfile: str = Field("", description="openrlhf: DeepSpeed hostfile for several nodes "
+                                          "(`host slots=N` lines); empty: this machine")
+    zero_stage: int = Field(2, ge=0, le=3, description="openrlhf: DeepSpeed ZeRO stage")
+    openrlhf_flags: str = Field("", description="openrlhf: extra flags for OpenRLHF's own "
+                                                "parser, e.g. --actor.gradient_checkpointing_enable")
 
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     epochs: int = Field(1, ge=1, description="passes over the round's shard")

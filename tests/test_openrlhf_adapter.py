@@ -4,8 +4,6 @@ replaced by the same computation on the HF model in this process (`LocalExperien
 
 import importlib.machinery
 import importlib.util
-import sys
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,24 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
-def _stub_flash_attn():
-    for name in ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils",
-                 "flash_attn.utils.distributed"):
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            module.__path__ = []
-            sys.modules[name] = module
-    padding = sys.modules["flash_attn.bert_padding"]
-    for attr in ("pad_input", "unpad_input", "index_first_axis", "rearrange"):
-        setattr(padding, attr, None)
-    sys.modules["flash_attn.utils.distributed"].all_gather = None
-
+from trainer.openrlhf_shard import stub_flash_attn  # noqa: E402
 
 if importlib.util.find_spec("openrlhf") is None:  # (a GPU-less install without the adapter)
     pytest.skip("openrlhf is not installed", allow_module_level=True)
-_stub_flash_attn()
+stub_flash_attn()
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
 import pipeline.flows.online as online  # noqa: E402

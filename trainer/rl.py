@@ -8,8 +8,8 @@ as it is, the advantages (GRPO on the on-policy rollouts; decoupled for augmente
 the segment and OOD masks, then runs `train.epochs` passes of mini-batch updates (gradient
 accumulation over micro-batches; the loss is a token mean over the mini-batch). Writes to
 `out_dir`: the HF checkpoint + tokenizer, `optimizer.pt`, `train_log.jsonl` (one line per
-optimizer step: loss, clip fraction, entropy, grad norm, suppressed share, lr) and `_SUCCESS`
-with the round's mean metrics. `algo.kl_coef > 0` adds the k3 KL to a reference policy
+optimizer step: loss, clip fraction, entropy, grad norm, suppressed share, lr, seconds) and
+`_SUCCESS` with the round's mean metrics. `algo.kl_coef > 0` adds the k3 KL to a reference policy
 (`make iterate`: the run's initial policy, as OpenRLHF's initial model). Resumable: every
 `train.save_every` steps the weights, optimizer and step go to `out_dir/_state.pt`
 (atomically); a restart recomputes the old log-probs from the untouched starting checkpoint and
@@ -41,6 +41,19 @@ from trainer.objective import (
 )
 
 SUCCESS, STATE, LOG = "_SUCCESS", "_state.pt", "train_log.jsonl"
+OPENRLHF_ONLY = ("launcher", "num_gpus", "hostfile", "zero_stage", "openrlhf_flags")
+
+
+def train_fingerprint(policy_dir: Path, shard_dir: Path, reference: Path | None,
+                      cfg: Config) -> str:
+    """What a complete training depends on: the policy, the reference, the shard's files, the
+    `train` section (the local backend: less the keys only OpenRLHF reads) and `algo`."""
+    skip = set(OPENRLHF_ONLY) if cfg.train.backend == "local" else set()
+    return fingerprint({
+        "policy": str(policy_dir), "reference": str(reference),
+        "shard": sorted(file_sha256(p) for p in shard_dir.glob("part-*.parquet")),
+        "train": cfg.train.model_dump(mode="json", exclude=skip),
+        "algo": cfg.algo.model_dump(mode="json")})
 
 
 @dataclass
@@ -121,9 +134,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     policy_dir, shard_dir, out_dir = Path(policy_dir), Path(shard_dir), Path(out_dir)
     tc, obj = cfg.train, objective_config(cfg)
     reference = Path(reference or policy_dir) if obj.kl_coef > 0 else None
-    fp = fingerprint({"policy": str(policy_dir), "reference": str(reference), "shard": sorted(
-        file_sha256(p) for p in shard_dir.glob("part-*.parquet")),
-        "train": tc.model_dump(mode="json"), "algo": cfg.algo.model_dump(mode="json")})
+    fp = train_fingerprint(policy_dir, shard_dir, reference, cfg)
     done = _read_json(out_dir / SUCCESS)
     if done is not None and done.get("fingerprint") == fp:
         return done["metrics"]
@@ -167,7 +178,9 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     model.train()
     for i in tqdm(range(step, len(steps)), initial=step, total=len(steps), desc="train",
                   disable=not progress):
+        t = time.perf_counter()
         log = _update(model, optimizer, batch, old, ref, in_loss, steps[i], obj, tc)
+        log["seconds"] = round(time.perf_counter() - t, 4)
         with open(out_dir / LOG, "a") as f:
             f.write(json.dumps({"step": i + 1, **log}) + "\n")
         if (i + 1) % tc.save_every == 0 and i + 1 < len(steps):

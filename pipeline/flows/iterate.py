@@ -25,7 +25,7 @@ from pipeline.config import Config, write_resolved
 from pipeline.flows.round import run_round
 from pipeline.layout import CONFIG, METRICS, checkpoint_dir, iter_dir, round_summary
 from pipeline.runner import SUCCESS
-from trainer.rl import train_round
+from trainer.backends import train_round
 
 STAGE_SECONDS = ("sample", "classify", "select", "locate", "construct", "assemble", "train")
 

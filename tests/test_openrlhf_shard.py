@@ -1,0 +1,157 @@
+"""The OpenRLHF shard trainer (train.backend=openrlhf) on CPU: DeepSpeed's launcher, one fp32
+process, OpenRLHF's Actor, PolicyLoss and DeepSpeed strategy for real (only flash-attn, which
+cannot install without CUDA, is stubbed: the trainer never packs samples)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+pytest.importorskip("openrlhf")
+pytest.importorskip("deepspeed")
+
+from pipeline.config import write_resolved  # noqa: E402
+from pipeline.flows.round import run_round  # noqa: E402
+from pipeline.io import read_pandas  # noqa: E402
+from trainer import openrlhf_shard  # noqa: E402
+from trainer.backends import train_round  # noqa: E402
+from trainer.objective import loss_mask  # noqa: E402
+from trainer.rl import build_batch, objective_config, old_logprobs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shard(small_base, tmp_path_factory):
+    """A TAPO round's training shard on the small testbed, with augmented trajectories."""
+    cfg = small_base("select.p_high=1", "rollout.problems_per_round=24")
+    run = tmp_path_factory.mktemp("shard")
+    summary = run_round(run, 1, cfg, progress=False)
+    assert summary["augmented"] > 0
+    return cfg, summary["policy"], run / "iter_0001" / "assemble"
+
+
+def test_experiences_carry_the_local_advantages_and_loss_mask(shard):
+    """In the trainer's own Experiences (OpenRLHF's Actor computing the old log-probs), every
+    response token has the local trainer's advantage and the local trainer's loss mask,
+    OOD-suppressed corrective tokens included."""
+    openrlhf_shard.stub_flash_attn()
+    cfg, policy, shard_dir = shard
+    obj = objective_config(cfg)
+    rows = read_pandas(shard_dir)
+    tok = AutoTokenizer.from_pretrained(policy)
+    batch = build_batch(rows, tok.pad_token_id, obj)
+    local_old = old_logprobs(AutoModelForCausalLM.from_pretrained(policy), batch, 8)
+    local_mask, suppressed = loss_mask(batch.advantages, batch.trained, batch.corrective,
+                                       local_old, obj)
+    assert suppressed.any()  # (the shard has OOD corrective tokens: the mask matters)
+
+    actor = openrlhf_shard.fp32_actor(policy)
+    plain = openrlhf_shard.experiences(rows, batch, batch.trained, None, None, "cpu")
+    old = openrlhf_shard.response_logprobs(actor, plain, 8)
+    old_bt = torch.zeros_like(local_old)
+    for i, lp in enumerate(old):
+        old_bt[i, : len(lp)] = lp
+    assert torch.allclose(old_bt, local_old, atol=1e-5)
+    mask, _ = loss_mask(batch.advantages, batch.trained, batch.corrective, old_bt, obj)
+    assert torch.equal(mask, local_mask)
+    items = openrlhf_shard.experiences(rows, batch, mask, old, None, "cpu")
+    for i, (item, p) in enumerate(zip(items, rows["prompt_token_ids"])):
+        n = int(item.response_length)
+        start = len(p) - 1  # action position j predicts token j + 1
+        assert not item.action_mask[:start].any()
+        assert torch.equal(item.action_mask[start : start + n], local_mask[i, :n])
+        expected = batch.advantages[i] * local_mask[i, :n]
+        assert torch.equal(item.advantages[start : start + n], expected.float())
+        assert torch.allclose(item.action_log_probs[start : start + n], local_old[i, :n],
+                              atol=1e-5)
+
+
+def test_steps_give_the_local_trainers_losses(shard, tmp_path):
+    """Two optimizer steps over the shard, fp32, one process under DeepSpeed's launcher: each
+    step's loss equals the local trainer's (to 1e-4: the first before any update, the second
+    after one update by each); the checkpoint is an HF model, the exact command is in the
+    round's train.sh, the DeepSpeed checkpoint stays for the next round's optimizer."""
+    cfg, policy, shard_dir = shard
+    n = len(read_pandas(shard_dir, columns=["kind"]))
+    two_steps = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"mini_batch_size": (n + 1) // 2, "micro_batch_size": 8})})
+    local = train_round(policy, shard_dir, tmp_path / "local", two_steps, progress=False)
+    remote_cfg = two_steps.model_copy(update={"train": two_steps.train.model_copy(
+        update={"backend": "openrlhf"})})
+    remote = train_round(policy, shard_dir, tmp_path / "openrlhf", remote_cfg, progress=False)
+    assert local["steps"] == remote["steps"] == 2 and remote["backend"] == "openrlhf"
+    logs = [[json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text()
+             .splitlines()] for d in ("local", "openrlhf")]
+    for a, b in zip(*logs, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4) and a["loss"] != 0
+        assert b["loss_tokens"] == a["loss_tokens"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    assert remote["suppressed_share"] > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "openrlhf")
+    assert not all(torch.equal(a, b) for a, b in zip(
+        model.state_dict().values(),
+        AutoModelForCausalLM.from_pretrained(policy).state_dict().values()))  # it moved
+    script = (shard_dir.parent / "train.sh").read_text()
+    assert "deepspeed.launcher.runner --num_gpus 1" in script and "trainer.openrlhf_shard" in script
+    assert (tmp_path / "openrlhf" / "_ds" / "latest").exists()
+    assert len(list((tmp_path / "openrlhf" / "_ds").glob("step_*"))) == 1  # the last one only
+    again = train_round(policy, shard_dir, tmp_path / "openrlhf", remote_cfg, progress=False)
+    assert again == remote  # complete: a no-op
+
+
+@pytest.mark.slow
+def test_killed_trainer_resumes_from_its_deepspeed_checkpoint(shard, tmp_path):
+    """SIGKILL the launcher's process group after a saved step; the re-run resumes from the
+    DeepSpeed checkpoint and ends with the weights of an uninterrupted run, each step logged
+    once."""
+    cfg, policy, shard_dir = shard
+    overrides = ["train.backend=openrlhf", "train.mini_batch_size=16",
+                 "train.micro_batch_size=8", "train.save_every=2"]
+    cfg_path = write_resolved(cfg, tmp_path / "cfg.yaml")
+
+    def command(out):
+        return [sys.executable, "-m", "pipeline", "train", "--policy", str(policy), "--shard",
+                str(shard_dir), "--out", str(out), "--config", str(cfg_path), *overrides]
+
+    assert subprocess.run(command(tmp_path / "whole"), capture_output=True).returncode == 0
+    proc = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    state = tmp_path / "killed" / "_ds" / "state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (state.exists() and json.loads(
+            state.read_text())["step"] >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "_SUCCESS").exists()
+    assert subprocess.run(command(tmp_path / "killed"), capture_output=True).returncode == 0
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "killed").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    log = (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in log]
+    whole = json.loads((tmp_path / "whole" / "_SUCCESS").read_text())["metrics"]["steps"]
+    assert steps == list(range(1, whole + 1)) and whole > 2
+
+
+@pytest.mark.slow
+def test_iterate_two_rounds_with_openrlhf(small_base, tmp_path):
+    """`make iterate TRAINER=openrlhf` on the small config: two rounds, each trained by
+    OpenRLHF under DeepSpeed; round 2 samples from round 1's HF checkpoint."""
+    from pipeline.flows.iterate import iterate
+
+    cfg = small_base("train.backend=openrlhf", "rollout.problems_per_round=8")
+    table = iterate(tmp_path / "run", 2, cfg, progress=False)
+    assert list(table["round"]) == [1, 2]
+    summary = json.loads((tmp_path / "run" / "iter_0002" / "round.json").read_text())
+    assert summary["policy"] == str(tmp_path / "run" / "models" / "iter_0001")
+    for k in (1, 2):
+        done = json.loads((tmp_path / "run" / "models" / f"iter_{k:04d}" / "_SUCCESS")
+                          .read_text())
+        assert done["metrics"]["backend"] == "openrlhf"
+        assert (tmp_path / "run" / f"iter_{k:04d}" / "train.sh").exists()
