@@ -77,8 +77,9 @@ def objectives(cfg, policy: str, shard: Path, repeats: int) -> dict:
         state[name] = (model, torch.optim.AdamW(model.parameters(), lr=tc.lr), batch, old,
                        in_loss, obj)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats + 1):  # interleaved, so that a change in machine load hits both
-        for name, (model, optimizer, batch, old, in_loss, obj) in state.items():
+    for r in range(repeats + 1):  # interleaved, first one then the other, so that a change
+        for name in (list(state) if r % 2 else list(state)[::-1]):  # in load hits both
+            model, optimizer, batch, old, in_loss, obj = state[name]
             t = time.perf_counter()
             _update(model, optimizer, batch, old, None, in_loss, idx, obj, tc)
             times[name].append(time.perf_counter() - t)

@@ -99,7 +99,8 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
         return done["metrics"]
     out_dir.mkdir(parents=True, exist_ok=True)
     config_file = write_resolved(cfg, out_dir / "train_config.yaml")
-    command = launch_command(policy_dir, shard_dir, out_dir, config_file, reference, fp, cfg,
+    command = launch_command(policy_dir.resolve(), shard_dir.resolve(), out_dir.resolve(),
+                             config_file.resolve(), reference and reference.resolve(), fp, cfg,
                              _free_port())
     script = shard_dir.parent / LAUNCH
     script.write_text("#!/bin/sh\n# the round's training (train.backend=openrlhf)\n"
@@ -109,7 +110,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TAPO_PROGRESS": "1" if progress else "0"}
-    result = subprocess.run(command, env=env, cwd=ROOT)
+    result = subprocess.run(command, env=env)
     done = _read_json(out_dir / SUCCESS)
     if result.returncode != 0 or done is None or done.get("fingerprint") != fp:
         raise RuntimeError(f"the OpenRLHF trainer failed (exit {result.returncode}; its output "
@@ -358,7 +359,12 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
                                or not (out_dir / DS_DIR / resume["tag"]).is_dir()):
         resume = None
     if (previous / "latest").exists():  # the previous round's optimizer (and its weights)
-        strategy.load_ckpt(engine, str(previous), load_lr_scheduler_states=False)
+        try:
+            strategy.load_ckpt(engine, str(previous), load_lr_scheduler_states=False)
+        except Exception as e:
+            raise RuntimeError(f"cannot load the previous round's DeepSpeed checkpoint "
+                               f"{previous} (saved with another number of processes or ZeRO "
+                               f"stage?); remove it to start this round's optimizer afresh") from e
 
     plain = experiences(rows, batch, batch.trained, None, None, device)
     old = response_logprobs(actor, plain, tc.micro_batch_size)
