@@ -71,15 +71,19 @@ def test_experiences_carry_the_local_advantages_and_loss_mask(shard):
                               atol=1e-5)
 
 
-def test_steps_give_the_local_trainers_losses(shard, tmp_path):
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+def test_steps_give_the_local_trainers_losses(shard, tmp_path, kl_coef):
     """Two optimizer steps over the shard, fp32, one process under DeepSpeed's launcher: each
     step's loss equals the local trainer's (to 1e-4: the first before any update, the second
-    after one update by each); the checkpoint is an HF model, the exact command is in the
-    round's train.sh, the DeepSpeed checkpoint stays for the next round's optimizer."""
+    after one update by each; with a KL loss, OpenRLHF's k3 against the reference, nonzero at
+    step 2); the checkpoint is an HF model, the exact command is in the round's train.sh, the
+    DeepSpeed checkpoint stays for the next round's optimizer."""
     cfg, policy, shard_dir = shard
     n = len(read_pandas(shard_dir, columns=["kind"]))
-    two_steps = cfg.model_copy(update={"train": cfg.train.model_copy(
-        update={"mini_batch_size": (n + 1) // 2, "micro_batch_size": 8})})
+    two_steps = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"mini_batch_size": (n + 1) // 2,
+                                              "micro_batch_size": 8}),
+        "algo": cfg.algo.model_copy(update={"kl_coef": kl_coef})})
     local = train_round(policy, shard_dir, tmp_path / "local", two_steps, progress=False)
     remote_cfg = two_steps.model_copy(update={"train": two_steps.train.model_copy(
         update={"backend": "openrlhf"})})
