@@ -159,3 +159,25 @@ def test_iterate_two_rounds_with_openrlhf(small_base, tmp_path):
                           .read_text())
         assert done["metrics"]["backend"] == "openrlhf"
         assert (tmp_path / "run" / f"iter_{k:04d}" / "train.sh").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(shard, tmp_path):
+    """`train.num_gpus=2` on CPU: two DeepSpeed processes (gloo, ZeRO-2 partitions the
+    optimizer), each with half of every mini-batch, the loss normalized over both: the same
+    step losses and grad norms as one process."""
+    cfg, policy, shard_dir = shard
+    logs = []
+    for n in (1, 2):
+        ncfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+            "backend": "openrlhf", "num_gpus": n, "mini_batch_size": 32,
+            "micro_batch_size": 8})})
+        metrics = train_round(policy, shard_dir, tmp_path / f"p{n}", ncfg, progress=False)
+        assert metrics["world_size"] == n
+        logs.append([json.loads(line) for line in
+                     (tmp_path / f"p{n}" / "train_log.jsonl").read_text().splitlines()])
+    assert len(logs[0]) == len(logs[1]) > 1
+    for a, b in zip(*logs):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["loss_tokens"] == a["loss_tokens"]
