@@ -40,3 +40,16 @@ def small_base(tmp_path_factory):
         return load_config(SMALL_CONFIG, overrides + list(extra))
 
     return config
+
+
+@pytest.fixture(scope="session")
+def shard(small_base, tmp_path_factory):
+    """(config, policy, assembled shard dir) of one TAPO round on the small testbed, with
+    augmented trajectories; shared by the trainer tests of both backends."""
+    from pipeline.flows.round import run_round
+
+    cfg = small_base("select.p_high=1", "rollout.problems_per_round=24")
+    run = tmp_path_factory.mktemp("shard")
+    summary = run_round(run, 1, cfg, progress=False)
+    assert summary["augmented"] > 0
+    return cfg, summary["policy"], run / "iter_0001" / "assemble"

@@ -17,22 +17,11 @@ pytest.importorskip("openrlhf")
 pytest.importorskip("deepspeed")
 
 from pipeline.config import write_resolved  # noqa: E402
-from pipeline.flows.round import run_round  # noqa: E402
 from pipeline.io import read_pandas  # noqa: E402
 from trainer import openrlhf_shard  # noqa: E402
 from trainer.backends import train_round  # noqa: E402
 from trainer.objective import loss_mask  # noqa: E402
 from trainer.rl import build_batch, objective_config, old_logprobs  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def shard(small_base, tmp_path_factory):
-    """A TAPO round's training shard on the small testbed, with augmented trajectories."""
-    cfg = small_base("select.p_high=1", "rollout.problems_per_round=24")
-    run = tmp_path_factory.mktemp("shard")
-    summary = run_round(run, 1, cfg, progress=False)
-    assert summary["augmented"] > 0
-    return cfg, summary["policy"], run / "iter_0001" / "assemble"
 
 
 def test_experiences_carry_the_local_advantages_and_loss_mask(shard):

@@ -19,16 +19,6 @@ from trainer.objective import policy_loss
 from trainer.rl import _update, build_batch, objective_config, old_logprobs, response_logprobs
 
 
-@pytest.fixture(scope="module")
-def shard(small_base, tmp_path_factory):
-    """An assembled TAPO shard of the small testbed (with augmented trajectories)."""
-    cfg = small_base("select.p_high=1", "rollout.problems_per_round=24")
-    run = tmp_path_factory.mktemp("shard")
-    summary = run_round(run, 1, cfg, progress=False)
-    assert summary["augmented"] > 0
-    return cfg, summary["policy"], run / "iter_0001" / "assemble"
-
-
 def test_one_step_lowers_the_loss_on_its_batch(shard):
     cfg, policy, shard_dir = shard
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-3})})
