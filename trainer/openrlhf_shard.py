@@ -59,7 +59,13 @@ from pipeline.config import Config, load_config, write_resolved
 from pipeline.io import read_pandas
 from pipeline.util import write_json_atomic
 from trainer.objective import loss_mask
-from trainer.rl import build_batch, objective_config, train_fingerprint
+from trainer.rl import (
+    build_batch,
+    objective_config,
+    read_json,
+    train_fingerprint,
+    truncate_log,
+)
 
 SUCCESS, LOG, DS_DIR, LAUNCH = "_SUCCESS", "train_log.jsonl", "_ds", "train.sh"
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +100,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
                          "offers mask and off (train.backend=local has shaping)")
     reference = Path(reference or policy_dir) if obj.kl_coef > 0 else None
     fp = train_fingerprint(policy_dir, shard_dir, reference, cfg)
-    done = _read_json(out_dir / SUCCESS)
+    done = read_json(out_dir / SUCCESS)
     if done is not None and done.get("fingerprint") == fp:
         return done["metrics"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +117,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TAPO_PROGRESS": "1" if progress else "0"}
     result = subprocess.run(command, env=env)
-    done = _read_json(out_dir / SUCCESS)
+    done = read_json(out_dir / SUCCESS)
     if result.returncode != 0 or done is None or done.get("fingerprint") != fp:
         raise RuntimeError(f"the OpenRLHF trainer failed (exit {result.returncode}; its output "
                            f"is above); re-run to resume from {out_dir / DS_DIR}, or run "
@@ -354,7 +360,7 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
     actor, optim, scheduler = strategy.prepare((actor, actor_cfg))
     engine = actor.model
     previous = policy_dir / DS_DIR
-    resume = _read_json(out_dir / DS_DIR / "state.json")
+    resume = read_json(out_dir / DS_DIR / "state.json")
     if resume is not None and (resume.get("fingerprint") != fp
                                or not (out_dir / DS_DIR / resume["tag"]).is_dir()):
         resume = None
@@ -386,7 +392,7 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
         strategy.load_ckpt(engine, str(out_dir / DS_DIR), tag=resume["tag"])
         step = resume["step"]
     if rank == 0:
-        _truncate_log(out_dir / LOG, step)
+        truncate_log(out_dir / LOG, step)
     with _no_cuda_device_query(on_gpu):
         trainer = ActorPPOTrainer(strategy, actor, ema_model=None, actor_optim=optim,
                                   actor_scheduler=scheduler,
@@ -434,7 +440,7 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
 
     strategy.save_model(actor, tokenizer, str(out_dir))
     if rank == 0:  # the last DeepSpeed checkpoint stays (the next round's optimizer state)
-        last = _read_json(out_dir / DS_DIR / "state.json")["tag"]
+        last = read_json(out_dir / DS_DIR / "state.json")["tag"]
         for old_tag in (out_dir / DS_DIR).glob("step_*"):
             if old_tag.name != last:
                 shutil.rmtree(old_tag)
@@ -487,21 +493,6 @@ def _save_state(strategy, engine, out_dir: Path, fp: str, step: int) -> None:
         write_json_atomic(out_dir / DS_DIR / "state.json",
                           {"fingerprint": fp, "step": step, "tag": tag})
     _barrier()
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keeps the log lines of steps 1..`step` (a resumed run re-runs the rest)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,7 +135,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     tc, obj = cfg.train, objective_config(cfg)
     reference = Path(reference or policy_dir) if obj.kl_coef > 0 else None
     fp = train_fingerprint(policy_dir, shard_dir, reference, cfg)
-    done = _read_json(out_dir / SUCCESS)
+    done = read_json(out_dir / SUCCESS)
     if done is not None and done.get("fingerprint") == fp:
         return done["metrics"]
     t0 = time.time()
@@ -168,9 +168,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-        kept = [line for line in (out_dir / LOG).read_text().splitlines()
-                if json.loads(line)["step"] <= step]  # steps after the saved state re-run
-        (out_dir / LOG).write_text("".join(line + "\n" for line in kept))
+        truncate_log(out_dir / LOG, step)  # steps after the saved state re-run
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / LOG).unlink(missing_ok=True)
@@ -240,7 +238,15 @@ def _save_state(out_dir: Path, state: dict) -> None:
     os.replace(tmp, out_dir / STATE)
 
 
-def _read_json(path: Path) -> dict | None:
+def truncate_log(path: Path, step: int) -> None:
+    """Keeps the log lines of steps 1..`step` (a resumed run re-runs the rest)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
