@@ -282,8 +282,9 @@ class TrainConfig(Section):
     hostfile: str = Field("", description="openrlhf: DeepSpeed hostfile for several nodes "
                                           "(`host slots=N` lines); empty: this machine")
     zero_stage: int = Field(2, ge=0, le=3, description="openrlhf: DeepSpeed ZeRO stage")
-    openrlhf_flags: str = Field("", description="openrlhf: extra flags for OpenRLHF's own "
-                                                "parser, e.g. --actor.gradient_checkpointing_enable")
+    openrlhf_flags: str = Field(
+        "", description="openrlhf: extra flags for OpenRLHF's own parser, e.g. "
+                        "--actor.gradient_checkpointing_enable")
 
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     epochs: int = Field(1, ge=1, description="passes over the round's shard")
