@@ -230,6 +230,7 @@ class EngineConfig(Section):
     concurrency: int = Field(8, ge=1, description="openai: requests in flight")
     timeout_s: float = Field(300.0, gt=0, description="openai: per-request timeout")
     retries: int = Field(4, ge=0, description="openai: retries with exponential backoff")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine spans")
 
 
 class GraderConfig(Section):
@@ -238,7 +239,16 @@ class GraderConfig(Section):
 
 
 class RunnerConfig(Section):
-    workers: int = Field(1, ge=1, description="worker processes per stage")
+    """How the runner runs a stage's shards: local processes or Ray actors (README: Cluster)."""
+
+    executor: typing.Literal["local", "ray"] = Field(
+        "local", description="local: processes on this machine; ray: actors on a Ray cluster")
+    workers: int = Field(1, ge=1, description="worker processes (ray: actors) per stage")
+    address: str = Field("", description="ray: the cluster to join (host:6379, ray://host:10001); "
+                                         "empty: $RAY_ADDRESS, else a Ray instance started here")
+    gpus_per_worker: float = Field(0, ge=0, description="ray: GPUs each worker of a stage that "
+                                                        "runs a model asks for")
+    retries: int = Field(3, ge=0, description="ray: restarts of a worker that dies mid-shard")
     max_error_share: float = Field(0.1, ge=0, le=1, description="a stage whose rows dropped as "
                                                                 "`error` pass this share fails")
 
@@ -312,6 +322,14 @@ class Config(Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _engine_fits_worker(self) -> Config:
+        gpus = self.runner.gpus_per_worker
+        if self.runner.executor == "ray" and gpus > 1 and self.engine.tensor_parallel_size != gpus:
+            raise ValueError(f"runner.gpus_per_worker={gpus:g} gives each engine {gpus:g} GPUs: "
+                             f"set engine.tensor_parallel_size={gpus:g} to use them")
+        return self
 
     def section(self, name: str) -> Section:
         if name not in type(self).model_fields:

@@ -117,6 +117,12 @@ class Stage:
         retrained at the same path re-runs the stage); none by default."""
         return {}
 
+    @classmethod
+    def runs_model(cls, config: Config) -> bool:
+        """Whether the stage generates with a model under `config` (on Ray its workers then ask
+        for `runner.gpus_per_worker` GPUs)."""
+        return bool(cls.models_state(config))
+
 
 def stage_ref(stage_cls: type[Stage]) -> str:
     return f"{stage_cls.__module__}:{stage_cls.__qualname__}"
@@ -186,7 +192,12 @@ def run_stage(
     workers = max(1, min(workers or config.runner.workers, len(pending) or 1))
     bar = tqdm(total=len(units), initial=len(units) - len(pending), unit="shard",
                desc=stage_cls.name, disable=not progress)
-    if workers == 1 and pending:  # (a stage may load a model: only build it when needed)
+    if pending and config.runner.executor == "ray":
+        from pipeline.ray_executor import run_units
+
+        run_units(stage_cls, config, side_dirs, [(units[i], i) for i in pending], out_dir, fp,
+                  workers, on_done=bar.update)
+    elif workers == 1 and pending:  # (a stage may load a model: only build it when needed)
         stage = _make_stage(stage_cls, config, side_dirs)
         try:
             for i in pending:

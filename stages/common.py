@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.engines import Engine, Prompt, SamplingParams, make_engine
+from pipeline.engines import Engine, Prompt, SamplingParams, kept_engine
 from pipeline.layout import testbed_model
 from stages.tasks.base import Step, task_of
 
@@ -48,7 +48,8 @@ def require_rule_task(config: Config, section: str) -> None:
 
 
 class EngineHolder:
-    """Builds an engine on first use (a stage that never generates never loads a model)."""
+    """The engine for `model` on first use (a stage that never generates never loads a model):
+    this process's kept engine (engines.kept_engine), or one `set` by the caller."""
 
     def __init__(self, cfg: Config, model: str | Path):
         self.cfg, self.model = cfg, Path(model)
@@ -56,16 +57,14 @@ class EngineHolder:
 
     def get(self) -> Engine:
         if self._engine is None:
-            self._engine = make_engine(self.cfg.engine, self.model, seed=self.cfg.run.seed)
+            self._engine = kept_engine(self.cfg.engine, self.model, seed=self.cfg.run.seed)
         return self._engine
 
     def set(self, engine: Engine) -> None:
         self._engine = engine
 
     def close(self) -> None:
-        close = getattr(self._engine, "close", None)
-        if close is not None:
-            close()
+        """Lets go of the engine; a kept engine stays for the next stage or round."""
         self._engine = None
 
 

@@ -134,6 +134,10 @@ class Construct(Stage):
     def models_state(cls, config):
         return {"model": model_state(config.construction.model or policy_path(config))}
 
+    @classmethod
+    def runs_model(cls, config):
+        return config.construction.method == "llm"
+
     def close(self):
         self.engine.close()
         self.grader.close()

@@ -105,6 +105,10 @@ class Locate(Stage):
     def models_state(cls, config):
         return {"model": model_state(config.locate.model or policy_path(config))}
 
+    @classmethod
+    def runs_model(cls, config):
+        return config.locate.method == "llm"
+
     def close(self):
         self.engine.close()
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -95,6 +97,30 @@ class NeedsModel(Stage):
         for row in rows:
             out.keep(row)
         return out
+
+
+class DiesOnce(Square):
+    """Square, but the process running it is SIGKILLed the first time, mid-shard (after reading
+    its rows, before writing anything): the flag file `policy.path` records that it happened."""
+
+    name = "dies_once"
+    sections = ("run", "policy")
+
+    def process(self, rows):
+        flag = Path(self.config.policy.path)
+        if not flag.exists():
+            flag.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().process(rows)
+
+
+class AlwaysDies(Square):
+    """Square whose process is SIGKILLed every time it starts a shard."""
+
+    name = "always_dies"
+
+    def process(self, rows):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- a task plugin of our own (the grader's workers import it from here) ---------------------

@@ -74,6 +74,74 @@ def test_vllm_records_match_hf_shape_and_greedy(vllm_engine, tiny_base):  # noqa
     assert [g[0].token_ids for g in a] == [g[0].token_ids for g in b]
 
 
+def perturbed_copy(model_dir, out, scale=0.05):
+    """The model at `model_dir` with noise on every weight (its tied head included), saved to
+    `out` with its tokenizer: what a round's training makes of a checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+@needs_vllm
+def test_kept_vllm_engine_loads_a_checkpoint_exactly(tiny_base, tmp_path):  # noqa: F811
+    """A checkpoint loaded into a running engine (engines.kept_engine -> VLLMEngine.load) gives
+    the log-probs and tokens a new engine on that checkpoint gives; without the tied head's
+    repacking (vllm_worker) it did not."""
+    from pipeline.config import load_config
+    from pipeline.engines import kept_engine, release_engine
+    from pipeline.engines.vllm import VLLMEngine
+
+    base = tiny_base[2]
+    trained = perturbed_copy(base, tmp_path / "trained")
+    cfg = load_config(None, ["engine.backend=vllm", "engine.max_model_len=256",
+                             "engine.gpu_memory_utilization=0.1"]).engine
+    greedy = SamplingParams(temperature=0, max_tokens=12, logprobs=True)
+    try:
+        engine = kept_engine(cfg, base)
+        before = engine.generate(PROMPTS, 1, greedy)
+        assert kept_engine(cfg, trained) is engine  # loaded, not rebuilt
+        loaded = engine.generate(PROMPTS, 1, greedy)
+    finally:
+        release_engine()
+    fresh = VLLMEngine(trained, max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+    try:
+        new = fresh.generate(PROMPTS, 1, greedy)
+    finally:
+        fresh.close()
+    assert [g[0].logprobs for g in before] != [g[0].logprobs for g in new]  # (weights differ)
+    for a, b in zip(loaded, new, strict=True):
+        assert a[0].token_ids == b[0].token_ids
+        assert a[0].logprobs == pytest.approx(b[0].logprobs, abs=1e-5)
+
+
+def test_a_checkpoint_of_another_shape_is_not_loaded(tiny_base, tmp_path):  # noqa: F811
+    from pipeline.engines.vllm import different_model
+
+    base = tiny_base[2]
+    same = perturbed_copy(base, tmp_path / "same")
+    assert different_model(base, same) is None
+    config = json.loads((same / "config.json").read_text())
+    (tmp_path / "wider").mkdir()
+    for f in same.iterdir():
+        (tmp_path / "wider" / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "wider" / "config.json").write_text(json.dumps({**config, "hidden_size": 999}))
+    assert different_model(base, tmp_path / "wider") == "config.json differs"
+    assert "no config.json" in different_model(base, tmp_path / "nothing")
+    (tmp_path / "wider" / "config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((same / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["<extra>"] = len(tokenizer["model"]["vocab"])
+    (tmp_path / "wider" / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert different_model(base, tmp_path / "wider") == "the tokenizer differs"
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

