@@ -8,6 +8,9 @@
     tapo compare OUT_DIR --rounds N [--seeds S] [--variants tapo,grpo,...] [key=value ...]
     tapo train --policy DIR --shard DIR --out DIR [--config C] [key=value ...]
     tapo status RUN_DIR
+
+stage, round, coldstart, iterate, eval and compare take `--executor ray [--address ADDR]`
+(runner.executor, runner.address): their stages' shards then run on a Ray cluster.
     tapo base [--config C] [section.key=value ...]
 """
 
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in", dest="in_dir", required=True, type=Path)
     p.add_argument("--out", dest="out_dir", required=True, type=Path)
     _config_args(p)
+    _executor_args(p)
     p.add_argument("--workers", type=int, default=None, help="worker processes (runner.workers)")
     p.add_argument("--side", action="append", default=[], metavar="NAME=DIR",
                    help="a side input of the stage (assemble: trajectories=DIR)")
@@ -47,11 +51,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="this round's policy checkpoint, not saved in the run's config "
                         "(default: see README)")
     _config_args(p)
+    _executor_args(p)
 
     p = sub.add_parser("coldstart", help="the cold-start SFT/IF set and SFT (make coldstart)")
     p.add_argument("run_dir", type=Path, nargs="?", default=None,
                    help="default: the parent of policy.coldstart (runs/coldstart)")
     _config_args(p)
+    _executor_args(p)
 
     p = sub.add_parser("iterate", help="N rounds of the stages + training (make iterate)")
     p.add_argument("run_dir", type=Path, nargs="?", default=None,
@@ -59,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, required=True)
     p.add_argument("--algo", choices=("tapo", "grpo"), default=None, help="sets algo.name")
     _config_args(p)
+    _executor_args(p)
 
     p = sub.add_parser("eval", help="Pass@k, DSR, ERR of a model on benchmarks (make eval)")
     p.add_argument("--model", type=Path, required=True, help="an HF model directory")
@@ -67,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None,
                    help="default: runs/eval/<the model path, slashes as dashes>")
     _config_args(p)
+    _executor_args(p)
 
     p = sub.add_parser("compare", help="TAPO vs GRPO (and ablations) over seeds (make compare)")
     p.add_argument("out_dir", type=Path)
@@ -76,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated: tapo, grpo, no_ood, no_dae, no_negative, "
                         "full_reconstruction")
     _config_args(p)
+    _executor_args(p)
 
     p = sub.add_parser("train", help="one policy update on an assembled shard")
     p.add_argument("--policy", type=Path, required=True, help="the starting checkpoint")
@@ -99,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if hasattr(args, "overrides"):
         args.overrides = args.overrides + extra
+        for key in ("executor", "address"):
+            if getattr(args, key, None) is not None:
+                args.overrides.append(f"runner.{key}={getattr(args, key)}")
     if "=" in str(getattr(args, "run_dir", None) or ""):  # an override, not the optional RUN_DIR
         args.overrides, args.run_dir = [str(args.run_dir), *args.overrides], None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -132,6 +144,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="show the engines' own logs (vLLM, ...) on the console; by default they "
                         "go to engine.log in the run directory")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+
+
+def _executor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help="where stages run their shards (runner.executor)")
+    p.add_argument("--address", default=None,
+                   help="with --executor ray: the Ray cluster to join (runner.address)")
 
 
 def _engine_log(args: argparse.Namespace, run_dir: Path) -> None:

@@ -232,6 +232,7 @@ def run_stage(
             "inputs": input_hashes,
             "side_inputs": {name: str(d) for name, d in side_dirs.items()},
             "rows": stats,
+            "executor": config.runner.executor,
             "versions": package_versions(),
             "git_commit": git_commit(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -45,6 +45,19 @@ def test_ray_gives_the_local_executors_files(shards, tmp_path):
     assert again.skipped
 
 
+def test_cli_runs_a_stage_on_ray(shards, tmp_path):
+    import json
+
+    from pipeline.cli import main
+
+    src = shards()
+    assert main(["stage", "tests.fixture_stages:Square", "--in", str(src), "--out",
+                 str(tmp_path / "out"), "--executor", "ray", "--workers", "2"]) == 0
+    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["executor"] == "ray"
+    run_stage(Square, load_config(None), src, tmp_path / "local", progress=False)
+    assert files(tmp_path / "out") == files(tmp_path / "local")
+
+
 def test_worker_killed_mid_shard_is_retried(shards, tmp_path):
     src = shards()
     flag = tmp_path / "killed"
