@@ -228,3 +228,22 @@ def test_in_memory_chain_gives_the_rounds_rows(small_base, tmp_path):
     in_memory = pa.Table.from_pylist(rows["assemble"], schema=TRAINING)
     order = [("sample_id", "ascending")]  # (on disk, each shard's trajectories follow it)
     assert in_memory.sort_by(order).equals(on_disk.sort_by(order))
+
+
+@pytest.mark.slow
+def test_iterate_with_vllm_loads_each_checkpoint_into_one_engine(small_base, tmp_path):
+    """Two rounds of `tapo iterate` with vllm: round 2's checkpoint is loaded into the engine
+    round 1 built (no second engine), and round 2 samples from it."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "pipeline", "iterate", str(run), "--rounds", "2",
+                           "--config", str(_cfg(small_base, tmp_path)), "engine.backend=vllm"],
+                          capture_output=True, text=True, timeout=1200)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    assert f"loaded {run / 'models' / 'iter_0001'} into the running vllm engine" in console
+    assert "building a new" not in console
+    assert (json.loads((run / "iter_0002" / "round.json").read_text())["policy"]
+            == str(run / "models" / "iter_0001"))

@@ -10,7 +10,9 @@ into RUN_DIR/models/iter_KKKK, and rewrites RUN_DIR/metrics.csv:
 one row per completed round (pass rate, candidates, accepted constructions, loss, clip
 fraction, entropy, grad norm, suppressed share, reflection rate, seconds per stage). Everything
 is resumable: a killed run re-run continues from the last complete stage, or inside training
-from the last saved step.
+from the last saved step. The engines are kept from round to round (engines.kept_engine): each
+round's checkpoint is loaded into the running vLLM engine, on CPU; on a GPU machine they are
+ended before training (free_gpus_for_training).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config, write_resolved
+from pipeline.engines import release_engine
 from pipeline.flows.round import run_round
 from pipeline.layout import CONFIG, METRICS, checkpoint_dir, iter_dir, round_summary
+from pipeline.ray_executor import release_workers
 from pipeline.runner import SUCCESS
 from trainer.backends import train_round
 
@@ -40,12 +44,25 @@ def iterate(run_dir: str | Path, rounds: int, cfg: Config, progress: bool = True
         summary = run_round(run_dir, k, cfg, progress=progress)
         initial = summary["policy"] if k == 1 else json.loads(
             round_summary(run_dir, 1).read_text())["policy"]
+        free_gpus_for_training(cfg)
         train_round(summary["policy"], iter_dir(run_dir, k) / "assemble",
                     checkpoint_dir(run_dir, k), cfg, progress=progress, reference=initial)
         table = write_metrics(run_dir)
         if on_round is not None:
             on_round(table[table["round"] == k].iloc[0].to_dict())
     return read_metrics(run_dir, rounds)
+
+
+def free_gpus_for_training(cfg: Config) -> None:
+    """Ends the kept engines (this process's, and the Ray workers' when they hold GPUs) on a
+    machine with GPUs: the trainer needs their memory. On CPU they stay for the next round,
+    which loads the new checkpoint into them."""
+    import torch
+
+    if torch.cuda.is_available():
+        release_engine()
+    if cfg.runner.gpus_per_worker > 0:
+        release_workers()
 
 
 def metrics_row(run_dir: Path, k: int) -> dict[str, Any] | None:
