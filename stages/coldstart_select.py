@@ -1,9 +1,11 @@
 """coldstart_select: one wrong response per problem to repair, for the cold-start set.
 
-Reads the base model's classified responses, all at once (schema.CLASSIFIED), and the problems
-as the side input `problems` (their `solution` is the reference when no response is correct);
-writes one candidate per problem (schema.CANDIDATES). Unlike the RL `select` there is no
-difficulty window and no budget: every problem with a wrong response gives one candidate
+Reads the base model's classified responses shard by shard (schema.CLASSIFIED; `sample` writes
+all the responses of a problem into one shard, so a shard holds whole groups: the cold-start set
+streams at any size), and the problems as the side input `problems` (their `solution` is the
+reference when no response is correct); writes one candidate per problem (schema.CANDIDATES).
+Unlike the RL `select` there is no difficulty window and no budget: every problem with a wrong
+response gives one candidate
 (PAPER.md: built only from incorrect responses, one per query). The rollout to repair and the
 reference follow `select`'s rules; a dataset solution as reference has `reference_rollout_id`
 "solution". Drops, one row per problem: `no_wrong_response` (all correct),
@@ -25,7 +27,6 @@ class ColdstartSelect(Stage):
     sections = ("run",)
     input_schema = schema.CLASSIFIED
     output_schema = schema.CANDIDATES
-    whole_input = True
     side_inputs = ("problems",)
     row_fallback = False
 
