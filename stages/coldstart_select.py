@@ -5,12 +5,11 @@ all the responses of a problem into one shard, so a shard holds whole groups: th
 streams at any size), and the problems as the side input `problems` (their `solution` is the
 reference when no response is correct); writes one candidate per problem (schema.CANDIDATES).
 Unlike the RL `select` there is no difficulty window and no budget: every problem with a wrong
-response gives one candidate
-(PAPER.md: built only from incorrect responses, one per query). The rollout to repair and the
-reference follow `select`'s rules; a dataset solution as reference has `reference_rollout_id`
-"solution". Drops, one row per problem: `no_wrong_response` (all correct),
-`no_repairable_response` (the wrong ones were graded timeout/error), `no_reference` (none
-correct and no solution).
+response gives one candidate (PAPER.md: built only from incorrect responses, one per query). The
+rollout to repair and the reference follow `select`'s rules; a dataset solution as reference has
+`reference_rollout_id` "solution". Drops, one row per problem: `no_wrong_response` (all
+correct), `no_repairable_response` (the wrong ones were graded timeout/error), `no_reference`
+(none correct and no solution).
 """
 
 from __future__ import annotations
