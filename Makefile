@@ -14,7 +14,7 @@ NAME    ?= compare
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test test-slow lint base bench check-grader coldstart iterate eval compare clean
+.PHONY: help setup test test-slow lint base bench bench-scale check-grader coldstart iterate eval compare clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -48,6 +48,9 @@ bench:  ## benchmarks, with ratios against the raw dependency (builds the base m
 	$(BIN)/tapo base --config $(CONFIG)
 	$(BIN)/python -m bench.engines --config $(CONFIG)
 	$(BIN)/python -m bench.trainers --config $(CONFIG)
+
+bench-scale:  ## the cold-start set at 4.5k and 45k examples (configs/testbed-scale.yaml): time, rows/s per stage, peak memory
+	$(BIN)/python -m bench.coldstart --config configs/testbed-scale.yaml --sizes 4500,45000
 
 check-grader:  ## grade every bundled reference solution against its own reference answer
 	$(BIN)/python -m pipeline.flows.grader_check
