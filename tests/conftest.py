@@ -10,6 +10,16 @@ from tests.fixture_stages import SCHEMA_IN
 SMALL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "testbed-small.yaml"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def release_kept_engine():
+    """Ends the engine tests left in this process (engines.kept_engine) while pytest's output
+    is still open (vLLM logs as it shuts down)."""
+    yield
+    from pipeline.engines import release_engine
+
+    release_engine()
+
+
 @pytest.fixture
 def shards(tmp_path):
     """An input stage dir of 6 shards x 5 rows: ids 0..29, x = id - 3 (ids 0-2 negative)."""

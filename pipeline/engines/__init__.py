@@ -96,10 +96,11 @@ def kept_engine(cfg, model: str | Path, seed: int = 0) -> Engine:
         release_engine()
     engine = make_engine(cfg, model, seed=seed)
     _kept.update(key=key, model=model, state=state, engine=engine)
+    atexit.unregister(release_engine)  # (registered last, it runs first at exit: before the
+    atexit.register(release_engine)    # engine's own finalizers, which then find it closed)
     return engine
 
 
-@atexit.register
 def release_engine() -> None:
     """Closes this process's kept engine, if any, freeing its memory."""
     engine = _kept.pop("engine", None)
