@@ -9,7 +9,7 @@ For each size S, a fresh process (so its peak memory is its own) builds the set 
 testbed's own generator, its `train` split: disjoint from pretraining and held-out problems),
 and prints one JSON line: seconds and rows in/s per stage, examples per source, and the peak
 resident memory of the driver and of its largest child (the vLLM engine process). Stages stream
-shard by shard; the whole-input ones (coldstart_select, examples) read their input at once.
+shard by shard; the whole-input one (examples: it draws the mixture) reads its input at once.
 """
 
 from __future__ import annotations
