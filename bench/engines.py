@@ -128,12 +128,14 @@ def bench_reload(model_dir, cfg, tmp: Path) -> dict:
             "load_into_running_s": round(load, 3), "ratio": round(load / build, 4)}
 
 
-def perturbed_checkpoint(model_dir, out: Path) -> Path:
+def perturbed_checkpoint(model_dir, out: Path, scale: float = 0.01) -> Path:
+    """The model at `model_dir` with seeded noise (times `scale`) on every weight, its tied head
+    included, saved to `out` with its tokenizer: what a round's training makes of a checkpoint."""
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+            p.add_(scale * torch.randn_like(p))
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return out

@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 from transformers import AutoTokenizer
 
+from bench.engines import perturbed_checkpoint
 from pipeline.engines.base import Completion, SamplingParams
 from pipeline.engines.hf import HFEngine
 from pipeline.engines.openai import OpenAIEngine, OpenAIEngineError
@@ -74,22 +75,6 @@ def test_vllm_records_match_hf_shape_and_greedy(vllm_engine, tiny_base):  # noqa
     assert [g[0].token_ids for g in a] == [g[0].token_ids for g in b]
 
 
-def perturbed_copy(model_dir, out, scale=0.05):
-    """The model at `model_dir` with noise on every weight (its tied head included), saved to
-    `out` with its tokenizer: what a round's training makes of a checkpoint."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    return out
-
-
 @needs_vllm
 def test_kept_vllm_engine_loads_a_checkpoint_exactly(tiny_base, tmp_path):  # noqa: F811
     """A checkpoint loaded into a running engine (engines.kept_engine -> VLLMEngine.load) gives
@@ -100,7 +85,7 @@ def test_kept_vllm_engine_loads_a_checkpoint_exactly(tiny_base, tmp_path):  # no
     from pipeline.engines.vllm import VLLMEngine
 
     base = tiny_base[2]
-    trained = perturbed_copy(base, tmp_path / "trained")
+    trained = perturbed_checkpoint(base, tmp_path / "trained", scale=0.05)
     cfg = load_config(None, ["engine.backend=vllm", "engine.max_model_len=256",
                              "engine.gpu_memory_utilization=0.1"]).engine
     greedy = SamplingParams(temperature=0, max_tokens=12, logprobs=True)
@@ -126,7 +111,7 @@ def test_a_checkpoint_of_another_shape_is_not_loaded(tiny_base, tmp_path):  # no
     from pipeline.engines.vllm import different_model
 
     base = tiny_base[2]
-    same = perturbed_copy(base, tmp_path / "same")
+    same = perturbed_checkpoint(base, tmp_path / "same", scale=0.05)
     assert different_model(base, same) is None
     config = json.loads((same / "config.json").read_text())
     (tmp_path / "wider").mkdir()

@@ -164,18 +164,25 @@ def test_a_model_that_cannot_load_fails_the_stage(small_base, tmp_path, capsys):
     assert "policy.path: no model directory at" in capsys.readouterr().err
 
 
-def test_round_with_vllm_engine_keeps_its_logs_off_the_console(small_base, tmp_path):
-    """A real vLLM round from the CLI: the console has our progress and round lines, vLLM's
-    warnings (its own and its engine processes') are in RUN_DIR/engine.log."""
+def _tapo_vllm(args, small_base, tmp_path, timeout):
+    """`tapo ARGS` in a new process on the small testbed with the vllm engine; its console
+    (stdout and stderr) once it exited 0."""
     import subprocess
     import sys
 
-    run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "pipeline", "round", str(run), "--iteration", "1",
-                           "--config", str(_cfg(small_base, tmp_path)), "engine.backend=vllm"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args, "--config",
+                           str(_cfg(small_base, tmp_path)), "engine.backend=vllm"],
+                          capture_output=True, text=True, timeout=timeout)
     console = done.stdout + done.stderr
     assert done.returncode == 0, console[-3000:]
+    return console
+
+
+def test_round_with_vllm_engine_keeps_its_logs_off_the_console(small_base, tmp_path):
+    """A real vLLM round from the CLI: the console has our progress and round lines, vLLM's
+    warnings (its own and its engine processes') are in RUN_DIR/engine.log."""
+    run = tmp_path / "run"
+    console = _tapo_vllm(["round", str(run), "--iteration", "1"], small_base, tmp_path, 600)
     assert "round 1 (tapo)" in console and "engine logs:" in console
     assert "WARNING" not in console and "EngineCore" not in console, console[-2000:]
     log = (run / "engine.log").read_text()
@@ -234,15 +241,8 @@ def test_in_memory_chain_gives_the_rounds_rows(small_base, tmp_path):
 def test_iterate_with_vllm_loads_each_checkpoint_into_one_engine(small_base, tmp_path):
     """Two rounds of `tapo iterate` with vllm: round 2's checkpoint is loaded into the engine
     round 1 built (no second engine), and round 2 samples from it."""
-    import subprocess
-    import sys
-
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "pipeline", "iterate", str(run), "--rounds", "2",
-                           "--config", str(_cfg(small_base, tmp_path)), "engine.backend=vllm"],
-                          capture_output=True, text=True, timeout=1200)
-    console = done.stdout + done.stderr
-    assert done.returncode == 0, console[-3000:]
+    console = _tapo_vllm(["iterate", str(run), "--rounds", "2"], small_base, tmp_path, 1200)
     assert f"loaded {run / 'models' / 'iter_0001'} into the running vllm engine" in console
     assert "building a new" not in console
     assert (json.loads((run / "iter_0002" / "round.json").read_text())["policy"]
