@@ -35,6 +35,12 @@ class RunConfig(Section):
                       description="the run's name: its directory is run.root/run.name")
     root: str = Field("runs", description="where runs are written")
     seed: int = Field(0, description="seeds the round's problems and every sample's request seed")
+    trackers: list[typing.Literal["csv", "tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["csv"],
+        description="where iterate sends each round and training step: csv (metrics.csv, "
+                    "steps.csv), tensorboard (RUN_DIR/tensorboard), wandb (offline unless "
+                    "logged in)")
+    wandb_project: str = Field("tapo", description="wandb: the project")
 
     @property
     def dir(self) -> Path:
@@ -337,8 +343,13 @@ class Config(Section):
         return getattr(self, name)
 
 
+# keys that change where results are reported, not what a stage computes
+REPORTING_ONLY = {"run": {"trackers", "wandb_project"}}
+
+
 def section_fingerprint(cfg: Config, sections: Sequence[str]) -> str:
-    return fingerprint({name: cfg.section(name).model_dump(mode="json") for name in sections})
+    return fingerprint({name: cfg.section(name).model_dump(
+        mode="json", exclude=REPORTING_ONLY.get(name)) for name in sections})
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:

@@ -3,8 +3,12 @@
     RUN_DIR/config.yaml              the resolved config of the run
     RUN_DIR/iter_KKKK/<stage>/       round K's stage directories (pipeline/runner.py)
     RUN_DIR/iter_KKKK/round.json     round K's summary (pipeline/flows/round.py)
-    RUN_DIR/models/iter_KKKK/        the checkpoint round K trains (trainer/)
+    RUN_DIR/models/iter_KKKK/        the checkpoint round K trains (trainer/), with
+                                     train_log.jsonl: one line per optimizer step
     RUN_DIR/metrics.csv              one row per complete round (pipeline/flows/iterate.py)
+    RUN_DIR/steps.csv                one row per optimizer step of every complete round
+    RUN_DIR/tensorboard/, wandb/     the trackers' files (run.trackers; pipeline/flows/tracking.py)
+    RUN_DIR/tracking.json            the last round each tracker was sent
 
     TESTBED/data/<split>.parquet     the testbed's problems: pretrain, train, heldout
     TESTBED/model/                   the testbed base model
@@ -18,6 +22,9 @@ from pathlib import Path
 CONFIG = "config.yaml"
 ROUND_SUMMARY = "round.json"
 METRICS = "metrics.csv"
+STEPS = "steps.csv"
+TRAIN_LOG = "train_log.jsonl"
+TRACKING = "tracking.json"
 
 
 def iter_dir(run_dir: str | Path, iteration: int) -> Path:

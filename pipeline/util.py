@@ -49,6 +49,14 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str | Path) -> Any:
+    """The JSON at `path`; None when it is missing or not (yet) valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 @functools.cache
 def package_versions() -> dict[str, str]:
     out = {}

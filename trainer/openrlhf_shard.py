@@ -57,17 +57,12 @@ import torch
 
 from pipeline.config import Config, load_config, write_resolved
 from pipeline.io import read_pandas
-from pipeline.util import write_json_atomic
+from pipeline.layout import TRAIN_LOG
+from pipeline.util import read_json, write_json_atomic
 from trainer.objective import loss_mask
-from trainer.rl import (
-    build_batch,
-    objective_config,
-    read_json,
-    train_fingerprint,
-    truncate_log,
-)
+from trainer.rl import build_batch, objective_config, train_fingerprint, truncate_log
 
-SUCCESS, LOG, DS_DIR, LAUNCH = "_SUCCESS", "train_log.jsonl", "_ds", "train.sh"
+SUCCESS, LOG, DS_DIR, LAUNCH = "_SUCCESS", TRAIN_LOG, "_ds", "train.sh"
 ROOT = Path(__file__).resolve().parent.parent
 
 

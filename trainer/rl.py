@@ -31,7 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import Config
 from pipeline.io import read_pandas
-from pipeline.util import file_sha256, fingerprint, write_json_atomic
+from pipeline.layout import TRAIN_LOG
+from pipeline.util import file_sha256, fingerprint, read_json, write_json_atomic
 from trainer.objective import (
     ObjectiveConfig,
     group_advantages,
@@ -40,7 +41,7 @@ from trainer.objective import (
     segment_masks,
 )
 
-SUCCESS, STATE, LOG = "_SUCCESS", "_state.pt", "train_log.jsonl"
+SUCCESS, STATE, LOG = "_SUCCESS", "_state.pt", TRAIN_LOG
 OPENRLHF_ONLY = ("launcher", "num_gpus", "hostfile", "zero_stage", "openrlhf_flags")
 
 
@@ -244,10 +245,3 @@ def truncate_log(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

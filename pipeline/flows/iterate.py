@@ -7,12 +7,13 @@ K-1 (round 1: the run's initial policy, `policy.path`, else the cold-start check
 complete, else the base model), trains on the
 round's shard (trainer/rl.py; with `algo.kl_coef > 0` the KL reference is round 1's policy)
 into RUN_DIR/models/iter_KKKK, and rewrites RUN_DIR/metrics.csv:
-one row per completed round (pass rate, candidates, accepted constructions, loss, clip
-fraction, entropy, grad norm, suppressed share, reflection rate, seconds per stage). Everything
-is resumable: a killed run re-run continues from the last complete stage, or inside training
-from the last saved step. The engines are kept from round to round (engines.kept_engine): each
-round's checkpoint is loaded into the running vLLM engine, on CPU; on a GPU machine they are
-ended before training (free_gpus_for_training).
+one row per completed round (pass rate, candidates, accepted constructions, augmented share,
+loss, clip fraction, entropy, grad norm, suppressed share, reflection rate, response length,
+seconds per stage), and sends the round to the trackers of `run.trackers` (flows/tracking.py).
+Everything is resumable: a killed run re-run continues from the last complete stage, or inside
+training from the last saved step. The engines are kept from round to round
+(engines.kept_engine): each round's checkpoint is loaded into the running vLLM engine, on CPU;
+on a GPU machine they are ended before training (free_gpus_for_training).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pandas as pd
 from pipeline.config import Config, write_resolved
 from pipeline.engines import release_engine
 from pipeline.flows.round import run_round
+from pipeline.flows.tracking import Trackers
 from pipeline.layout import CONFIG, METRICS, checkpoint_dir, iter_dir, round_summary
 from pipeline.ray_executor import release_workers
 from pipeline.runner import SUCCESS
@@ -40,16 +42,18 @@ def iterate(run_dir: str | Path, rounds: int, cfg: Config, progress: bool = True
     `on_round(row)` is called after each round (the CLI prints it)."""
     run_dir = Path(run_dir)
     write_resolved(cfg, run_dir / CONFIG)
-    for k in range(1, rounds + 1):
-        summary = run_round(run_dir, k, cfg, progress=progress)
-        initial = summary["policy"] if k == 1 else json.loads(
-            round_summary(run_dir, 1).read_text())["policy"]
-        free_gpus_for_training(cfg)
-        train_round(summary["policy"], iter_dir(run_dir, k) / "assemble",
-                    checkpoint_dir(run_dir, k), cfg, progress=progress, reference=initial)
-        table = write_metrics(run_dir)
-        if on_round is not None:
-            on_round(table[table["round"] == k].iloc[0].to_dict())
+    with Trackers(run_dir, cfg) as trackers:
+        for k in range(1, rounds + 1):
+            summary = run_round(run_dir, k, cfg, progress=progress)
+            initial = summary["policy"] if k == 1 else json.loads(
+                round_summary(run_dir, 1).read_text())["policy"]
+            free_gpus_for_training(cfg)
+            train_round(summary["policy"], iter_dir(run_dir, k) / "assemble",
+                        checkpoint_dir(run_dir, k), cfg, progress=progress, reference=initial)
+            table = write_metrics(run_dir)
+            trackers.update(table)
+            if on_round is not None:
+                on_round(table[table["round"] == k].iloc[0].to_dict())
     return read_metrics(run_dir, rounds)
 
 
@@ -76,7 +80,9 @@ def metrics_row(run_dir: Path, k: int) -> dict[str, Any] | None:
     row = {"round": k, "algo": summary["algo"], "pass_rate": summary["pass_rate"],
            "reflection_rate": summary["reflection_rate"],
            "candidates": summary.get("candidates", 0), "accepted": summary.get("accepted", 0),
-           "training_rows": summary["training_rows"],
+           "training_rows": summary["training_rows"], "augmented": summary["augmented"],
+           "augmented_share": summary["augmented"] / max(summary["training_rows"], 1),
+           "response_length": summary.get("response_length", float("nan")),
            **{k2: train[k2] for k2 in ("loss", "clip_fraction", "entropy", "grad_norm",
                                        "suppressed_share", "steps")}}
     seconds = {**summary["seconds"], "train": train["seconds"]}

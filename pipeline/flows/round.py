@@ -137,7 +137,7 @@ def _read_summary(here: Path) -> dict[str, Any]:
 
 def summarize(here: Path, algo: str, stats: dict[str, dict[str, int]]) -> dict[str, Any]:
     """Pass rate, candidates, accepted trajectories; checks that assemble lost none."""
-    classified = read_pandas(here / "classify", columns=["label", "response"])
+    classified = read_pandas(here / "classify", columns=["label", "response", "response_len"])
     training = read_pandas(here / "assemble", columns=["kind"])
     augmented = int((training["kind"] == "augmented").sum())
     out: dict[str, Any] = {
@@ -145,6 +145,7 @@ def summarize(here: Path, algo: str, stats: dict[str, dict[str, int]]) -> dict[s
         "pass_rate": float((classified["label"] == "correct").mean()) if len(classified) else 0.0,
         "reflection_rate": float(classified["response"].map(reflects).mean())
         if len(classified) else 0.0,
+        "response_length": float(classified["response_len"].mean()) if len(classified) else 0.0,
         "training_rows": len(training), "augmented": augmented, "stats": stats,
     }
     if algo == "tapo":
