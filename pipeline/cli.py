@@ -8,6 +8,8 @@
     tapo compare OUT_DIR --rounds N [--seeds S] [--variants tapo,grpo,...] [key=value ...]
     tapo train --policy DIR --shard DIR --out DIR [--config C] [key=value ...]
     tapo status RUN_DIR
+    tapo show RUN_DIR [--round K] [--n 5] [--rejected]
+    tapo report RUN_DIR [--out FILE]
 
 stage, round, coldstart, iterate, eval and compare take `--executor ray [--address ADDR]`
 (runner.executor, runner.address): their stages' shards then run on a Ray cluster.
@@ -99,6 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("status", help="completion, row counts and drops of a run's stages")
     p.add_argument("run_dir", type=Path)
 
+    p = sub.add_parser("show", help="a round's trajectories (or --rejected rows) in the terminal")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--round", type=int, default=None, help="default: the last complete round")
+    p.add_argument("--n", type=int, default=5, help="trajectories (or rejected rows) to show")
+    p.add_argument("--rejected", action="store_true",
+                   help="what the stages dropped, by stage and reason, with examples")
+
+    p = sub.add_parser("report", help="one self-contained HTML page of a run or compare run")
+    p.add_argument("run_dir", type=Path, help="an iterate run or a compare directory")
+    p.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report.html")
+
     p = sub.add_parser("base", help="build the testbed base model (no-op when up to date)")
     _config_args(p)
 
@@ -120,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {"stage": cmd_stage, "round": cmd_round, "coldstart": cmd_coldstart,
                     "eval": cmd_eval, "compare": cmd_compare, "iterate": cmd_iterate,
-                    "train": cmd_train, "status": cmd_status, "base": cmd_base}
+                    "train": cmd_train, "status": cmd_status, "show": cmd_show,
+                    "report": cmd_report, "base": cmd_base}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"tapo: config error: {e}", file=sys.stderr)
@@ -272,6 +286,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     from pipeline.status import render_status
 
     print(render_status(args.run_dir))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pipeline.flows.show import show
+
+    if not args.run_dir.is_dir():
+        raise FileNotFoundError(f"no such run directory: {args.run_dir}")
+    show(args.run_dir, args.round, args.n, args.rejected)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.flows.report import write_report
+
+    print(f"written: {write_report(args.run_dir, args.out)}")
     return 0
 
 

@@ -63,3 +63,14 @@ def shard(small_base, tmp_path_factory):
     summary = run_round(run, 1, cfg, progress=False)
     assert summary["augmented"] > 0
     return cfg, summary["policy"], run / "iter_0001" / "assemble"
+
+
+@pytest.fixture(scope="session")
+def small_run(small_base, tmp_path_factory):
+    """A two-round TAPO run on the small testbed (every candidate selected, so each round has
+    trajectories and drops), for the viewer and the report; read it, do not change it."""
+    from pipeline.flows.iterate import iterate
+
+    run = tmp_path_factory.mktemp("small_run") / "run"
+    iterate(run, 2, small_base("select.p_high=1", "select.budget_fraction=0.2"), progress=False)
+    return run

@@ -14,6 +14,7 @@ from pipeline.flows.compare import VARIANTS, summary_rows, variant_config
 from pipeline.flows.evaluate import ks, pass_at_k, response_metrics
 from pipeline.io import read_pandas
 from stages.tasks.base import REFLECTION_RE
+from tests.browser import render
 from tests.conftest import SMALL_CONFIG
 
 
@@ -128,6 +129,14 @@ def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
     assert "| start | 1 |" in report and "| 2 |" in report  # the per-round table has round 2
     for png in ("pass_rate_per_round.png", "pass_at_k.png"):
         assert (out / png).stat().st_size > 1000
+
+    # its page: the tables, the two compare plots, then each run's own section
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    # per run: its section, round 1's funnel (closed) and round 2's (open)
+    assert page.count("<details><summary>") == 4 + 4 and page.count("<details open>") == 4
+    assert page.count("<svg") == 2 + 4 and "± " in page
+    assert render(out / "report.html", tmp_path / "cmp.png", tmp_path / "profile") == []
 
 
 def test_make_targets_pass_overrides_and_require_a_model():

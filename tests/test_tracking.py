@@ -76,7 +76,7 @@ def test_trackers_get_every_round_and_step_once(small_base, tmp_path, monkeypatc
     assert list(steps.groupby("round").size()) == list(table["steps"])
 
     scalars = tensorboard_scalars(run)
-    for key, name in STEP_NAMES.items():
+    for name in STEP_NAMES.values():
         assert [s for s, _ in scalars[f"train/{name}"]] == list(range(1, total + 1)), name
     assert [v for _, v in scalars["train/policy_loss"]] == pytest.approx(list(steps["loss"]))
     ends = list(table["steps"].cumsum())

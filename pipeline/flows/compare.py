@@ -133,7 +133,10 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rou
 
 def plot_per_round(per_round: pd.DataFrame, path: Path) -> None:
     """Mean training pass rate per round per variant, the band one std over seeds."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = new_plot((5.5, 3.5))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for variant, group in per_round.groupby("variant", sort=False):
         stats = group.groupby("round")["pass_rate"].agg(["mean", "std"]).fillna(0.0)
         ax.plot(stats.index, stats["mean"], marker="o", label=variant)

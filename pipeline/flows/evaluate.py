@@ -156,14 +156,14 @@ def plot_pass_at_k(table: pd.DataFrame, key: str, path: Path) -> None:
     save_plot(fig, ax, "k", "pass@k", path)
 
 
-def new_plot(size: tuple[float, float]) -> tuple[Any, Any]:
-    """A matplotlib (figure, axes) drawn off-screen."""
+def new_plot(size: tuple[float, float], rows: int = 1, cols: int = 1) -> tuple[Any, Any]:
+    """A matplotlib (figure, axes) drawn off-screen; a grid of axes when rows x cols > 1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=size)
+    return plt.subplots(rows, cols, figsize=size)
 
 
 def save_plot(fig: Any, ax: Any, xlabel: str, ylabel: str, path: Path) -> None:

@@ -28,6 +28,7 @@ FUNNEL = [("problems", "problems"), ("rollouts", "sample"), ("graded", "classify
                                                             "pick_repair"),
           ("constructed", "construct"), ("training rows", "assemble")]
 REJECTING = ["sample", "classify", "select", "locate", "pick_repair", "construct", "assemble"]
+DROP_UNITS = {"select": "problems"}  # what a stage's drops count, where it is not its input rows
 
 
 def rounds(run_dir: str | Path) -> list[int]:
@@ -76,7 +77,8 @@ class FunnelStep:
     stage: str
     rows_in: int
     rows_out: int
-    drops: dict[str, int]  # reason -> rows
+    drops: dict[str, int]  # reason -> rows (or `drop_unit`)
+    drop_unit: str = "rows"
 
 
 def funnel(run_dir: str | Path, k: int) -> list[FunnelStep]:
@@ -85,7 +87,7 @@ def funnel(run_dir: str | Path, k: int) -> list[FunnelStep]:
     stats = summary(run_dir, k)["stats"]
     return [FunnelStep(label, stage, s.get("rows_in", 0), s.get("rows_out", 0),
                        {key[len("dropped_"):]: v for key, v in s.items()
-                        if key.startswith("dropped_")})
+                        if key.startswith("dropped_")}, DROP_UNITS.get(stage, "rows"))
             for label, stage in FUNNEL if (s := stats.get(stage)) is not None]
 
 
@@ -140,6 +142,8 @@ def rejections(run_dir: str | Path, k: int) -> pd.DataFrame:
     candidate or trajectory) and `text` (its response)."""
     here = iter_dir(run_dir, k)
     summary(run_dir, k)
+    problems = read_pandas(here / "problems", columns=["problem_id", "problem"]).set_index(
+        "problem_id")["problem"]
     frames = []
     for stage in REJECTING:
         if not (here / stage / EXCLUDED).is_dir():
@@ -150,7 +154,7 @@ def rejections(run_dir: str | Path, k: int) -> pd.DataFrame:
         text = next((c for c in ("response", "wrong_response") if c in rows.columns), None)
         frames.append(pd.DataFrame({
             "stage": stage, "reason": rows["reason"], "detail": rows["detail"],
-            "id": rows[ident], "problem": rows.get("problem", ""),
+            "id": rows[ident], "problem": rows["problem_id"].map(problems).fillna(""),
             "text": rows[text] if text else ""}))
     columns = ["stage", "reason", "detail", "id", "problem", "text"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
