@@ -14,7 +14,7 @@ NAME    ?= compare
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test test-slow lint base bench bench-scale check-grader coldstart iterate eval compare clean
+.PHONY: help setup test test-slow lint base bench bench-scale check-grader coldstart iterate eval compare report clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -67,6 +67,9 @@ eval:  ## MODEL=PATH [BENCH=aime24,aime25,hmmt25,math500,testbed]: Pass@k, DSR, 
 
 compare:  ## TAPO vs GRPO: N rounds x SEEDS seeds per VARIANTS, held-out eval, runs/$(NAME)/report.md
 	$(BIN)/tapo compare runs/$(NAME) --rounds $(N) --seeds $(SEEDS) --variants $(VARIANTS) --config $(CONFIG) $(ARGS)
+
+report:  ## one HTML page of runs/$(RUN) (an iterate run or a compare directory): runs/$(RUN)/report.html
+	$(BIN)/tapo report runs/$(RUN)
 
 clean:  ## remove runs/ (everything runs produced)
 	rm -rf runs

@@ -63,8 +63,8 @@ def rejected_view(run_dir: Path, k: int, n: int) -> Group:
     if rows.empty:
         return Group(Text(f"round {k}: no stage dropped a row"))
     counts = Table(title=f"round {k}: rows dropped, by stage and reason", title_justify="left")
-    for column in ("stage", "reason", "rows", "example detail"):
-        counts.add_column(column, justify="right" if column == "rows" else "left")
+    for column in ("stage", "reason", "dropped", "example detail"):
+        counts.add_column(column, justify="right" if column == "dropped" else "left")
     groups = [g for _, g in sorted(rows.groupby(["stage", "reason"], sort=False),
                                    key=lambda item: REJECTING.index(item[0][0]))]
     for g in groups:
