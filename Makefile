@@ -14,7 +14,7 @@ NAME    ?= compare
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test test-slow lint base bench bench-scale check-grader coldstart iterate eval compare report clean
+.PHONY: help setup test test-slow lint base bench bench-scale check-grader coldstart iterate eval compare report locator-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -70,6 +70,9 @@ compare:  ## TAPO vs GRPO: N rounds x SEEDS seeds per VARIANTS, held-out eval, r
 
 report:  ## one HTML page of runs/$(RUN) (an iterate run or a compare directory): runs/$(RUN)/report.html
 	$(BIN)/tapo report runs/$(RUN)
+
+locator-check:  ## score MODEL's error localization against the exact checker on a round of runs/$(RUN) (default: its policy)
+	$(BIN)/tapo locator-check runs/$(RUN) $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 clean:  ## remove runs/ (everything runs produced)
 	rm -rf runs

@@ -10,6 +10,7 @@
     tapo status RUN_DIR
     tapo show RUN_DIR [--round K] [--n 5] [--rejected]
     tapo report RUN_DIR [--out FILE]
+    tapo locator-check RUN_DIR [--round K] [--model PATH] [--out DIR] [key=value ...]
 
 stage, round, coldstart, iterate, eval and compare take `--executor ray [--address ADDR]`
 (runner.executor, runner.address): their stages' shards then run on a Ray cluster.
@@ -112,6 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path, help="an iterate run or a compare directory")
     p.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report.html")
 
+    p = sub.add_parser("locator-check",
+                       help="score a model's error localization against the exact checker")
+    p.add_argument("run_dir", type=Path, help="a run whose round has candidates (tapo)")
+    p.add_argument("--round", type=int, default=None, help="default: the last complete round")
+    p.add_argument("--model", default=None,
+                   help="the locator model (default: locate.model, else the round's policy)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: RUN_DIR/iter_KKKK/locator_check/<model name>")
+    _config_args(p)
+
     p = sub.add_parser("base", help="build the testbed base model (no-op when up to date)")
     _config_args(p)
 
@@ -134,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"stage": cmd_stage, "round": cmd_round, "coldstart": cmd_coldstart,
                     "eval": cmd_eval, "compare": cmd_compare, "iterate": cmd_iterate,
                     "train": cmd_train, "status": cmd_status, "show": cmd_show,
-                    "report": cmd_report, "base": cmd_base}
+                    "report": cmd_report, "locator-check": cmd_locator_check,
+                    "base": cmd_base}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"tapo: config error: {e}", file=sys.stderr)
@@ -302,6 +314,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pipeline.flows.report import write_report
 
     print(f"written: {write_report(args.run_dir, args.out)}")
+    return 0
+
+
+def cmd_locator_check(args: argparse.Namespace) -> int:
+    from pipeline.flows.locator_check import locator_check, render
+    from pipeline.flows.run_files import last_round
+    from pipeline.layout import CONFIG
+
+    saved = args.run_dir / CONFIG
+    cfg = load_config(args.config or (saved if saved.exists() else None), args.overrides)
+    k = args.round or last_round(args.run_dir)
+    _engine_log(args, args.run_dir)
+    print(render(locator_check(args.run_dir, k, cfg, args.model, args.out)))
     return 0
 
 
