@@ -54,8 +54,9 @@ def wandb_history(run_dir) -> tuple[list[dict], dict]:
             if kind == "history":
                 rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
                              for i in record.history.item})
-            elif kind == "run":
-                config.update({i.key: json.loads(i.value_json) for i in record.run.config.update})
+            elif kind in ("run", "config"):  # the config as the run starts, its updates
+                items = record.run.config.update if kind == "run" else record.config.update
+                config.update({i.key: json.loads(i.value_json) for i in items})
     return rows, config
 
 

@@ -116,8 +116,9 @@ class Wandb:
         mode = None if os.environ.get("WANDB_MODE") else (
             "online" if wandb.login(prompt=False, verify=False) else "offline")
         self.run = wandb.init(project=cfg.run.wandb_project, name=run_dir.name, id=run_id,
-                              resume="allow", dir=str(run_dir), mode=mode,
-                              config=cfg.model_dump(mode="json"), reinit="create_new")
+                              resume="allow", dir=str(run_dir), mode=mode, reinit="create_new")
+        # a resumed run may come back with other settings (a tracker added, say): they win
+        self.run.config.update(cfg.model_dump(mode="json"), allow_val_change=True)
         self.run.define_metric("train/global_step")
         self.run.define_metric("*", step_metric="train/global_step")
 
