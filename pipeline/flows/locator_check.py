@@ -51,16 +51,12 @@ def locator_check(run_dir: str | Path, k: int, cfg: Config, model: str | Path | 
 
 
 def located(stage_dir: Path) -> pd.DataFrame:
-    """A locate directory's rows, kept and dropped: `KEY`, `n_steps`, `failure_step` (null when
-    dropped) and `reason` (null when kept)."""
-    kept = read_pandas(stage_dir, columns=[KEY, "wrong_response", "n_steps", "failure_step"])
-    frames = [kept.assign(reason=None)]
+    """A locate directory's rows, kept and dropped: `KEY`, `n_steps` and `failure_step` (null
+    when dropped), `reason` (null when kept)."""
+    frames = [read_pandas(stage_dir, columns=[KEY, "n_steps", "failure_step"]).assign(
+        reason=None)]
     if (stage_dir / EXCLUDED).is_dir():
-        dropped = read_pandas(stage_dir / EXCLUDED, columns=[KEY, "wrong_response", "reason"])
-        frames.append(dropped.assign(
-            n_steps=dropped["wrong_response"].map(lambda t: sum(1 for x in t.splitlines()
-                                                                if x.strip())),
-            failure_step=None))
+        frames.append(read_pandas(stage_dir / EXCLUDED, columns=[KEY, "reason"]))
     return pd.concat(frames, ignore_index=True)[[KEY, "n_steps", "failure_step", "reason"]]
 
 
