@@ -11,6 +11,7 @@ BENCH   ?= testbed
 SEEDS   ?= 3
 VARIANTS ?= tapo,grpo
 NAME    ?= compare
+EVAL_EVERY ?= 5
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
@@ -65,8 +66,8 @@ eval:  ## MODEL=PATH [BENCH=aime24,aime25,hmmt25,math500,testbed]: Pass@k, DSR, 
 	@test -n "$(MODEL)" || { echo "make eval: give MODEL=PATH (an HF model directory)" >&2; exit 2; }
 	$(BIN)/tapo eval --model $(MODEL) --bench $(BENCH) --config $(CONFIG) $(ARGS)
 
-compare:  ## TAPO vs GRPO: N rounds x SEEDS seeds per VARIANTS, held-out eval, runs/$(NAME)/report.md
-	$(BIN)/tapo compare runs/$(NAME) --rounds $(N) --seeds $(SEEDS) --variants $(VARIANTS) --config $(CONFIG) $(ARGS)
+compare:  ## TAPO vs GRPO: N rounds x SEEDS seeds per VARIANTS, held-out eval every EVAL_EVERY rounds, runs/$(NAME)/report.md
+	$(BIN)/tapo compare runs/$(NAME) --rounds $(N) --seeds $(SEEDS) --variants $(VARIANTS) --eval-every $(EVAL_EVERY) --config $(CONFIG) $(ARGS)
 
 report:  ## one HTML page of runs/$(RUN) (an iterate run or a compare directory): runs/$(RUN)/report.html
 	$(BIN)/tapo report runs/$(RUN)

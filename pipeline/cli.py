@@ -86,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="tapo,grpo",
                    help="comma-separated: tapo, grpo, no_ood, no_dae, no_negative, "
                         "full_reconstruction")
+    p.add_argument("--eval-every", type=int, default=0, metavar="K",
+                   help="also evaluate the checkpoints of rounds K, 2K, ... (the learning "
+                        "curve); default: the last only")
     _config_args(p)
     _executor_args(p)
 
@@ -257,7 +260,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     _engine_log(args, args.out_dir)
     compare(args.out_dir, [v for v in args.variants.split(",") if v], list(range(args.seeds)),
-            args.rounds, cfg)
+            args.rounds, cfg, eval_every=args.eval_every)
     print((args.out_dir / "report.md").read_text())
     return 0
 

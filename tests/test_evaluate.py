@@ -10,7 +10,14 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.flows.compare import VARIANTS, summary_rows, variant_config
+from pipeline.flows.compare import (
+    VARIANTS,
+    evaluated_rounds,
+    heldout_curves,
+    last_checkpoints,
+    summary_rows,
+    variant_config,
+)
 from pipeline.flows.evaluate import ks, pass_at_k, response_metrics
 from pipeline.io import read_pandas
 from stages.tasks.base import REFLECTION_RE
@@ -109,6 +116,19 @@ def test_summary_is_mean_and_sample_std_over_seeds():
     assert b["pass@1"] == "0.500" and b["runs"] == 1
 
 
+def test_learning_curve_rounds_and_means():
+    assert evaluated_rounds(10, 0) == [10] and evaluated_rounds(10, 5) == [5, 10]
+    assert evaluated_rounds(10, 4) == [4, 8, 10] and evaluated_rounds(3, 5) == [3]
+    table = pd.DataFrame({"variant": ["start", "a", "a", "a", "a", "b"],
+                          "seed": [None, 0, 0, 1, 1, 0], "rounds": [0, 5, 10, 5, 10, 10],
+                          "pass@1": [0.2, 0.3, 0.4, 0.5, 0.6, 0.1]})
+    a, b = heldout_curves(table).values()
+    assert list(a.index) == [0, 5, 10] and list(b.index) == [0, 10]
+    assert a.loc[5, "mean"] == pytest.approx(0.4) and a.loc[0, "std"] == 0.0
+    assert a.loc[10, "std"] == pytest.approx(math.sqrt(0.02))
+    assert list(last_checkpoints(table)["rounds"]) == [0, 10, 10, 10]
+
+
 def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
     base = small_base().testbed.base_dir
     out = tmp_path / "cmp"
@@ -116,10 +136,14 @@ def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
                  f"policy.coldstart={tmp_path / 'none'}", "eval.n=2", "eval.max_problems=10",
                  "rollout.problems_per_round=8", "train.mini_batch_size=16"]
     assert main(["compare", str(out), "--rounds", "2", "--seeds", "2", "--variants",
-                 "tapo,grpo", "--config", str(SMALL_CONFIG), *overrides]) == 0
+                 "tapo,grpo", "--eval-every", "1", "--config", str(SMALL_CONFIG),
+                 *overrides]) == 0
     table = pd.read_parquet(out / "compare.parquet")
-    assert list(table["variant"]) == ["start", "tapo", "tapo", "grpo", "grpo"]
-    assert (table["problems"] == 10).all()
+    assert list(table["variant"]) == ["start"] + ["tapo"] * 4 + ["grpo"] * 4
+    assert list(table["rounds"]) == [0] + [1, 2] * 4 and (table["problems"] == 10).all()
+    assert table["model"].iloc[1].endswith("tapo-s0/models/iter_0001")
+    per_round = pd.read_parquet(out / "per_round.parquet")
+    assert len(per_round) == 8 and set(per_round["variant"]) == {"tapo", "grpo"}
     for run in ("tapo-s0", "tapo-s1", "grpo-s0", "grpo-s1"):
         assert (out / run / "models" / "iter_0002" / "_SUCCESS").exists()
     assert (out / "tapo-s0" / "iter_0001" / "construct").exists()
@@ -127,7 +151,10 @@ def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
     report = (out / "report.md").read_text()
     assert "| tapo | 2 |" in report and "| grpo | 2 |" in report and "±" in report
     assert "| start | 1 |" in report and "| 2 |" in report  # the per-round table has round 2
-    for png in ("pass_rate_per_round.png", "pass_at_k.png"):
+    held_out = report.split("## Held-out pass@1 by round")[1].split("## Training")[0]
+    assert [line.split(" |")[0] for line in held_out.splitlines() if line[:3] in
+            ("| 0", "| 1", "| 2")] == ["| 0", "| 1", "| 2"]
+    for png in ("pass_rate_per_round.png", "heldout_per_round.png", "pass_at_k.png"):
         assert (out / png).stat().st_size > 1000
 
     # its page: the tables, the two compare plots, then each run's own section
@@ -135,7 +162,7 @@ def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
     page = (out / "report.html").read_text()
     # per run: its section, round 1's funnel (closed) and round 2's (open)
     assert page.count("<details><summary>") == 4 + 4 and page.count("<details open>") == 4
-    assert page.count("<svg") == 2 + 4 and "± " in page
+    assert page.count("<svg") == 3 + 4 and "± " in page
     assert render(out / "report.html", tmp_path / "cmp.png", tmp_path / "profile") == []
 
 

@@ -5,10 +5,13 @@
 Every (variant, seed) run starts from the same checkpoint (the cold-start model when complete,
 else the testbed base: pipeline/flows/round.py resolve_policy) and runs `rounds` rounds of
 `make iterate` into OUT/<variant>-s<seed>/ with run.seed = train.seed = seed. The start and
-each run's last checkpoint are evaluated on the testbed's held-out set (pipeline/flows/evaluate.py)
-into OUT/eval/. Then OUT/compare.parquet (a row per run), OUT/report.md (mean and standard
-deviation over seeds per variant), OUT/pass_rate_per_round.png (the training pass rate of each
-round's fresh problems, mean over seeds) and OUT/pass_at_k.png. Everything resumes: complete
+each run's last checkpoint (and, with `eval_every` K, its checkpoints of rounds K, 2K, ...) are
+evaluated on the testbed's held-out set (pipeline/flows/evaluate.py) into OUT/eval/. Then
+OUT/compare.parquet (a row per evaluated checkpoint: `rounds` is its round, 0 for the start),
+OUT/per_round.parquet (each run's training pass rate per round: the rate on that round's fresh
+problems), OUT/report.md (mean and standard deviation over seeds per variant, of the last
+checkpoints), OUT/pass_rate_per_round.png, OUT/heldout_per_round.png (held-out pass@1 of the
+evaluated checkpoints, mean over seeds) and OUT/pass_at_k.png. Everything resumes: complete
 rounds, trainings and evaluations are not redone.
 """
 
@@ -52,9 +55,15 @@ def variant_config(cfg: Config, variant: str, seed: int) -> Config:
     return validate(data, source=f"variant {variant}")
 
 
+def evaluated_rounds(rounds: int, eval_every: int) -> list[int]:
+    """The rounds whose checkpoints are evaluated: every `eval_every`-th, and the last."""
+    return sorted({*range(eval_every, rounds, eval_every), rounds} if eval_every else {rounds})
+
+
 def compare(out_dir: str | Path, variants: list[str], seeds: list[int], rounds: int,
-            cfg: Config, progress: bool = True) -> pd.DataFrame:
-    """Runs, evaluates and reports (see the module docstring); returns the per-run table."""
+            cfg: Config, progress: bool = True, eval_every: int = 0) -> pd.DataFrame:
+    """Runs, evaluates and reports (see the module docstring); returns the table of evaluated
+    checkpoints."""
     out_dir = Path(out_dir)
     start = resolve_policy(out_dir, 1, cfg)
     rows = [{"variant": "start", "seed": None, "rounds": 0,
@@ -65,19 +74,29 @@ def compare(out_dir: str | Path, variants: list[str], seeds: list[int], rounds: 
             vcfg = variant_config(cfg, variant, seed)
             run = out_dir / f"{variant}-s{seed}"
             iterate(run, rounds, vcfg, progress=progress)
-            model = checkpoint_dir(run, rounds)
-            rows.append({"variant": variant, "seed": seed, "rounds": rounds, **evaluate_bench(
-                model, "testbed", cfg, out_dir / "eval" / run.name, progress)})
+            for r in evaluated_rounds(rounds, eval_every):
+                name = run.name if r == rounds else f"{run.name}-r{r:04d}"
+                rows.append({"variant": variant, "seed": seed, "rounds": r, **evaluate_bench(
+                    checkpoint_dir(run, r), "testbed", cfg, out_dir / "eval" / name, progress)})
             curve = read_metrics(run, rounds)[["round", "pass_rate"]]
             curves.append(curve.assign(variant=variant, seed=seed))
     table = pd.DataFrame(rows)
     table.to_parquet(out_dir / "compare.parquet", index=False)
     per_round = pd.concat(curves, ignore_index=True)
+    per_round.to_parquet(out_dir / "per_round.parquet", index=False)
     plot_per_round(per_round, out_dir / "pass_rate_per_round.png")
-    means = table.groupby("variant", sort=False)[metric_columns(table)].mean().reset_index()
+    plot_heldout(table, out_dir / "heldout_per_round.png")
+    final = last_checkpoints(table)
+    means = final.groupby("variant", sort=False)[metric_columns(final)].mean().reset_index()
     plot_pass_at_k(means, "variant", out_dir / "pass_at_k.png")
     (out_dir / "report.md").write_text(render_report(table, per_round, start, rounds, seeds, cfg))
     return table
+
+
+def last_checkpoints(table: pd.DataFrame) -> pd.DataFrame:
+    """The start's row and each run's last evaluated checkpoint."""
+    last = table.groupby("variant", sort=False)["rounds"].transform("max")
+    return table[table["rounds"] == last].reset_index(drop=True)
 
 
 def summary_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
@@ -100,7 +119,8 @@ def summary_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
 def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rounds: int,
                   seeds: list[int], cfg: Config) -> str:
     e = cfg.eval
-    rows = summary_rows(table)
+    final = last_checkpoints(table)
+    rows = summary_rows(final)
     cols = list(rows[0])
     lines = [
         "# TAPO vs GRPO on the testbed", "",
@@ -114,7 +134,10 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rou
         "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
         *("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows),
         "", "![pass@k](pass_at_k.png)", "",
-        "## Training pass rate per round (each round's fresh problems, mean over seeds)", "",
+        "## Held-out pass@1 by round (the start at round 0; mean over seeds)", "",
+        "![held-out pass@1 by round](heldout_per_round.png)", "",
+        *heldout_lines(table),
+        "", "## Training pass rate per round (each round's fresh problems, mean over seeds)", "",
         "![pass rate per round](pass_rate_per_round.png)", "",
     ]
     wide = per_round.groupby(["round", "variant"])["pass_rate"].mean().unstack("variant")
@@ -122,13 +145,47 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rou
               "|" + "---|" * (len(wide.columns) + 1)]
     lines += ["| " + " | ".join([str(r)] + [format_cell(float(v)) for v in wide.loc[r]]) + " |"
               for r in wide.index]
-    lines += ["", "## Every run", "", "| variant | seed | " + " | ".join(metric_columns(table))
-              + " |", "|" + "---|" * (2 + len(metric_columns(table)))]
+    lines += ["", "## Every run", "", "| variant | seed | rounds | "
+              + " | ".join(metric_columns(table)) + " |",
+              "|" + "---|" * (3 + len(metric_columns(table)))]
     for _, r in table.iterrows():
         seed = "" if pd.isna(r["seed"]) else str(int(r["seed"]))
-        lines.append(f"| {r['variant']} | {seed} | "
+        lines.append(f"| {r['variant']} | {seed} | {r['rounds']} | "
                      + " | ".join(format_cell(r[c]) for c in metric_columns(table)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def heldout_curves(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per variant (in run order): held-out pass@1 mean and std over seeds by evaluated round,
+    the start as every variant's round 0."""
+    start = table[table["variant"] == "start"]
+    runs = table[table["variant"] != "start"]
+    return {v: pd.concat([start, group]).groupby("rounds")["pass@1"].agg(["mean", "std"])
+            .fillna(0.0) for v, group in runs.groupby("variant", sort=False)}
+
+
+def heldout_lines(table: pd.DataFrame) -> list[str]:
+    """A markdown table: a row per evaluated round, a column per variant (mean ± std)."""
+    curves = heldout_curves(table)
+    lines = ["| round | " + " | ".join(curves) + " |", "|" + "---|" * (len(curves) + 1)]
+    for r in sorted(set().union(*(c.index for c in curves.values()))):
+        cells = [f"{c.loc[r, 'mean']:.3f} ± {c.loc[r, 'std']:.3f}" if r in c.index else ""
+                 for c in curves.values()]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_heldout(table: pd.DataFrame, path: Path) -> None:
+    """Held-out pass@1 against the round of the evaluated checkpoint, a band of one std."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = new_plot((5.5, 3.5))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for variant, stats in heldout_curves(table).items():
+        ax.plot(stats.index, stats["mean"], marker="o", label=variant)
+        ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
+                        alpha=0.2)
+    save_plot(fig, ax, "round", "held-out pass@1", path)
 
 
 def plot_per_round(per_round: pd.DataFrame, path: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.flows.compare import plot_per_round, summary_rows
+from pipeline.flows.compare import last_checkpoints, plot_heldout, plot_per_round, summary_rows
 from pipeline.flows.evaluate import format_cell, metric_columns, new_plot, plot_pass_at_k
 from pipeline.flows.run_files import funnel, rounds, step_log, summary, trajectories
 from pipeline.flows.show import segment_lines
@@ -108,16 +108,16 @@ def run_body(run_dir: Path, n_trajectories: int) -> str:
 def compare_body(out_dir: Path) -> str:
     """The compare report's tables and plots, then each run's section."""
     table = pd.read_parquet(out_dir / "compare.parquet").astype({"seed": "Int64"})
-    rows = summary_rows(table)
-    means = table.groupby("variant", sort=False)[metric_columns(table)].mean().reset_index()
+    final = last_checkpoints(table)
+    rows = summary_rows(final)
+    means = final.groupby("variant", sort=False)[metric_columns(final)].mean().reset_index()
     runs = [d for d in sorted(out_dir.iterdir()) if d.is_dir() and rounds(d)]
-    curves = pd.concat([pd.read_csv(d / METRICS)[["round", "pass_rate"]].assign(
-        variant=d.name.rsplit("-s", 1)[0], seed=d.name.rsplit("-s", 1)[-1])
-        for d in runs if (d / METRICS).exists()], ignore_index=True)
+    curves = pd.read_parquet(out_dir / "per_round.parquet")
     parts = ["<h2>Held-out metrics (mean ± std over seeds)</h2>",
              table_html(pd.DataFrame(rows), list(rows[0])),
              f"<div class='plots'>{svg(lambda p: plot_pass_at_k(means, 'variant', p))}",
-             svg(lambda p: plot_per_round(curves, p)) if not curves.empty else "", "</div>",
+             svg(lambda p: plot_heldout(table, p)), svg(lambda p: plot_per_round(curves, p)),
+             "</div>",
              "<h2>Every run</h2>", table_html(table, ["variant", "seed", "rounds",
                                                       *metric_columns(table)])]
     for d in runs:
