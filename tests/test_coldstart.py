@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from pipeline.cli import main
 from pipeline.config import load_config
@@ -132,6 +133,10 @@ def test_sft_counts_examples_too_long_for_the_context(small_base, tmp_path):
     metrics = train_sft(base, tmp_path / "ex", tmp_path / "model", cfg, progress=False)
     assert (metrics["examples"], metrics["too_long"], metrics["steps"]) == (1, 1, 1)
     assert json.loads((tmp_path / "model" / "_SUCCESS").read_text())["metrics"] == metrics
+    # the SFT continues the base's pretraining Adam moments and leaves them for RL
+    steps = [{int(s["step"]) for s in torch.load(d / "optimizer.pt")["state"].values()}
+             for d in (base, tmp_path / "model")]
+    assert steps[1] == {next(iter(steps[0])) + 1} and len(steps[0]) == 1
     assert not (tmp_path / ".model.tmp").exists()
     (tmp_path / "ex2").mkdir()
     write_table_atomic(examples.iloc[1:], tmp_path / "ex2" / part_name(0),

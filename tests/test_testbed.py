@@ -45,6 +45,17 @@ def test_tiny_build_writes_splits_model_and_manifest(tiny_base):
     # tied embeddings + q, k, v (with biases), o + gate, up, down + two norms and the final one
     assert build["loss_last"] > 0
     assert (base / "_SUCCESS").exists()
+    assert _moment_steps(model_dir) == {3}  # the Adam moments of the last of the 3 steps
+
+
+def _moment_steps(model_dir):
+    """The step counts of the pretraining Adam moments saved beside the model, loaded the way
+    the RL trainer loads a policy's optimizer.pt (every parameter must have its moments)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.load_state_dict(torch.load(model_dir / "optimizer.pt"))
+    assert all(optimizer.state[p]["exp_avg_sq"].shape == p.shape for p in model.parameters())
+    return {int(optimizer.state[p]["step"]) for p in model.parameters()}
 
 
 def test_saved_model_loads_by_path_and_generates(tiny_base):
@@ -142,6 +153,7 @@ def test_a_build_below_the_greedy_target_pretrains_further(tmp_path):
     """The tiny build (3 steps) answers nothing right: it gets its extra steps, at most
     `max_extra_steps`, and build.json says how many."""
     cfg = load_config(None, TINY + ["testbed.max_extra_steps=5"]).testbed
-    build_base(cfg, tmp_path / "base")
+    model_dir = build_base(cfg, tmp_path / "base")
     build = json.loads((tmp_path / "base" / "build.json").read_text())
     assert build["heldout"]["greedy_accuracy"] < 0.25 and build["extra_steps"] == 5
+    assert _moment_steps(model_dir) == {5}  # the moments of the last (extra) training

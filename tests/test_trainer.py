@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -68,6 +69,10 @@ def test_train_round_writes_checkpoint_log_and_is_a_noop_when_done(shard, tmp_pa
     for key in ("loss", "clip_fraction", "entropy", "grad_norm", "suppressed_share"):
         assert key in metrics and key in log[0]
     assert 0 <= metrics["suppressed_share"] <= 1 and metrics["entropy"] > 0
+    # round 1 continues the base's pretraining Adam moments (the testbed base saves them)
+    moments = [{int(s["step"]) for s in torch.load(Path(d) / "optimizer.pt")["state"].values()}
+               for d in (policy, out)]
+    assert len(moments[0]) == 1 and moments[1] == {next(iter(moments[0])) + metrics["steps"]}
     new = AutoModelForCausalLM.from_pretrained(out).state_dict()
     old = AutoModelForCausalLM.from_pretrained(policy).state_dict()
     assert any(not torch.equal(new[k], old[k]) for k in new)

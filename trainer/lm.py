@@ -10,6 +10,7 @@ import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -73,9 +74,14 @@ def train_lm(
     desc: str = "train",
     on_step: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    optimizer_in: Path | None = None,
+    optimizer_out: Path | None = None,
 ) -> list[float]:
     """Trains `model` in place for `sched.steps` AdamW steps on batches drawn without
-    replacement (reshuffled each epoch, seeded); returns the loss of every step."""
+    replacement (reshuffled each epoch, seeded); returns the loss of every step. Adam moments
+    in the layout of the RL trainer's `optimizer.pt` (one group over `model.parameters()`):
+    `optimizer_in`, when it exists, is continued; `optimizer_out` gets them at the end, so
+    that training that starts from this model continues them (trainer/rl.py)."""
     if not examples:
         raise ValueError("train_lm needs at least one example")
     rng = random.Random(sched.seed)
@@ -87,6 +93,8 @@ def train_lm(
         lr=sched.lr,
         betas=(0.9, 0.95),
     )
+    if optimizer_in is not None and optimizer_in.exists():
+        load_moments(opt, model, optimizer_in)
     order: list[int] = []
     losses = []
     model.train()
@@ -112,4 +120,23 @@ def train_lm(
         if on_step:
             on_step(step, losses[-1])
     model.eval()
+    if optimizer_out is not None:
+        save_moments(opt, model, optimizer_out)
     return losses
+
+
+def save_moments(opt: torch.optim.Optimizer, model: torch.nn.Module, path: Path) -> None:
+    """`opt`'s per-parameter state, re-keyed as `torch.optim.AdamW(model.parameters())`'s
+    state dict, written to `path`."""
+    single = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        single.state[p] = opt.state[p]
+    torch.save(single.state_dict(), path)
+
+
+def load_moments(opt: torch.optim.Optimizer, model: torch.nn.Module, path: Path) -> None:
+    """The inverse of `save_moments`: the state at `path` into `opt`, parameter by parameter."""
+    single = torch.optim.AdamW(model.parameters())
+    single.load_state_dict(torch.load(path))
+    for p in model.parameters():
+        opt.state[p] = single.state[p]

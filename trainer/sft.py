@@ -2,12 +2,14 @@
 
     metrics = train_sft(base_dir, examples_dir, out_dir, cfg)
 
-Reads the base checkpoint and the examples' `prompt`/`response` (pipeline/io.py); writes
-`out_dir`: the HF model and tokenizer, `sft_log.jsonl` (loss per step) and `_SUCCESS` with the
-metrics, after an atomic rename from a temporary directory (a killed run leaves no half
-checkpoint and starts again from the base). A complete `out_dir` with the same fingerprint (base,
-examples, `coldstart` config) is a no-op. An example longer than the model's context is left
-out and counted (`too_long`). At scale the same parquet goes to OpenRLHF's train_sft (README).
+Reads the base checkpoint (its `optimizer.pt` too, when present: the testbed base's Adam
+moments) and the examples' `prompt`/`response` (pipeline/io.py); writes `out_dir`: the HF model
+and tokenizer, `optimizer.pt` (the moments RL continues), `sft_log.jsonl` (loss per step) and
+`_SUCCESS` with the metrics, after an atomic rename from a temporary directory (a killed run
+leaves no half checkpoint and starts again from the base). A complete `out_dir` with the same
+fingerprint (base, examples, `coldstart` config) is a no-op. An example longer than the model's
+context is left out and counted (`too_long`). At scale the same parquet goes to OpenRLHF's
+train_sft (README).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pipeline.io import list_parts, read_pandas
 from pipeline.util import file_sha256, fingerprint, model_state, write_json_atomic
 from trainer.lm import LMExample, TrainSchedule, train_lm
 
-SUCCESS, LOG = "_SUCCESS", "sft_log.jsonl"
+SUCCESS, LOG, MOMENTS = "_SUCCESS", "sft_log.jsonl", "optimizer.pt"
 
 
 def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Path, cfg: Config,
@@ -61,11 +63,12 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
     steps = math.ceil(c.epochs * len(examples) / c.batch_size)
     sched = TrainSchedule(steps=steps, batch_size=c.batch_size, lr=c.lr,
                           warmup_steps=min(20, max(1, steps // 10)), seed=c.seed)
-    losses = train_lm(model, examples, sched, tokenizer.pad_token_id, desc="coldstart sft",
-                      progress=progress)
-
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    losses = train_lm(model, examples, sched, tokenizer.pad_token_id, desc="coldstart sft",
+                      progress=progress, optimizer_in=base_dir / MOMENTS,
+                      optimizer_out=tmp / MOMENTS)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / LOG).write_text("".join(json.dumps({"step": i + 1, "loss": loss}) + "\n"

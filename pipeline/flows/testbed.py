@@ -3,7 +3,9 @@
 `build_base(cfg, base_dir)` writes, deterministically from `cfg` (seeded):
 
     base_dir/data/{pretrain,train,heldout}.parquet   problems (disjoint by construction)
-    base_dir/model/                                 HF model + tokenizer (save_pretrained)
+    base_dir/model/                                 HF model + tokenizer (save_pretrained),
+                                                    optimizer.pt: the pretraining's last Adam
+                                                    moments, which RL continues (trainer/rl.py)
     base_dir/build.json                             config, fingerprint, losses, timings,
                                                     the held-out targets (measure_base), and
                                                     the extra steps a weak build took
@@ -128,9 +130,10 @@ def base_fingerprint(cfg: TestbedConfig) -> str:
 
 
 def base_is_current(cfg: TestbedConfig, base_dir: str | Path) -> bool:
-    """Whether base_dir holds a complete build of this config."""
+    """Whether base_dir holds a complete build of this config (with its Adam moments: a build
+    from before they were saved is rebuilt)."""
     done = Path(base_dir) / SUCCESS
-    return (done.exists()
+    return (done.exists() and (testbed_model(base_dir) / "optimizer.pt").exists()
             and json.loads(done.read_text()).get("fingerprint") == base_fingerprint(cfg))
 
 
@@ -164,7 +167,9 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
     )
     t1 = time.time()
     sched = TrainSchedule(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    losses = train_lm(model, examples, sched, tokenizer.pad_token_id, desc="pretrain base")
+    moments = base_dir / "optimizer.pt"  # the Adam moments of the last step, for RL to continue
+    losses = train_lm(model, examples, sched, tokenizer.pad_token_id, desc="pretrain base",
+                      optimizer_out=moments)
     heldout = problem_rows(splits["heldout"], "heldout")
     t2 = time.time()
     metrics = measure_base(HFEngine(model, tokenizer, batch_size=200), heldout)
@@ -175,7 +180,8 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
                              batch_size=cfg.batch_size, lr=cfg.lr / 10,
                              seed=cfg.seed + 1 + extra // EXTRA_CHUNK)
         losses += train_lm(model, examples, more, tokenizer.pad_token_id,
-                           desc="pretrain base (below target: more steps)")
+                           desc="pretrain base (below target: more steps)",
+                           optimizer_out=moments)
         extra += more.steps
         t3 = time.time()
         metrics = measure_base(HFEngine(model, tokenizer, batch_size=200), heldout)
@@ -186,6 +192,7 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(testbed_model(base_dir))
     tokenizer.save_pretrained(testbed_model(base_dir))
+    moments.replace(testbed_model(base_dir) / "optimizer.pt")
     n_params = sum(p.numel() for p in model.parameters())
     write_json_atomic(
         base_dir / "build.json",
