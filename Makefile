@@ -49,6 +49,7 @@ bench:  ## benchmarks, with ratios against the raw dependency (builds the base m
 	$(BIN)/tapo base --config $(CONFIG)
 	$(BIN)/python -m bench.engines --config $(CONFIG)
 	$(BIN)/python -m bench.trainers --config $(CONFIG)
+	$(BIN)/python -m bench.sharpness --config $(CONFIG)
 
 bench-scale:  ## the cold-start set at 4.5k and 45k examples (configs/testbed-scale.yaml): time, rows/s per stage, peak memory
 	$(BIN)/python -m bench.coldstart --config configs/testbed-scale.yaml --sizes 4500,45000

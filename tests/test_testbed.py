@@ -157,3 +157,26 @@ def test_a_build_below_the_greedy_target_pretrains_further(tmp_path):
     build = json.loads((tmp_path / "base" / "build.json").read_text())
     assert build["heldout"]["greedy_accuracy"] < 0.25 and build["extra_steps"] == 5
     assert _moment_steps(model_dir) == {5}  # the moments of the last (extra) training
+
+
+def test_sharpness_bench_on_the_small_base(small_base):
+    """`python -m bench.sharpness`: the unperturbed row reproduces the build's greedy accuracy;
+    a sign step of lr moves every parameter by lr (norm lr x sqrt(parameters))."""
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = small_base()
+    base = Path(cfg.testbed.base_dir)
+    out = subprocess.run([sys.executable, "-m", "bench.sharpness", "--config",
+                          "configs/testbed-small.yaml", f"testbed.base_dir={base}",
+                          "--problems", "8", "--group", "2"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| perturbation")}
+    assert len(rows) == 8
+    build = json.loads((base / "build.json").read_text())
+    assert float(rows["none"][2].rstrip(" |")) == build["heldout"]["greedy_accuracy"]
+    assert float(rows["sign step, lr 0.0001"][0]) == pytest.approx(
+        1e-4 * math.sqrt(build["parameters"]), abs=1e-3)
