@@ -112,12 +112,13 @@ def compare_body(out_dir: Path) -> str:
     rows = summary_rows(final)
     means = final.groupby("variant", sort=False)[metric_columns(final)].mean().reset_index()
     runs = [d for d in sorted(out_dir.iterdir()) if d.is_dir() and rounds(d)]
-    curves = pd.read_parquet(out_dir / "per_round.parquet")
+    per_round = out_dir / "per_round.parquet"  # (not written by a compare before 2026-11-26)
     parts = ["<h2>Held-out metrics (mean ± std over seeds)</h2>",
              table_html(pd.DataFrame(rows), list(rows[0])),
              f"<div class='plots'>{svg(lambda p: plot_pass_at_k(means, 'variant', p))}",
-             svg(lambda p: plot_heldout(table, p)), svg(lambda p: plot_per_round(curves, p)),
-             "</div>",
+             svg(lambda p: plot_heldout(table, p)),
+             svg(lambda p: plot_per_round(pd.read_parquet(per_round), p))
+             if per_round.exists() else "", "</div>",
              "<h2>Every run</h2>", table_html(table, ["variant", "seed", "rounds",
                                                       *metric_columns(table)])]
     for d in runs:
