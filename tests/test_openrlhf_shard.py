@@ -4,6 +4,7 @@ cannot install without CUDA, is stubbed: the trainer never packs samples)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,8 +67,11 @@ def test_steps_give_the_local_trainers_losses(shard, tmp_path, kl_coef):
     step's loss equals the local trainer's (to 1e-4: the first before any update, the second
     after one update by each; with a KL loss, OpenRLHF's k3 against the reference, nonzero at
     step 2); the checkpoint is an HF model, the exact command is in the round's train.sh, the
-    DeepSpeed checkpoint stays for the next round's optimizer."""
-    cfg, policy, shard_dir = shard
+    DeepSpeed checkpoint stays for the next round's optimizer. Both start a fresh Adam: the
+    policy is the base without its pretraining moments, which only the local trainer reads."""
+    cfg, base, shard_dir = shard
+    policy = tmp_path / "policy"
+    shutil.copytree(base, policy, ignore=shutil.ignore_patterns("optimizer.pt"))
     n = len(read_pandas(shard_dir, columns=["kind"]))
     two_steps = cfg.model_copy(update={
         "train": cfg.train.model_copy(update={"mini_batch_size": (n + 1) // 2,

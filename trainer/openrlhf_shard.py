@@ -108,6 +108,9 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
                       + shlex.join(command) + "\n")
     script.chmod(0o755)
     print(f"training with OpenRLHF: {shlex.join(command)}", file=sys.stderr, flush=True)
+    if (policy_dir / "optimizer.pt").exists() and not (policy_dir / DS_DIR / "latest").exists():
+        print(f"note: {policy_dir / 'optimizer.pt'} (Adam moments for the local trainer) is not "
+              "read: DeepSpeed starts this round's optimizer afresh", file=sys.stderr, flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TAPO_PROGRESS": "1" if progress else "0"}
