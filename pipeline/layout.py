@@ -24,6 +24,7 @@ ROUND_SUMMARY = "round.json"
 METRICS = "metrics.csv"
 STEPS = "steps.csv"
 TRAIN_LOG = "train_log.jsonl"
+OPTIMIZER = "optimizer.pt"  # a checkpoint's Adam moments (the local trainer's layout)
 TRACKING = "tracking.json"
 
 

@@ -57,7 +57,7 @@ import torch
 
 from pipeline.config import Config, load_config, write_resolved
 from pipeline.io import read_pandas
-from pipeline.layout import TRAIN_LOG
+from pipeline.layout import OPTIMIZER, TRAIN_LOG
 from pipeline.util import read_json, write_json_atomic
 from trainer.objective import loss_mask
 from trainer.rl import build_batch, objective_config, train_fingerprint, truncate_log
@@ -108,8 +108,8 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
                       + shlex.join(command) + "\n")
     script.chmod(0o755)
     print(f"training with OpenRLHF: {shlex.join(command)}", file=sys.stderr, flush=True)
-    if (policy_dir / "optimizer.pt").exists() and not (policy_dir / DS_DIR / "latest").exists():
-        print(f"note: {policy_dir / 'optimizer.pt'} (Adam moments for the local trainer) is not "
+    if (policy_dir / OPTIMIZER).exists() and not (policy_dir / DS_DIR / "latest").exists():
+        print(f"note: {policy_dir / OPTIMIZER} (Adam moments for the local trainer) is not "
               "read: DeepSpeed starts this round's optimizer afresh", file=sys.stderr, flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),

@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import Config
 from pipeline.io import read_pandas
-from pipeline.layout import TRAIN_LOG
+from pipeline.layout import OPTIMIZER, TRAIN_LOG
 from pipeline.util import file_sha256, fingerprint, read_json, write_json_atomic
 from trainer.objective import (
     ObjectiveConfig,
@@ -156,8 +156,8 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     in_loss, _ = loss_mask(batch.advantages, batch.trained, batch.corrective, old, obj)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    if (policy_dir / "optimizer.pt").exists():  # Adam moments carry over between rounds
-        optimizer.load_state_dict(torch.load(policy_dir / "optimizer.pt"))
+    if (policy_dir / OPTIMIZER).exists():  # Adam moments carry over between rounds
+        optimizer.load_state_dict(torch.load(policy_dir / OPTIMIZER))
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = tc.lr, tc.weight_decay
     order = torch.cat([torch.randperm(len(rows), generator=torch.Generator().manual_seed(
@@ -188,7 +188,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
 
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    torch.save(optimizer.state_dict(), out_dir / "optimizer.pt")
+    torch.save(optimizer.state_dict(), out_dir / OPTIMIZER)
     logs = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
     metrics = {k: sum(log[k] for log in logs) / len(logs)
                for k in ("loss", "clip_fraction", "entropy", "grad_norm", "suppressed_share")}

@@ -26,10 +26,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import Config
 from pipeline.io import list_parts, read_pandas
+from pipeline.layout import OPTIMIZER
 from pipeline.util import file_sha256, fingerprint, model_state, write_json_atomic
 from trainer.lm import LMExample, TrainSchedule, train_lm
 
-SUCCESS, LOG, MOMENTS = "_SUCCESS", "sft_log.jsonl", "optimizer.pt"
+SUCCESS, LOG = "_SUCCESS", "sft_log.jsonl"
 
 
 def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Path, cfg: Config,
@@ -67,8 +68,8 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     losses = train_lm(model, examples, sched, tokenizer.pad_token_id, desc="coldstart sft",
-                      progress=progress, optimizer_in=base_dir / MOMENTS,
-                      optimizer_out=tmp / MOMENTS)
+                      progress=progress, optimizer_in=base_dir / OPTIMIZER,
+                      optimizer_out=tmp / OPTIMIZER)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / LOG).write_text("".join(json.dumps({"step": i + 1, "loss": loss}) + "\n"

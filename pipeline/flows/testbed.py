@@ -29,7 +29,7 @@ from pipeline.config import TestbedConfig
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
 from pipeline.io import write_table_atomic
-from pipeline.layout import testbed_model, testbed_split
+from pipeline.layout import OPTIMIZER, testbed_model, testbed_split
 from pipeline.runner import SUCCESS
 from pipeline.util import fingerprint, write_json_atomic
 from stages.tasks import arith
@@ -133,7 +133,7 @@ def base_is_current(cfg: TestbedConfig, base_dir: str | Path) -> bool:
     """Whether base_dir holds a complete build of this config (with its Adam moments: a build
     from before they were saved is rebuilt)."""
     done = Path(base_dir) / SUCCESS
-    return (done.exists() and (testbed_model(base_dir) / "optimizer.pt").exists()
+    return (done.exists() and (testbed_model(base_dir) / OPTIMIZER).exists()
             and json.loads(done.read_text()).get("fingerprint") == base_fingerprint(cfg))
 
 
@@ -167,7 +167,7 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
     )
     t1 = time.time()
     sched = TrainSchedule(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
-    moments = base_dir / "optimizer.pt"  # the Adam moments of the last step, for RL to continue
+    moments = base_dir / OPTIMIZER  # the Adam moments of the last step, for RL to continue
     losses = train_lm(model, examples, sched, tokenizer.pad_token_id, desc="pretrain base",
                       optimizer_out=moments)
     heldout = problem_rows(splits["heldout"], "heldout")
@@ -192,7 +192,7 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(testbed_model(base_dir))
     tokenizer.save_pretrained(testbed_model(base_dir))
-    moments.replace(testbed_model(base_dir) / "optimizer.pt")
+    moments.replace(testbed_model(base_dir) / OPTIMIZER)
     n_params = sum(p.numel() for p in model.parameters())
     write_json_atomic(
         base_dir / "build.json",
