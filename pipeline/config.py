@@ -172,10 +172,12 @@ class ColdstartConfig(Section):
     temperature: float = Field(1.0, ge=0,
                                description="sampling temperature of the base's responses")
     max_tokens: int = Field(160, ge=1, description="tokens per response")
-    size: int = Field(45000, ge=2, description="examples in the mixture, SFT : IF = 2 : 1 "
+    size: int = Field(45000, ge=2, description="examples in the mixture, SFT and IF together "
                                                "(the paper: 30k + 15k)")
     direct_share: float = Field(0.5, ge=0, le=1, description="of the SFT share: the base's own "
                                                              "correct responses, as they are")
+    if_ratio: float = Field(0.5, ge=0, description="IF examples per SFT-share example (the "
+                                                   "paper's 15k : 30k); 0: none")
     lr: float = Field(1e-4, gt=0, description="SFT learning rate (the testbed config: 1e-3)")
     epochs: float = Field(2.0, gt=0, description="passes over the mixture")
     batch_size: int = Field(16, ge=1, description="SFT examples per optimizer step")

@@ -17,11 +17,12 @@ output_key `response`, input_template ""). Our reading of PAPER.md:
   response = `<analysis>diagnosis</analysis>\\n<reconstruction>correction</reconstruction>`: the
   model learns to answer the instruction it is given in RL's self-construction in reliable tags.
 
-The mixture is (SFT + direct) : IF = 2 : 1 (the paper's 30k : 15k), at most `coldstart.size`
-examples: SFT + direct up to 2/3 of the size, IF half as many, each drawn with `coldstart.seed`
-when there are more. Drops, one row per example: `duplicate` (same prompt and response as a
-kept one), `over_quota` (beyond its share of the size), `no_analysis` (IF from a trajectory
-without a diagnosis: full reconstruction), `no_located_row` (the side input lacks the source).
+The mixture is (SFT + direct) : IF = 1 : `coldstart.if_ratio` (0.5: the paper's 30k : 15k; 0:
+no IF, a control), at most `coldstart.size` examples: SFT + direct up to 1 / (1 + if_ratio) of
+the size, IF `if_ratio` times as many, each drawn with `coldstart.seed` when there are more.
+Drops, one row per example: `duplicate` (same prompt and response as a kept one), `over_quota`
+(beyond its share of the size), `no_analysis` (IF from a trajectory without a diagnosis: full
+reconstruction), `no_located_row` (the side input lacks the source).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from stages.construct import TRANSITION, construct_instruction
 from stages.tasks.base import split_steps, task_of
 
 SFT, DIRECT, IF = "sft", "direct", "if"
-RATIO = (2, 1)  # (SFT + DIRECT) : IF
 
 
 class SftExamples(Stage):
@@ -71,10 +71,11 @@ class SftExamples(Stage):
         sft, direct, instruct = (valid_unique(
             pool, key=lambda e: (e["prompt"], e["response"]), valid=lambda e: True, out=out,
             bad=("", ""), duplicate="duplicate") for pool in (sft, direct, instruct))
-        n_all = cfg.size * RATIO[0] // sum(RATIO)  # the SFT share: reflective + direct
-        n_direct = min(len(direct), round(n_all * cfg.direct_share))
+        n_all = int(cfg.size / (1 + cfg.if_ratio))  # the SFT share: reflective + direct
+        n_direct = round(n_all * cfg.direct_share)  # each part's quota; a short part stays short
         n_sft = min(len(sft), n_all - n_direct)
-        n_if = min(len(instruct), (n_sft + n_direct) * RATIO[1] // RATIO[0])
+        n_direct = min(len(direct), n_direct)
+        n_if = min(len(instruct), int((n_sft + n_direct) * cfg.if_ratio))
         rng = random.Random(cfg.seed)
         for pool, n in ((sft, n_sft), (direct, n_direct), (instruct, n_if)):
             keep = set(rng.sample(range(len(pool)), n))

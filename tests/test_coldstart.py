@@ -81,6 +81,13 @@ def test_sft_examples_formats_mixture_and_accounting(small_base):
     again = SftExamples(cfg)
     again.side = stage.side
     assert again.process(list(reversed(trajectories))).rows == out.rows  # seeded, order-free
+    # the control without reflection or IF: the base's own correct responses only
+    direct_only = SftExamples(small_base("coldstart.size=9", "coldstart.if_ratio=0",
+                                         "coldstart.direct_share=1"))
+    direct_only.side = stage.side
+    control = direct_only.process(trajectories)
+    assert [r["source"] for r in control.rows] == ["direct"] * 5  # 5 even problems
+    assert len(control.rows) + len(control.dropped) == 10 + 6 + 10
 
 
 def test_the_three_example_formats(small_base):
