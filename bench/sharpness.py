@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
-from pipeline.flows.testbed import build_base
+from pipeline.flows.testbed import build_base, greedy_accuracy
 from pipeline.layout import testbed_split
 from stages.tasks import arith
 from trainer.lm import LMExample, collate, lm_loss
@@ -55,14 +55,6 @@ def nll(model, examples: list[LMExample], pad_id: int, grad: bool = False) -> fl
             loss.backward()
         value += loss.item()
     return value
-
-
-def greedy_accuracy(model, tokenizer, heldout: pd.DataFrame) -> float:
-    engine = HFEngine(model, tokenizer, batch_size=256)
-    prompts = [arith.PROMPT_TEMPLATE.format(problem=p) for p in heldout["problem"]]
-    out = engine.generate(prompts, 1, SamplingParams(temperature=0, max_tokens=160))
-    return sum(arith.grade(c[0].text, a)[0] == "correct"
-               for c, a in zip(out, heldout["answer"])) / len(heldout)
 
 
 def main() -> None:
@@ -108,8 +100,9 @@ def main() -> None:
                 d = delta(n)
                 q.add_(d)
                 size += float((torch.as_tensor(d) ** 2).sum()) if torch.is_tensor(d) else 0.0
+        accuracy = greedy_accuracy(HFEngine(model, tokenizer, batch_size=256), heldout)
         print(f"| {name} | {size ** 0.5:.3f} | {nll(model, examples, pad):.4f} | "
-              f"{greedy_accuracy(model, tokenizer, heldout):.3f} |", flush=True)
+              f"{accuracy:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,14 @@ class TestbedConfig(Section):
         1400, ge=0, description="pretraining steps added, 700 at a time at lr / 10, while the "
                                 "held-out greedy accuracy is below 0.25 (the same build on "
                                 "another CPU can land weaker)")
+    misread_share: float = Field(
+        0.0, ge=0, le=1, description="of the pretraining solutions: the share written with "
+                                     "the usual operator precedence (* first) although the "
+                                     "task says left to right: a misreading the base imitates")
+    reflect_share: float = Field(
+        0.0, ge=0, le=1, description="of those misread solutions: the share that catch the "
+                                     "error after its first wrong line ('Wait, step k is "
+                                     "wrong: ...') and finish correctly")
     batch_size: int = Field(32, ge=1, description="pretraining sequences per step")
     lr: float = Field(3e-3, gt=0, description="pretraining peak learning rate")
     seed: int = Field(0, description="seeds the data, the tokenizer and the weights")

@@ -129,3 +129,37 @@ def test_reflection_line():
     assert arith.reflection_line(2, "65 - 29 = 46", "65 - 29 = 36") == (
         "Wait, step 2 is wrong: 65 - 29 = 36, not 46.")
     assert arith.reflection_line(3, "garbage", "36 * 3 = 108").startswith("Wait, step 3 is wrong")
+
+
+def test_precedence_misreading():
+    # 48 + 17 - 29 * 3 with * first: 29 * 3 = 87, 48 + 17 = 65, 65 - 87 = -22
+    assert arith.precedence_solution(P) == (
+        "29 * 3 = 87\n48 + 17 = 65\n65 - 87 = -22\n\\boxed{-22}")
+    # runs of * are multiplied out in order; a leading run is step 1 of both readings
+    q = ArithProblem(start=48, ops=(("*", 2), ("+", 17), ("-", 29), ("*", 3), ("*", 2)))
+    assert arith.precedence_solution(q) == ("48 * 2 = 96\n29 * 3 = 87\n87 * 2 = 174\n"
+                                            "96 + 17 = 113\n113 - 174 = -61\n\\boxed{-61}")
+    # no * after + or -: both readings agree
+    for same in (ArithProblem(start=5, ops=(("*", 3), ("+", 4))),
+                 ArithProblem(start=5, ops=(("+", 3), ("-", 4)))):
+        assert arith.precedence_solution(same) == same.solution()
+    rng, cfg = random.Random(0), ArithConfig()
+    for _ in range(300):  # the misreading's arithmetic is right: it is only the order
+        p = arith.generate_problem(rng, cfg)
+        for line in arith.precedence_solution(p).split("\n")[:-1]:
+            a, op, b, c = arith.parse_step(line)
+            assert arith.apply(a, op, b) == c
+
+
+def test_self_corrected_solution_passes_the_checker():
+    misread = arith.precedence_solution(P)
+    fixed = arith.self_corrected(P, misread)
+    assert fixed == ("29 * 3 = 87\nWait, step 1 is wrong: 48 + 17 = 65, not 87.\n"
+                     "48 + 17 = 65\n65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}")
+    assert first_wrong_step(P, fixed) is None and arith.grade(fixed, "108")[0] == "correct"
+    assert arith.self_corrected(P, P.solution()) == P.solution()  # nothing to correct
+    assert arith.reads_with_precedence(P, misread)
+    for text in (P.solution(), fixed, "48 + 17 = 66", "29 * 3 = 88", "garbage", ""):
+        assert not arith.reads_with_precedence(P, text), text
+    same = ArithProblem(start=5, ops=(("*", 3), ("+", 4)))  # both readings agree
+    assert not arith.reads_with_precedence(same, "15 + 4 = 20")

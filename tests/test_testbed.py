@@ -8,7 +8,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
-from pipeline.flows.testbed import build_base, measure_base
+from pipeline.flows.testbed import (
+    base_fingerprint,
+    build_base,
+    corpus_counts,
+    measure_base,
+    pretrain_solutions,
+)
 from stages.tasks import arith
 
 TINY = [
@@ -46,6 +52,31 @@ def test_tiny_build_writes_splits_model_and_manifest(tiny_base):
     assert build["loss_last"] > 0
     assert (base / "_SUCCESS").exists()
     assert _moment_steps(model_dir) == {3}  # the Adam moments of the last of the 3 steps
+    assert build["pretrain_solutions"] == {"reference": 300, "misread": 0, "self_corrected": 0}
+
+
+def test_pretrain_solutions_mix_misreadings_and_self_corrections():
+    cfg = load_config(None, TINY).testbed
+    problems = arith.generate_split("pretrain", 2000, 0, cfg.arith)
+    assert pretrain_solutions(problems, cfg) == [p.solution() for p in problems]
+    differ = sum(arith.precedence_solution(p) != p.solution() for p in problems)
+    every = cfg.model_copy(update={"misread_share": 1.0})
+    texts = pretrain_solutions(problems, every)
+    assert texts == [arith.precedence_solution(p) for p in problems]
+    assert corpus_counts(problems, texts) == {"reference": 2000 - differ, "misread": differ,
+                                              "self_corrected": 0}
+    mixed = cfg.model_copy(update={"misread_share": 0.5, "reflect_share": 0.2})
+    texts = pretrain_solutions(problems, mixed)
+    assert texts == pretrain_solutions(problems, mixed)  # seeded
+    counts = corpus_counts(problems, texts)
+    assert sum(counts.values()) == 2000
+    assert abs(counts["misread"] + counts["self_corrected"] - differ / 2) < 4 * (differ / 4) ** .5
+    assert abs(counts["self_corrected"] - differ / 10) < 4 * (differ / 10) ** .5
+    for p, text in zip(problems, texts):  # a self-corrected solution checks and grades correct
+        if arith.REFLECTION_PREFIX in text:
+            assert arith.first_wrong_step(p, text) is None
+        elif text != p.solution():
+            assert arith.reads_with_precedence(p, text)
 
 
 def _moment_steps(model_dir):
@@ -82,6 +113,8 @@ def test_rebuild_is_noop_and_config_change_rebuilds(tiny_base, tmp_path):
     other = cfg.model_copy(update={"base_dir": "elsewhere"})  # the location is not the build
     build_base(other, base)
     assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    # the corpus knobs are part of the build once set (and absent while 0)
+    assert base_fingerprint(cfg.model_copy(update={"misread_share": 0.3})) != base_fingerprint(cfg)
 
 
 def test_build_is_deterministic(tiny_base, tmp_path):
@@ -111,7 +144,7 @@ def test_measure_base_reports_targets(tiny_base):
                  "sampled_accuracy": sum(sum(g) / 2 for g in graded) / 5,
                  "mixed_share": sum(sum(g) == 1 for g in graded) / 5,
                  "all_wrong_share": sum(sum(g) == 0 for g in graded) / 5,
-                 "n_problems": 5, "samples_per_problem": 2}
+                 "misread_share": 0.0, "n_problems": 5, "samples_per_problem": 2}
 
 
 def test_hf_engine_seeded_and_shapes(tiny_base):

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from pathlib import Path
@@ -54,6 +55,33 @@ def problem_rows(problems: list[arith.ArithProblem], split: str) -> pd.DataFrame
             "source": "arith",
         }
     )
+
+
+def pretrain_solutions(problems: list[arith.ArithProblem], cfg: TestbedConfig) -> list[str]:
+    """The solution the base is pretrained on, per problem: the reference, or (a seeded
+    `misread_share` of them) the precedence misreading, of which a `reflect_share` catches its
+    own error and finishes correctly. A misread problem without `*` after `+`/`-` stays the
+    reference (both readings agree)."""
+    rng = random.Random(f"pretrain-solutions-{cfg.seed}")
+    texts = []
+    for p in problems:
+        text = p.solution()
+        if rng.random() < cfg.misread_share:
+            text = arith.precedence_solution(p)
+            if rng.random() < cfg.reflect_share:
+                text = arith.self_corrected(p, text)
+        texts.append(text)
+    return texts
+
+
+def corpus_counts(problems: list[arith.ArithProblem], texts: list[str]) -> dict[str, int]:
+    """How many pretraining solutions are references, misread, or self-corrected."""
+    counts = {"reference": 0, "misread": 0, "self_corrected": 0}
+    for p, text in zip(problems, texts, strict=True):
+        kind = ("reference" if text == p.solution()
+                else "self_corrected" if arith.REFLECTION_PREFIX in text else "misread")
+        counts[kind] += 1
+    return counts
 
 
 def tokenizer_corpus(problems: list[arith.ArithProblem]) -> list[str]:
@@ -126,7 +154,10 @@ def sft_examples(
 
 
 def base_fingerprint(cfg: TestbedConfig) -> str:
-    return fingerprint(cfg.model_dump(mode="json", exclude={"base_dir"}))
+    """The build's identity: its config without the location (and without the corpus knobs
+    while they are 0, so that a base built before they existed stays current)."""
+    unset = {k for k in ("misread_share", "reflect_share") if not getattr(cfg, k)}
+    return fingerprint(cfg.model_dump(mode="json", exclude={"base_dir"} | unset))
 
 
 def base_is_current(cfg: TestbedConfig, base_dir: str | Path) -> bool:
@@ -160,10 +191,9 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
     tokenizer = train_tokenizer(tokenizer_corpus(splits["pretrain"]), cfg.vocab_size)
     model = make_model(cfg, tokenizer)
     pretrain = splits["pretrain"]
+    solutions = pretrain_solutions(pretrain, cfg)
     examples = sft_examples(
-        tokenizer,
-        [arith.PROMPT_TEMPLATE.format(problem=p.text) for p in pretrain],
-        [p.solution() for p in pretrain],
+        tokenizer, [arith.PROMPT_TEMPLATE.format(problem=p.text) for p in pretrain], solutions
     )
     t1 = time.time()
     sched = TrainSchedule(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
@@ -201,6 +231,7 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
             "config": cfg.model_dump(mode="json"),
             "parameters": n_params,
             "vocab": len(tokenizer),
+            "pretrain_solutions": corpus_counts(pretrain, solutions),
             "seconds": {"data": round(t_data, 1), "pretrain": round(t_train, 1),
                         "measure": round(t_measure, 1)},
             "heldout": metrics,
@@ -215,11 +246,10 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
 
 def measure_base(engine, heldout: pd.DataFrame, n: int = 8, max_tokens: int = 160) -> dict:
     """The testbed targets on the held-out set: greedy accuracy, and the share of problems whose
-    pass rate over `n` samples at temperature 1.0 lies strictly between 0 and 1."""
+    pass rate over `n` samples at temperature 1.0 lies strictly between 0 and 1; and the share
+    of those samples that misread the problem with operator precedence."""
     prompts = [arith.PROMPT_TEMPLATE.format(problem=p) for p in heldout["problem"]]
     answers = list(heldout["answer"])
-    greedy = engine.generate(prompts, 1, SamplingParams(temperature=0, max_tokens=max_tokens))
-    greedy_ok = [arith.grade(c[0].text, a)[0] == "correct" for c, a in zip(greedy, answers)]
     sampled = engine.generate(
         prompts, n, SamplingParams(temperature=1.0, max_tokens=max_tokens, seed=1)
     )
@@ -227,11 +257,23 @@ def measure_base(engine, heldout: pd.DataFrame, n: int = 8, max_tokens: int = 16
         sum(arith.grade(c.text, a)[0] == "correct" for c in group) / n
         for group, a in zip(sampled, answers)
     ]
+    problems = [arith.parse_problem(p) for p in heldout["problem"]]
+    misread = sum(arith.reads_with_precedence(p, c.text)
+                  for p, group in zip(problems, sampled) for c in group)
     return {
-        "greedy_accuracy": sum(greedy_ok) / len(greedy_ok),
+        "greedy_accuracy": greedy_accuracy(engine, heldout, max_tokens),
         "sampled_accuracy": sum(rates) / len(rates),
         "mixed_share": sum(0 < r < 1 for r in rates) / len(rates),
         "all_wrong_share": sum(r == 0 for r in rates) / len(rates),
+        "misread_share": misread / (n * len(rates)),
         "n_problems": len(rates),
         "samples_per_problem": n,
     }
+
+
+def greedy_accuracy(engine, heldout: pd.DataFrame, max_tokens: int = 160) -> float:
+    """The share of held-out problems the engine's greedy answer solves."""
+    prompts = [arith.PROMPT_TEMPLATE.format(problem=p) for p in heldout["problem"]]
+    out = engine.generate(prompts, 1, SamplingParams(temperature=0, max_tokens=max_tokens))
+    return sum(arith.grade(c[0].text, a)[0] == "correct"
+               for c, a in zip(out, heldout["answer"])) / len(heldout)

@@ -252,6 +252,59 @@ def parse_step(line: str) -> tuple[int, str, int, int] | None:
     return int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
 
 
+def precedence_solution(problem: ArithProblem) -> str:
+    """The problem misread with the usual operator precedence (each run of `*` first, then `+`
+    and `-` left to right), written in the task's step format: the misreading a model with a
+    conventional prior makes. Equal to `problem.solution()` when no `*` follows a `+` or `-`."""
+    terms = [[problem.start]]  # additive terms, each a product chain: [value, factor, ...]
+    signs = []
+    for op, b in problem.ops:
+        if op == "*":
+            terms[-1].append(b)
+        else:
+            signs.append(op)
+            terms.append([b])
+    if not signs or all(len(t) == 1 for t in terms[1:]):
+        return problem.solution()
+    lines, values = [], []
+    for chain in terms:
+        value = chain[0]
+        for factor in chain[1:]:
+            lines.append(f"{value} * {factor} = {value * factor}")
+            value *= factor
+        values.append(value)
+    total = values[0]
+    for op, value in zip(signs, values[1:]):
+        lines.append(f"{total} {op} {value} = {apply(total, op, value)}")
+        total = apply(total, op, value)
+    return "\n".join(lines + [f"\\boxed{{{total}}}"])
+
+
+def self_corrected(problem: ArithProblem, wrong: str) -> str:
+    """`wrong` kept up to and with its first wrong line, then the reflection on it and the
+    correct steps from there: a solution that catches its own error (the rule constructor's
+    trajectory, written as one text)."""
+    error = first_wrong_step(problem, wrong)
+    if error is None or error.step is None:
+        return wrong
+    n = len(problem.ops)
+    return "\n".join([wrong[:error.step.end].rstrip("\n"),
+                      reflection_line(error.chain_step, error.found, error.expected)]
+                     + [expected_line(problem, j) for j in range(error.chain_step, n + 2)])
+
+
+def reads_with_precedence(problem: ArithProblem, text: str) -> bool:
+    """Whether `text` departs from the left-to-right solution exactly where, and as, the
+    precedence misreading does (its first wrong line is the misreading's line there)."""
+    misread = precedence_solution(problem)
+    error = first_wrong_step(problem, text)
+    if misread == problem.solution() or error is None or error.step is None:
+        return False
+    lines = misread.split("\n")
+    return (error.step.index <= len(lines)
+            and _normalize(error.found) == _normalize(lines[error.step.index - 1]))
+
+
 def reflection_line(k: int, found: str, expected: str) -> str:
     """The diagnosis sentence for a wrong step k (the rule constructor's reflection)."""
     parsed = parse_step(found)
