@@ -164,13 +164,16 @@ def test_hf_engine_seeded_and_shapes(tiny_base):
 @pytest.mark.slow
 def test_full_build_meets_targets(tmp_path):
     """The real `make base` build: the targets of the testbed issue on the held-out set; then
-    one round of the TAPO stages on it."""
+    one round of the TAPO stages on it, and 10 rounds of GRPO that raise held-out pass@1."""
     cfg = load_config().testbed
     model_dir = build_base(cfg, tmp_path / "base")
     heldout = pd.read_parquet(tmp_path / "base" / "data" / "heldout.parquet")
     m = measure_base(HFEngine(model_dir), heldout)
     assert 0.25 <= m["greedy_accuracy"] <= 0.75, m
     assert m["mixed_share"] >= 0.30, m
+    assert m["misread_share"] >= 0.10, m  # the habit RL can train away
+    corpus = json.loads((tmp_path / "base" / "build.json").read_text())["pretrain_solutions"]
+    assert corpus["misread"] > 0 and corpus["self_corrected"] > 0, corpus
 
     # one TAPO round on the default testbed, with the default engine (vllm when installed)
     from pipeline.flows.round import run_round
@@ -180,6 +183,17 @@ def test_full_build_meets_targets(tmp_path):
     assert summary["rollouts"] == 64 * 8 and 0 < summary["candidates"] <= 16  # 25% budget
     assert summary["accepted"] == summary["candidates"]  # rule constructor: all verified
     assert summary["training_rows"] == 64 * 8 + summary["accepted"]
+
+    # `make iterate N=10 ALGO=grpo` learns: held-out pass@1 (T = 0.6, n = 8) and misreadings
+    from pipeline.flows.evaluate import evaluate
+    from pipeline.flows.iterate import iterate
+
+    grpo = load_config(None, [f"testbed.base_dir={tmp_path / 'base'}", "algo.name=grpo"])
+    iterate(tmp_path / "grpo", 10, grpo, progress=False)
+    before, after = (evaluate(model, ["testbed"], grpo, tmp_path / name, progress=False).iloc[0]
+                     for model, name in ((model_dir, "eval-base"),
+                                         (tmp_path / "grpo/models/iter_0010", "eval-grpo")))
+    assert after["pass@1"] >= before["pass@1"] + 0.10, (before, after)
 
 
 def test_a_build_below_the_greedy_target_pretrains_further(tmp_path):

@@ -11,6 +11,10 @@
                                                     the extra steps a weak build took
     base_dir/_SUCCESS                               written last; a rebuild with the same
                                                     fingerprint is a no-op
+
+The base is pretrained on `pretrain_solutions`: the reference solutions, some of them misread
+with operator precedence and some of those self-corrected (`testbed.misread_share`,
+`testbed.reflect_share`), so that it has a habit RL can train away and knows reflection's words.
 """
 
 from __future__ import annotations
