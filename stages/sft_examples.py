@@ -72,9 +72,9 @@ class SftExamples(Stage):
             pool, key=lambda e: (e["prompt"], e["response"]), valid=lambda e: True, out=out,
             bad=("", ""), duplicate="duplicate") for pool in (sft, direct, instruct))
         n_all = int(cfg.size / (1 + cfg.if_ratio))  # the SFT share: reflective + direct
-        n_direct = round(n_all * cfg.direct_share)  # each part's quota; a short part stays short
-        n_sft = min(len(sft), n_all - n_direct)
-        n_direct = min(len(direct), n_direct)
+        direct_quota = round(n_all * cfg.direct_share)  # a short part is not filled up
+        n_sft = min(len(sft), n_all - direct_quota)
+        n_direct = min(len(direct), direct_quota)
         n_if = min(len(instruct), int((n_sft + n_direct) * cfg.if_ratio))
         rng = random.Random(cfg.seed)
         for pool, n in ((sft, n_sft), (direct, n_direct), (instruct, n_if)):

@@ -283,14 +283,13 @@ def precedence_solution(problem: ArithProblem) -> str:
 def self_corrected(problem: ArithProblem, wrong: str) -> str:
     """`wrong` kept up to and with its first wrong line, then the reflection on it and the
     correct steps from there: a solution that catches its own error (the rule constructor's
-    trajectory, written as one text)."""
+    trajectory, `ArithTask.repair`, written as one text)."""
     error = first_wrong_step(problem, wrong)
     if error is None or error.step is None:
         return wrong
-    n = len(problem.ops)
-    return "\n".join([wrong[:error.step.end].rstrip("\n"),
-                      reflection_line(error.chain_step, error.found, error.expected)]
-                     + [expected_line(problem, j) for j in range(error.chain_step, n + 2)])
+    prefix, diagnosis, correction = ArithTask().repair(problem.text, wrong[:error.step.end],
+                                                       error.step, full=False)
+    return prefix + diagnosis + correction
 
 
 def reads_with_precedence(problem: ArithProblem, text: str) -> bool:
