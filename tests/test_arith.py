@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from stages.tasks import arith
+from stages.tasks import arith, get_task
 from stages.tasks.arith import ArithConfig, ArithProblem, first_wrong_step
 
 P = ArithProblem(start=48, ops=(("+", 17), ("-", 29), ("*", 3)))  # 65, 36, 108
@@ -43,6 +43,11 @@ def test_difficulty_knobs():
     cfg = ArithConfig(min_steps=6, max_steps=6, ops="+", operand_max=5)
     for p in arith.generate_split("train", 50, 0, cfg):
         assert len(p.ops) == 6 and all(op == "+" and 1 <= b <= 5 for op, b in p.ops)
+
+
+def test_difficulty_is_the_number_of_steps():
+    assert get_task("arith").difficulty("Compute left to right: 8 * 4 * 7 - 51") == 3
+    assert get_task("math").difficulty("What is $1 + 1$?") is None
 
 
 def test_grade_and_extract():

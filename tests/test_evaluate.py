@@ -156,6 +156,22 @@ def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
             ("| 0", "| 1", "| 2")] == ["| 0", "| 1", "| 2"]
     for png in ("pass_rate_per_round.png", "heldout_per_round.png", "pass_at_k.png"):
         assert (out / png).stat().st_size > 1000
+    # pass@1 by number of steps: every held-out problem in one level, and the levels'
+    # problem-weighted mean is each checkpoint's pass@1
+    levels = pd.read_parquet(out / "by_difficulty.parquet")
+    assert set(levels["difficulty"]) <= {1, 2} and len(levels["difficulty"].unique()) > 1
+    final = last_checkpoints(table)
+    for (variant, seed), group in levels.groupby(["variant", "seed"], dropna=False):
+        assert group["problems"].sum() == 10
+        [row] = [r for _, r in final.iterrows() if r["variant"] == variant
+                 and (pd.isna(seed) and pd.isna(r["seed"]) or r["seed"] == seed)]
+        weighted = (group["pass@1"] * group["problems"]).sum() / 10
+        assert weighted == pytest.approx(row["pass@1"])
+    by_steps = report.split("## Held-out pass@1 by difficulty")[1].split("##")[0]
+    assert "| start |" in by_steps and "| tapo |" in by_steps and "problems)" in by_steps
+    augmented = report.split("## Augmented rows")[1].split("##")[0]
+    assert "tapo: augmented / suppressed" in augmented and "grpo:" not in augmented
+    assert per_round.loc[per_round["variant"] == "grpo", "augmented_share"].eq(0).all()
 
     # its page: the tables, the two compare plots, then each run's own section
     assert main(["report", str(out)]) == 0

@@ -9,8 +9,9 @@ each run's last checkpoint (and, with `eval_every` K, its checkpoints of rounds 
 evaluated on the testbed's held-out set (pipeline/flows/evaluate.py) into OUT/eval/. Then
 OUT/compare.parquet (a row per evaluated checkpoint: `rounds` is its round, 0 for the start),
 OUT/per_round.parquet (each run's training pass rate per round: the rate on that round's fresh
-problems), OUT/report.md (mean and standard deviation over seeds per variant, of the last
-checkpoints), OUT/pass_rate_per_round.png, OUT/heldout_per_round.png (held-out pass@1 of the
+problems; its augmented and OOD-suppressed shares), OUT/by_difficulty.parquet (held-out pass@1
+per number of steps of the start and the last checkpoints), OUT/report.md (mean and standard
+deviation over seeds per variant, of the last checkpoints), OUT/pass_rate_per_round.png, OUT/heldout_per_round.png (held-out pass@1 of the
 evaluated checkpoints, mean over seeds) and OUT/pass_at_k.png. Everything resumes: complete
 rounds, trainings and evaluations are not redone.
 """
@@ -24,6 +25,7 @@ import pandas as pd
 
 from pipeline.config import Config, apply_override, validate
 from pipeline.flows.evaluate import (
+    BENCHMARKS,
     evaluate_bench,
     format_cell,
     metric_columns,
@@ -33,7 +35,9 @@ from pipeline.flows.evaluate import (
 )
 from pipeline.flows.iterate import iterate, read_metrics
 from pipeline.flows.round import resolve_policy
+from pipeline.io import read_pandas
 from pipeline.layout import checkpoint_dir
+from stages.tasks import Task, get_task
 
 VARIANTS: dict[str, list[str]] = {  # name -> config overrides over the given config
     "tapo": [],
@@ -43,6 +47,8 @@ VARIANTS: dict[str, list[str]] = {  # name -> config overrides over the given co
     "no_negative": ["algo.negative_samples=false"],
     "full_reconstruction": ["construction.mode=full_reconstruction"],
 }
+
+PER_ROUND = ("round", "pass_rate", "augmented_share", "suppressed_share")  # from metrics.csv
 
 
 def variant_config(cfg: Config, variant: str, seed: int) -> Config:
@@ -66,7 +72,7 @@ def compare(out_dir: str | Path, variants: list[str], seeds: list[int], rounds: 
     checkpoints."""
     out_dir = Path(out_dir)
     start = resolve_policy(out_dir, 1, cfg)
-    rows = [{"variant": "start", "seed": None, "rounds": 0,
+    rows = [{"variant": "start", "seed": None, "rounds": 0, "eval": "start",
              **evaluate_bench(start, "testbed", cfg, out_dir / "eval" / "start", progress)}]
     curves = []
     for variant in variants:
@@ -76,9 +82,10 @@ def compare(out_dir: str | Path, variants: list[str], seeds: list[int], rounds: 
             iterate(run, rounds, vcfg, progress=progress)
             for r in evaluated_rounds(rounds, eval_every):
                 name = run.name if r == rounds else f"{run.name}-r{r:04d}"
-                rows.append({"variant": variant, "seed": seed, "rounds": r, **evaluate_bench(
-                    checkpoint_dir(run, r), "testbed", cfg, out_dir / "eval" / name, progress)})
-            curve = read_metrics(run, rounds)[["round", "pass_rate"]]
+                rows.append({"variant": variant, "seed": seed, "rounds": r, "eval": name,
+                             **evaluate_bench(checkpoint_dir(run, r), "testbed", cfg,
+                                              out_dir / "eval" / name, progress)})
+            curve = read_metrics(run, rounds)[list(PER_ROUND)]
             curves.append(curve.assign(variant=variant, seed=seed))
     table = pd.DataFrame(rows)
     table.to_parquet(out_dir / "compare.parquet", index=False)
@@ -89,8 +96,38 @@ def compare(out_dir: str | Path, variants: list[str], seeds: list[int], rounds: 
     final = last_checkpoints(table)
     means = final.groupby("variant", sort=False)[metric_columns(final)].mean().reset_index()
     plot_pass_at_k(means, "variant", out_dir / "pass_at_k.png")
-    (out_dir / "report.md").write_text(render_report(table, per_round, start, rounds, seeds, cfg))
+    by_difficulty = pass_at_1_by_difficulty(out_dir / "eval", last_checkpoints(table),
+                                            get_task(BENCHMARKS["testbed"][1]))
+    by_difficulty.to_parquet(out_dir / "by_difficulty.parquet", index=False)
+    (out_dir / "report.md").write_text(
+        render_report(table, per_round, by_difficulty, start, rounds, seeds, cfg))
     return table
+
+
+def pass_at_1_by_difficulty(eval_dir: Path, final: pd.DataFrame, task: Task) -> pd.DataFrame:
+    """Held-out pass@1 per difficulty level (`task.difficulty` of the problem) of each row of
+    `final`, from its graded responses in eval_dir/<eval>/classify: columns variant, seed,
+    difficulty, problems, pass@1 (every problem has the same number of samples)."""
+    out = []
+    for _, row in final.iterrows():
+        graded = read_pandas(eval_dir / row["eval"] / "classify", columns=["problem", "label"])
+        graded["difficulty"] = graded["problem"].map(task.difficulty)
+        graded["correct"] = graded["label"] == "correct"
+        for level, group in graded.groupby("difficulty"):
+            out.append({"variant": row["variant"], "seed": row["seed"], "difficulty": level,
+                        "problems": group["problem"].nunique(),
+                        "pass@1": float(group["correct"].mean())})
+    return pd.DataFrame(out)
+
+
+def mean_std_cell(values: pd.Series) -> str:
+    """`mean ± std` (sample std) of the values; the value alone when there is one."""
+    values = values.dropna().astype(float)
+    if values.empty:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values.iloc[0]:.3f}"
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
 
 
 def last_checkpoints(table: pd.DataFrame) -> pd.DataFrame:
@@ -105,19 +142,13 @@ def summary_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
     for variant, group in table.groupby("variant", sort=False):
         row: dict[str, Any] = {"variant": variant, "runs": len(group)}
         for c in metric_columns(table):
-            values = group[c].dropna().astype(float)
-            if values.empty:
-                row[c] = "n/a"
-            elif len(values) == 1:
-                row[c] = f"{values.iloc[0]:.3f}"
-            else:
-                row[c] = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+            row[c] = mean_std_cell(group[c])
         out.append(row)
     return out
 
 
-def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rounds: int,
-                  seeds: list[int], cfg: Config) -> str:
+def render_report(table: pd.DataFrame, per_round: pd.DataFrame, by_difficulty: pd.DataFrame,
+                  start: Path, rounds: int, seeds: list[int], cfg: Config) -> str:
     e = cfg.eval
     final = last_checkpoints(table)
     rows = summary_rows(final)
@@ -134,6 +165,8 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rou
         "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
         *("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows),
         "", "![pass@k](pass_at_k.png)", "",
+        "## Held-out pass@1 by difficulty (number of steps; mean ± std over seeds)", "",
+        *difficulty_lines(by_difficulty), "",
         "## Held-out pass@1 by round (the start at round 0; mean over seeds)", "",
         "![held-out pass@1 by round](heldout_per_round.png)", "",
         *heldout_lines(table),
@@ -145,6 +178,10 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rou
               "|" + "---|" * (len(wide.columns) + 1)]
     lines += ["| " + " | ".join([str(r)] + [format_cell(float(v)) for v in wide.loc[r]]) + " |"
               for r in wide.index]
+    lines += ["", "## Augmented rows and OOD-suppressed tokens per round (mean over seeds)", "",
+              "Augmented share: the round's training rows that are constructed trajectories; "
+              "suppressed share: the corrective tokens of those rows the OOD mask leaves out of "
+              "the loss.", "", *augmentation_lines(per_round)]
     lines += ["", "## Every run", "", "| variant | seed | rounds | "
               + " | ".join(metric_columns(table)) + " |",
               "|" + "---|" * (3 + len(metric_columns(table)))]
@@ -153,6 +190,36 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, start: Path, rou
         lines.append(f"| {r['variant']} | {seed} | {r['rounds']} | "
                      + " | ".join(format_cell(r[c]) for c in metric_columns(table)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def difficulty_lines(by_difficulty: pd.DataFrame) -> list[str]:
+    """A markdown table: a row per variant (start first), a column per difficulty level."""
+    levels = sorted(by_difficulty["difficulty"].unique())
+    counts = by_difficulty.groupby("difficulty")["problems"].first()
+    lines = ["| variant | " + " | ".join(f"{lv} ({counts[lv]} problems)" for lv in levels) + " |",
+             "|" + "---|" * (len(levels) + 1)]
+    for variant, group in by_difficulty.groupby("variant", sort=False):
+        cells = [mean_std_cell(group.loc[group["difficulty"] == lv, "pass@1"]) for lv in levels]
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def augmentation_lines(per_round: pd.DataFrame) -> list[str]:
+    """A markdown table: a row per round, augmented / suppressed share per variant that
+    augments (plain GRPO's rows are all its own)."""
+    means = per_round.groupby(["variant", "round"], sort=False)[
+        ["augmented_share", "suppressed_share"]].mean()
+    variants = [v for v in per_round["variant"].unique()
+                if means.loc[v, "augmented_share"].max() > 0]
+    if not variants:
+        return ["(no variant augmented a round)"]
+    lines = ["| round | " + " | ".join(f"{v}: augmented / suppressed" for v in variants) + " |",
+             "|" + "---|" * (len(variants) + 1)]
+    for r in sorted(per_round["round"].unique()):
+        cells = [f"{means.loc[(v, r), 'augmented_share']:.3f} / "
+                 f"{means.loc[(v, r), 'suppressed_share']:.3f}" for v in variants]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def heldout_curves(table: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -335,6 +335,9 @@ class ArithTask(Task):
     def verify(self, answer: str, reference: str) -> tuple[str, str]:
         return grade_answer(answer, reference)
 
+    def difficulty(self, problem: str) -> int:
+        return len(parse_problem(problem).ops)
+
     def locate_failure(self, problem: str, response: str):
         """(failure_step, prefix_chars, detail) by the step checker, or a Rejection."""
         error = first_wrong_step(parse_problem(problem), response)

@@ -117,6 +117,10 @@ class Task:
     def split_steps(self, text: str) -> list[Step]:
         return split_steps(text)
 
+    def difficulty(self, problem: str) -> int | None:
+        """A problem's difficulty level for reports (arith: its number of steps), or None."""
+        return None
+
     def locate_failure(self, problem: str, response: str) -> Located | Rejection:
         """The exact step checker: where a wrong response first fails."""
         raise NotImplementedError(f"the {self.name} task has no exact step checker")
