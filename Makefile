@@ -39,7 +39,7 @@ test-slow:  ## the slow tests (full testbed build, ...)
 	$(BIN)/python -m pytest -m "slow" -q
 
 lint:  ## ruff
-	$(BIN)/ruff check pipeline stages trainer tests
+	$(BIN)/ruff check pipeline stages trainer tests bench
 
 base:  ## build the testbed base model (no-op when up to date)
 	$(BIN)/tapo base --config $(CONFIG)

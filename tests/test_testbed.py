@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench.gradient_split import split_gradients
 from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
@@ -15,7 +16,11 @@ from pipeline.flows.testbed import (
     measure_base,
     pretrain_solutions,
 )
+from pipeline.io import read_pandas
+from pipeline.util import read_json
 from stages.tasks import arith
+from trainer.objective import loss_mask
+from trainer.rl import _update, build_batch, objective_config, old_logprobs
 
 TINY = [
     "testbed.n_pretrain=300", "testbed.n_train=50", "testbed.n_heldout=20",
@@ -228,3 +233,26 @@ def test_sharpness_bench_on_the_small_base(small_base):
     assert float(rows["none"][2].rstrip(" |")) == build["heldout"]["greedy_accuracy"]
     assert float(rows["sign step, lr 0.0001"][0]) == pytest.approx(
         1e-4 * math.sqrt(build["parameters"]), abs=1e-3)
+
+
+def test_gradient_split_parts_add_up_to_the_trainers_gradient(small_run):
+    """`python -m bench.gradient_split`: the rollouts' and the augmented rows' gradients sum to
+    the gradient of the trainer's own step over the whole shard."""
+    row = split_gradients(small_run, 1)
+    cfg = load_config(small_run / "config.yaml")
+    rows = read_pandas(small_run / "iter_0001" / "assemble")
+    summary = read_json(small_run / "iter_0001" / "round.json")
+    assert row["augmented rows"] == summary["augmented"] > 0
+    assert row["rollouts rows"] + row["augmented rows"] == len(rows)
+    assert 0 < row["augmented share, total"] < 1 and -1 <= row["cosine"] <= 1
+
+    policy = summary["policy"]
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    obj = objective_config(cfg)
+    batch = build_batch(rows, AutoTokenizer.from_pretrained(policy).pad_token_id, obj)
+    old = old_logprobs(model, batch, 64)
+    in_loss, _ = loss_mask(batch.advantages, batch.trained, batch.corrective, old, obj)
+    assert row["rollouts loss tokens"] + row["augmented loss tokens"] == int(in_loss.sum())
+    step = _update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, old, None, in_loss,
+                   torch.arange(len(rows)), obj, cfg.train)
+    assert row["full grad norm"] == pytest.approx(step["grad_norm"], rel=1e-4)

@@ -11,8 +11,9 @@ OUT/compare.parquet (a row per evaluated checkpoint: `rounds` is its round, 0 fo
 OUT/per_round.parquet (each run's training pass rate per round: the rate on that round's fresh
 problems; its augmented and OOD-suppressed shares), OUT/by_difficulty.parquet (held-out pass@1
 per number of steps of the start and the last checkpoints), OUT/report.md (mean and standard
-deviation over seeds per variant, of the last checkpoints), OUT/pass_rate_per_round.png, OUT/heldout_per_round.png (held-out pass@1 of the
-evaluated checkpoints, mean over seeds) and OUT/pass_at_k.png. Everything resumes: complete
+deviation over seeds per variant, of the last checkpoints), OUT/pass_rate_per_round.png,
+OUT/heldout_per_round.png (held-out pass@1 of the evaluated checkpoints, mean over seeds) and
+OUT/pass_at_k.png. Everything resumes: complete
 rounds, trainings and evaluations are not redone.
 """
 
