@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.gradient_split import split_gradients
+from bench.reflection_timing import reflection_timing
 from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
@@ -256,3 +257,21 @@ def test_gradient_split_parts_add_up_to_the_trainers_gradient(small_run):
     step = _update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, old, None, in_loss,
                    torch.arange(len(rows)), obj, cfg.train)
     assert row["full grad norm"] == pytest.approx(step["grad_norm"], rel=1e-4)
+
+
+def test_reflection_timing_on_hand_written_answers():
+    """`python -m bench.reflection_timing`: misreadings, and reflections after a wrong step or
+    after right steps only, counted on answers whose kind is known."""
+    p = arith.ArithProblem(start=5, ops=(("+", 3), ("*", 2)))  # 8, 16; misread: 5 + 6 = 11
+    misread = arith.precedence_solution(p)
+    caught = arith.self_corrected(p, misread)  # wrong step 1, reflection, then correct
+    false_alarm = ("5 + 3 = 8\n" + arith.reflection_line(1, "5 + 3 = 8", "5 + 3 = 8")
+                   + "\n" + p.solution())
+    graded = pd.DataFrame({"problem": [p.text] * 4,
+                           "response": [misread, caught, false_alarm, p.solution()],
+                           "label": ["wrong", "correct", "correct", "correct"]})
+    row = reflection_timing(graded)
+    assert row["answers"] == 4 and row["misread"] == 0.25
+    assert row["accuracy when read right"] == 1.0
+    assert row["reflect after a wrong step"] == 0.25 and row["accuracy of those"] == 1.0
+    assert row["reflect after right steps"] == 0.25 and row["reflect"] == 0.5
