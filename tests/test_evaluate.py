@@ -169,6 +169,8 @@ def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
         assert weighted == pytest.approx(row["pass@1"])
     by_steps = report.split("## Held-out pass@1 by difficulty")[1].split("##")[0]
     assert "| start |" in by_steps and "| tapo |" in by_steps and "problems)" in by_steps
+    per_round_table = report.split("## Training pass rate")[1].split("##")[0]
+    assert "| round | tapo | grpo |" in per_round_table  # run order, not sorted
     augmented = report.split("## Augmented rows")[1].split("##")[0]
     assert "tapo: augmented / suppressed" in augmented and "grpo:" not in augmented
     assert per_round.loc[per_round["variant"] == "grpo", "augmented_share"].eq(0).all()

@@ -174,7 +174,8 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, by_difficulty: p
         "", "## Training pass rate per round (each round's fresh problems, mean over seeds)", "",
         "![pass rate per round](pass_rate_per_round.png)", "",
     ]
-    wide = per_round.groupby(["round", "variant"])["pass_rate"].mean().unstack("variant")
+    wide = per_round.groupby(["round", "variant"])["pass_rate"].mean().unstack("variant")[
+        list(per_round["variant"].unique())]  # the variants in run order, not sorted
     lines += ["| round | " + " | ".join(wide.columns) + " |",
               "|" + "---|" * (len(wide.columns) + 1)]
     lines += ["| " + " | ".join([str(r)] + [format_cell(float(v)) for v in wide.loc[r]]) + " |"
