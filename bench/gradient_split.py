@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench import markdown_table
 from pipeline.config import load_config
 from pipeline.io import read_pandas
 from pipeline.layout import iter_dir, round_summary
@@ -78,12 +79,7 @@ def main() -> None:
     p.add_argument("--rounds", default="1", help="comma-separated rounds (default 1)")
     args = p.parse_args()
     rows = [split_gradients(args.run_dir, int(k)) for k in args.rounds.split(",")]
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
-                                for c in cols) + " |")
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

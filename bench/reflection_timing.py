@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench import markdown_table
 from pipeline.io import read_pandas
 from stages.tasks import arith
 
@@ -64,12 +65,7 @@ def main() -> None:
     args = p.parse_args()
     rows = [{"eval": d.name, **reflection_timing(read_pandas(
         d / "classify", columns=["problem", "response", "label"]))} for d in args.eval_dirs]
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
-                                for c in cols) + " |")
+    print(markdown_table(rows))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ problems; its augmented and OOD-suppressed shares), OUT/by_difficulty.parquet (h
 per number of steps of the start and the last checkpoints), OUT/report.md (mean and standard
 deviation over seeds per variant, of the last checkpoints), OUT/pass_rate_per_round.png,
 OUT/heldout_per_round.png (held-out pass@1 of the evaluated checkpoints, mean over seeds) and
-OUT/pass_at_k.png. Everything resumes: complete
-rounds, trainings and evaluations are not redone.
+OUT/pass_at_k.png. Everything resumes: complete rounds, trainings and evaluations are not
+redone.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def compare(out_dir: str | Path, variants: list[str], seeds: list[int], rounds: 
     final = last_checkpoints(table)
     means = final.groupby("variant", sort=False)[metric_columns(final)].mean().reset_index()
     plot_pass_at_k(means, "variant", out_dir / "pass_at_k.png")
-    by_difficulty = pass_at_1_by_difficulty(out_dir / "eval", last_checkpoints(table),
+    by_difficulty = pass_at_1_by_difficulty(out_dir / "eval", final,
                                             get_task(BENCHMARKS["testbed"][1]))
     by_difficulty.to_parquet(out_dir / "by_difficulty.parquet", index=False)
     (out_dir / "report.md").write_text(
