@@ -78,10 +78,12 @@ def test_steps_give_the_local_trainers_losses(shard, tmp_path, kl_coef):
                                               "micro_batch_size": 8}),
         "algo": cfg.algo.model_copy(update={"kl_coef": kl_coef})})
     local = train_round(policy, shard_dir, tmp_path / "local", two_steps, progress=False)
+    buffers = openrlhf_shard.shm_buffers()
     remote_cfg = two_steps.model_copy(update={"train": two_steps.train.model_copy(
         update={"backend": "openrlhf"})})
     remote = train_round(policy, shard_dir, tmp_path / "openrlhf", remote_cfg, progress=False)
     assert local["steps"] == remote["steps"] == 2 and remote["backend"] == "openrlhf"
+    assert openrlhf_shard.shm_buffers() == buffers  # its /dev/shm all-reduce buffer: removed
     logs = [[json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text()
              .splitlines()] for d in ("local", "openrlhf")]
     for a, b in zip(*logs, strict=True):
@@ -160,13 +162,14 @@ def test_two_processes_train_like_one(shard, tmp_path):
     optimizer), each with half of every mini-batch, the loss normalized over both: the same
     step losses and grad norms as one process."""
     cfg, policy, shard_dir = shard
-    logs = []
+    logs, buffers = [], openrlhf_shard.shm_buffers()
     for n in (1, 2):
         ncfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
             "backend": "openrlhf", "num_gpus": n, "mini_batch_size": 32,
             "micro_batch_size": 8})})
         metrics = train_round(policy, shard_dir, tmp_path / f"p{n}", ncfg, progress=False)
         assert metrics["world_size"] == n
+        assert openrlhf_shard.shm_buffers() == buffers  # each rank's buffer removed
         logs.append([json.loads(line) for line in
                      (tmp_path / f"p{n}" / "train_log.jsonl").read_text().splitlines()])
     assert len(logs[0]) == len(logs[1]) > 1

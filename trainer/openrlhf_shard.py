@@ -64,6 +64,7 @@ from trainer.rl import build_batch, objective_config, train_fingerprint, truncat
 
 SUCCESS, LOG, DS_DIR, LAUNCH = "_SUCCESS", TRAIN_LOG, "_ds", "train.sh"
 ROOT = Path(__file__).resolve().parent.parent
+SHM = Path("/dev/shm")  # DeepSpeed's CPU all-reduce buffers live here
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -100,9 +101,10 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
         return done["metrics"]
     out_dir.mkdir(parents=True, exist_ok=True)
     config_file = write_resolved(cfg, out_dir / "train_config.yaml")
+    port = _free_port()
     command = launch_command(policy_dir.resolve(), shard_dir.resolve(), out_dir.resolve(),
                              config_file.resolve(), reference and reference.resolve(), fp, cfg,
-                             _free_port())
+                             port)
     script = shard_dir.parent / LAUNCH
     script.write_text("#!/bin/sh\n# the round's training (train.backend=openrlhf)\n"
                       + shlex.join(command) + "\n")
@@ -114,13 +116,30 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TAPO_PROGRESS": "1" if progress else "0"}
-    result = subprocess.run(command, env=env)
+    try:
+        result = subprocess.run(command, env=env)
+    finally:
+        remove_shm_buffers(port)
     done = read_json(out_dir / SUCCESS)
     if result.returncode != 0 or done is None or done.get("fingerprint") != fp:
         raise RuntimeError(f"the OpenRLHF trainer failed (exit {result.returncode}; its output "
                            f"is above); re-run to resume from {out_dir / DS_DIR}, or run "
                            f"{script} by hand")
     return done["metrics"]
+
+
+def shm_buffers(port: int | str = "*") -> list[Path]:
+    """The shared-memory files of DeepSpeed's CPU all-reduce (one of 69 MB per local rank,
+    `deepspeed_allreduce_buffer_<uid>_<addr>_<master port>_<rank>` in /dev/shm) of this user's
+    launches on `port` (default: every port)."""
+    return sorted(SHM.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
+def remove_shm_buffers(port: int) -> None:
+    """Removes the launch's all-reduce buffers: DeepSpeed never unlinks them, so every CPU
+    training round would leave them in memory (/dev/shm is RAM) until the machine restarts."""
+    for path in shm_buffers(port):
+        path.unlink(missing_ok=True)
 
 
 def _free_port() -> int:
