@@ -14,7 +14,7 @@
 
 stage, round, coldstart, iterate, eval and compare take `--executor ray [--address ADDR]`
 (runner.executor, runner.address): their stages' shards then run on a Ray cluster.
-    tapo base [--config C] [section.key=value ...]
+    tapo base [--rebuild] [--config C] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -126,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: RUN_DIR/iter_KKKK/locator_check/<model name>")
     _config_args(p)
 
-    p = sub.add_parser("base", help="build the testbed base model (no-op when up to date)")
+    p = sub.add_parser("base", help="install the shipped testbed base, or build one for "
+                                    "another config (no-op when up to date)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="also train the shipped base anew into BASE_DIR-rebuild and say "
+                        "whether it matches the shipped one")
     _config_args(p)
 
     args, extra = parser.parse_known_args(argv)
@@ -334,16 +338,36 @@ def cmd_locator_check(args: argparse.Namespace) -> int:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from pipeline.flows.testbed import build_base
+    from pipeline.flows.testbed import build_base, rebuild_base, shipped_base
 
     cfg = load_config(args.config, args.overrides)
     model_dir = build_base(cfg.testbed, cfg.testbed.base_dir)
     build = json.loads((model_dir.parent / "build.json").read_text())
-    print(f"base model: {model_dir}")
+    origin = (f"installed from {build['installed_from']}" if "installed_from" in build
+              else "trained here")
+    print(f"base model: {model_dir} (weights {build.get('weights_sha256', '?')}, config "
+          f"fingerprint {build['fingerprint']}, {origin})")
     print(f"held-out: {json.dumps(build['heldout'])}")
     print(f"seconds: {json.dumps(build['seconds'])}")
+    if args.rebuild:
+        if shipped_base(cfg.testbed) is None:
+            print("no shipped base was built from this config: the base above is its build")
+            return 0
+        report = rebuild_base(cfg.testbed, Path(f"{cfg.testbed.base_dir}-rebuild"))
+        print(render_rebuild(report))
     return 0
 
+
+def render_rebuild(report: dict) -> str:
+    """`tapo base --rebuild`'s verdict: identical, or by how much the rebuild differs."""
+    lines = [f"rebuild {report['rebuilt']} vs shipped {report['shipped']}: " + (
+        "identical weights and tokenizer" if report["identical"] else
+        f"{report['tensors_differing']} of {report['tensors']} weight tensors differ (largest "
+        f"|difference| {report['max_abs_diff']:.3g}), tokenizer "
+        + ("identical" if report["tokenizer_identical"] else "differs"))]
+    lines += [f"  {k}: shipped {v['shipped']:.4f}, rebuilt {v['rebuilt']:.4f} ({v['diff']:+.4f})"
+              for k, v in report["heldout"].items()]
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,7 @@
 import json
+import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -11,18 +14,34 @@ from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
 from pipeline.flows.testbed import (
+    SHIPPED_BASE,
     base_fingerprint,
     build_base,
+    compare_bases,
     corpus_counts,
     measure_base,
     pretrain_solutions,
+    rebuild_base,
+    shipped_base,
+    weights_sha256,
 )
 from pipeline.io import read_pandas
 from pipeline.util import read_json
 from stages.tasks import arith
+from tests.conftest import SMALL_CONFIG
 from trainer.objective import loss_mask
 from trainer.rl import _update, build_batch, objective_config, old_logprobs
 
+MEASURE_ONE_THREAD = """
+import json, sys
+import pandas as pd, torch
+torch.set_num_threads(1)
+from pipeline.engines.hf import HFEngine
+from pipeline.flows.testbed import measure_base
+base = sys.argv[1]
+heldout = pd.read_parquet(f"{base}/data/heldout.parquet")
+print(json.dumps(measure_base(HFEngine(f"{base}/model", batch_size=200), heldout)))
+"""
 TINY = [
     "testbed.n_pretrain=300", "testbed.n_train=50", "testbed.n_heldout=20",
     "testbed.hidden_size=32", "testbed.num_layers=1", "testbed.num_heads=1",
@@ -124,15 +143,78 @@ def test_rebuild_is_noop_and_config_change_rebuilds(tiny_base, tmp_path):
     assert base_fingerprint(cfg.model_copy(update={"misread_share": 0.3})) != base_fingerprint(cfg)
 
 
-def test_build_is_deterministic(tiny_base, tmp_path):
+def test_a_shipped_base_installs_and_a_rebuild_here_is_identical(tiny_base, tmp_path):
+    """The tiny build as the shipped base: its config installs it (no training: the same
+    files, the same problems), and a rebuild on this machine and thread count matches it
+    weight for weight (the build is deterministic here)."""
     cfg, base, model_dir = tiny_base
-    again = build_base(cfg, tmp_path / "again")
-    a = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
-    b = AutoModelForCausalLM.from_pretrained(again).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    for split in ("train", "heldout"):
-        pd.testing.assert_frame_equal(pd.read_parquet(base / "data" / f"{split}.parquet"),
-                                      pd.read_parquet(tmp_path / "again/data" / f"{split}.parquet"))
+    installed = build_base(cfg, tmp_path / "installed", shipped=[base])
+    build = read_json(tmp_path / "installed" / "build.json")
+    assert build["installed_from"] == str(base) and "install" in build["seconds"]
+    for name in ("model.safetensors", "optimizer.pt", "tokenizer.json"):
+        assert (installed / name).read_bytes() == (model_dir / name).read_bytes()
+    for split in ("pretrain", "train", "heldout"):
+        pd.testing.assert_frame_equal(pd.read_parquet(base / f"data/{split}.parquet"),
+                                      pd.read_parquet(installed.parent / f"data/{split}.parquet"))
+    report = rebuild_base(cfg, tmp_path / "rebuild", shipped=[base])
+    assert report["identical"] and report["tensors_differing"] == 0, report
+    assert all(v["diff"] == 0 for v in report["heldout"].values()), report
+    assert read_json(tmp_path / "rebuild" / "rebuild.json") == report
+    # another config is trained, not installed
+    other = cfg.model_copy(update={"steps": 2})
+    build_base(other, tmp_path / "other", shipped=[base])
+    assert "installed_from" not in read_json(tmp_path / "other" / "build.json")
+
+
+def test_compare_bases_says_how_much_two_builds_differ(tiny_base, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _, base, _ = tiny_base
+    shutil.copytree(base, tmp_path / "b")
+    weights = load_file(tmp_path / "b/model/model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 0.25
+    save_file(weights, tmp_path / "b/model/model.safetensors", metadata={"format": "pt"})
+    build = read_json(tmp_path / "b/build.json")
+    build["heldout"]["greedy_accuracy"] += 0.05
+    (tmp_path / "b/build.json").write_text(json.dumps(build))
+    report = compare_bases(base, tmp_path / "b")
+    assert not report["identical"] and report["tokenizer_identical"]
+    assert report["tensors_differing"] == 1
+    assert report["max_abs_diff"] == pytest.approx(0.25, abs=1e-6)
+    assert report["heldout"]["greedy_accuracy"]["diff"] == pytest.approx(0.05)
+
+
+def test_a_shipped_base_built_on_other_problems_is_refused(tiny_base, tmp_path):
+    cfg, base, _ = tiny_base
+    shutil.copytree(base, tmp_path / "ship")
+    build = read_json(tmp_path / "ship/build.json")
+    build["splits_sha256"]["heldout"] = "0" * 64
+    (tmp_path / "ship/build.json").write_text(json.dumps(build))
+    with pytest.raises(RuntimeError, match="other problems"):
+        build_base(cfg, tmp_path / "installed", shipped=[tmp_path / "ship"])
+
+
+def test_the_shipped_bases_are_the_configs_and_the_default_meets_the_targets():
+    """data/testbed_base was built from configs/testbed.yaml, testbed_base_small from
+    configs/testbed-small.yaml (a config change without a rebuilt base fails here); the
+    default's held-out figures meet the testbed's targets."""
+    small = load_config(SMALL_CONFIG).testbed
+    assert shipped_base(small) == SHIPPED_BASE.with_name("testbed_base_small"), \
+        "configs/testbed-small.yaml changed: rebuild its base (data/README.md)"
+    cfg = load_config().testbed
+    assert shipped_base(cfg) == SHIPPED_BASE, \
+        "configs/testbed.yaml changed: rebuild its base (data/README.md)"
+    for d in (SHIPPED_BASE, SHIPPED_BASE.with_name("testbed_base_small")):
+        for name in ("model.safetensors", "optimizer.pt", "tokenizer.json", "config.json"):
+            assert (d / "model" / name).is_file()
+        assert read_json(d / "build.json")["weights_sha256"] == weights_sha256(d / "model")
+    m = read_json(SHIPPED_BASE / "build.json")["heldout"]
+    assert 0.25 <= m["greedy_accuracy"] <= 0.75, m
+    assert m["mixed_share"] >= 0.30, m
+    assert m["misread_share"] >= 0.10, m  # the habit RL can train away
+    corpus = read_json(SHIPPED_BASE / "build.json")["pretrain_solutions"]
+    assert corpus["misread"] > 0 and corpus["self_corrected"] > 0, corpus
 
 
 def test_measure_base_reports_targets(tiny_base):
@@ -169,18 +251,21 @@ def test_hf_engine_seeded_and_shapes(tiny_base):
 
 
 @pytest.mark.slow
-def test_full_build_meets_targets(tmp_path):
-    """The real `make base` build: the targets of the testbed issue on the held-out set; then
-    one round of the TAPO stages on it, and 10 rounds of GRPO that raise held-out pass@1."""
+def test_the_shipped_base_reproduces_its_figures_here_and_grpo_learns(tmp_path):
+    """`make base`'s base, installed from data/testbed_base: its held-out figures measured
+    here, with two threads and in another process with one, are exactly those it shipped with
+    (the docs' base figures); then one round of the TAPO stages on it, and 10 rounds of GRPO
+    that raise held-out pass@1."""
     cfg = load_config().testbed
     model_dir = build_base(cfg, tmp_path / "base")
+    build = read_json(tmp_path / "base" / "build.json")
+    assert build["installed_from"] == str(SHIPPED_BASE)
     heldout = pd.read_parquet(tmp_path / "base" / "data" / "heldout.parquet")
-    m = measure_base(HFEngine(model_dir), heldout)
-    assert 0.25 <= m["greedy_accuracy"] <= 0.75, m
-    assert m["mixed_share"] >= 0.30, m
-    assert m["misread_share"] >= 0.10, m  # the habit RL can train away
-    corpus = json.loads((tmp_path / "base" / "build.json").read_text())["pretrain_solutions"]
-    assert corpus["misread"] > 0 and corpus["self_corrected"] > 0, corpus
+    assert measure_base(HFEngine(model_dir, batch_size=200), heldout) == build["heldout"]
+    one_thread = subprocess.run(
+        [sys.executable, "-c", MEASURE_ONE_THREAD, str(tmp_path / "base")],
+        capture_output=True, text=True, check=True)
+    assert json.loads(one_thread.stdout) == build["heldout"], one_thread.stderr
 
     # one TAPO round on the default testbed, with the default engine (vllm when installed)
     from pipeline.flows.round import run_round

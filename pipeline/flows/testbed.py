@@ -12,6 +12,12 @@
     base_dir/_SUCCESS                               written last; a rebuild with the same
                                                     fingerprint is a no-op
 
+A build is deterministic on one machine and thread count but not across CPUs (float kernels
+differ), so the default and the small base ship with the repo (`data/testbed_base*/`): a config
+with the fingerprint of one is installed from there (its problems generated, which is exact on every
+machine) instead of trained. `rebuild_base` trains it anew and `compare_bases` says whether the
+rebuild matches the shipped weights and, if not, by how much on the held-out targets.
+
 The base is pretrained on `pretrain_solutions`: the reference solutions, some of them misread
 with operator precedence and some of those self-corrected (`testbed.misread_share`,
 `testbed.reflect_share`), so that it has a habit RL can train away and knows reflection's words.
@@ -19,10 +25,12 @@ with operator precedence and some of those self-corrected (`testbed.misread_shar
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -45,6 +53,10 @@ PAD = "<|pad|>"
 SPECIAL_TOKENS = [EOS, PAD, "<|im_start|>", "<|im_end|>"]
 GREEDY_TARGET = 0.25  # below it the base is too weak for the testbed: pretrain further
 EXTRA_CHUNK = 700  # steps added at a time (at lr / 10) while below the target
+DATA = Path(__file__).resolve().parents[2] / "data"
+SHIPPED_BASE = DATA / "testbed_base"  # configs/testbed.yaml's; testbed_base_small: the small one
+SHIPPED_BASES = tuple(sorted(DATA.glob("testbed_base*")))
+BUILD = "build.json"
 
 
 def problem_rows(problems: list[arith.ArithProblem], split: str) -> pd.DataFrame:
@@ -172,17 +184,9 @@ def base_is_current(cfg: TestbedConfig, base_dir: str | Path) -> bool:
             and json.loads(done.read_text()).get("fingerprint") == base_fingerprint(cfg))
 
 
-def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) -> Path:
-    """Builds (or finds complete) the testbed base; returns the model directory."""
-    base_dir = Path(base_dir)
-    fp = base_fingerprint(cfg)
-    done = base_dir / SUCCESS
-    if not force and base_is_current(cfg, base_dir):
-        return testbed_model(base_dir)
-    if base_dir.exists():
-        shutil.rmtree(base_dir)
-    testbed_split(base_dir, "train").parent.mkdir(parents=True)
-    t0 = time.time()
+def write_splits(cfg: TestbedConfig, base_dir: Path) -> dict[str, list[arith.ArithProblem]]:
+    """Generates the pretrain, train and held-out problems into base_dir/data/ (pure Python:
+    the same on every machine) and returns them."""
     splits = {
         "pretrain": arith.generate_split("pretrain", cfg.n_pretrain, cfg.seed, cfg.arith),
         "train": arith.generate_split("train", cfg.n_train, cfg.seed, cfg.arith),
@@ -190,6 +194,76 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
     }
     for name, problems in splits.items():
         write_table_atomic(problem_rows(problems, name), testbed_split(base_dir, name))
+    return splits
+
+
+def splits_sha256(base_dir: Path) -> dict[str, str]:
+    """A hash of each split's (problem_id, problem, answer, solution): the problems a model was
+    built on, independent of parquet's bytes."""
+    out = {}
+    for split in ("pretrain", "train", "heldout"):
+        df = pd.read_parquet(testbed_split(base_dir, split),
+                             columns=["problem_id", "problem", "answer", "solution"])
+        out[split] = hashlib.sha256("\n".join(
+            "\t".join(row) for row in df.itertuples(index=False)).encode()).hexdigest()
+    return out
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """The first 16 hex digits of the sha256 of a model's weights file: which build it is
+    (builds of one config on two CPUs share the config fingerprint, not the weights)."""
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def shipped_base(cfg: TestbedConfig, shipped: Iterable[Path] = SHIPPED_BASES) -> Path | None:
+    """The shipped base directory built from this config (same fingerprint), if any."""
+    fp = base_fingerprint(cfg)
+    for d in shipped:
+        if (d / BUILD).exists() and json.loads((d / BUILD).read_text())["fingerprint"] == fp:
+            return d
+    return None
+
+
+def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False,
+               shipped: Iterable[Path] = SHIPPED_BASES) -> Path:
+    """Builds (or finds complete) the testbed base; returns the model directory. A config the
+    shipped base was built from installs it (`install_base`) unless `force`; else the model
+    is trained (`train_base`)."""
+    base_dir = Path(base_dir)
+    if not force and base_is_current(cfg, base_dir):
+        return testbed_model(base_dir)
+    if base_dir.exists():
+        shutil.rmtree(base_dir)
+    source = None if force else shipped_base(cfg, shipped)
+    if source is not None:
+        return install_base(cfg, base_dir, source)
+    return train_base(cfg, base_dir)
+
+
+def install_base(cfg: TestbedConfig, base_dir: Path, shipped: Path) -> Path:
+    """Writes the shipped base into base_dir: its problems generated (and checked against the
+    hashes it was built on), its model and build.json copied; _SUCCESS last."""
+    t0 = time.time()
+    write_splits(cfg, base_dir)
+    build = json.loads((shipped / BUILD).read_text())
+    if (have := splits_sha256(base_dir)) != build["splits_sha256"]:
+        raise RuntimeError(f"the shipped base {shipped} was built on other problems than this "
+                           f"code generates ({have} vs {build['splits_sha256']}): rebuild it "
+                           "with `tapo base --rebuild` and ship the rebuild")
+    shutil.copytree(testbed_model(shipped), testbed_model(base_dir))
+    build["installed_from"] = str(shipped)
+    build["seconds"]["install"] = round(time.time() - t0, 1)
+    write_json_atomic(base_dir / BUILD, build)
+    write_json_atomic(base_dir / SUCCESS, {"fingerprint": build["fingerprint"]})
+    return testbed_model(base_dir)
+
+
+def train_base(cfg: TestbedConfig, base_dir: Path) -> Path:
+    """Generates the splits, trains the tokenizer, pretrains the model (with extra steps while
+    below the greedy target), measures it and writes build.json; _SUCCESS last."""
+    fp = base_fingerprint(cfg)
+    t0 = time.time()
+    splits = write_splits(cfg, base_dir)
     t_data = time.time() - t0
 
     tokenizer = train_tokenizer(tokenizer_corpus(splits["pretrain"]), cfg.vocab_size)
@@ -229,7 +303,7 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
     moments.replace(testbed_model(base_dir) / OPTIMIZER)
     n_params = sum(p.numel() for p in model.parameters())
     write_json_atomic(
-        base_dir / "build.json",
+        base_dir / BUILD,
         {
             "fingerprint": fp,
             "config": cfg.model_dump(mode="json"),
@@ -240,12 +314,48 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False) ->
                         "measure": round(t_measure, 1)},
             "heldout": metrics,
             "extra_steps": extra,
+            "splits_sha256": splits_sha256(base_dir),
+            "weights_sha256": weights_sha256(testbed_model(base_dir)),
             "loss_first": losses[0],
             "loss_last": sum(losses[-20:]) / len(losses[-20:]),
         },
     )
-    write_json_atomic(done, {"fingerprint": fp})
+    write_json_atomic(base_dir / SUCCESS, {"fingerprint": fp})
     return testbed_model(base_dir)
+
+
+def rebuild_base(cfg: TestbedConfig, out_dir: Path,
+                 shipped: Iterable[Path] = SHIPPED_BASES) -> dict:
+    """Trains the shipped base of this config anew into out_dir and compares the two builds
+    (compare_bases); writes out_dir/rebuild.json and returns it."""
+    if (source := shipped_base(cfg, shipped)) is None:
+        raise ValueError("no shipped base was built from this config")
+    build_base(cfg, out_dir, force=True)
+    report = compare_bases(source, out_dir)
+    write_json_atomic(Path(out_dir) / "rebuild.json", report)
+    return report
+
+
+def compare_bases(shipped: Path, rebuilt: Path) -> dict:
+    """Two builds of one config: whether their weights and tokenizer are identical, the largest
+    weight difference, and their held-out targets side by side (rebuilt - shipped)."""
+    from safetensors.torch import load_file
+
+    a = load_file(testbed_model(shipped) / "model.safetensors")
+    b = load_file(testbed_model(rebuilt) / "model.safetensors")
+    differing = [k for k in a if k not in b or not torch.equal(a[k], b[k])]
+    max_diff = max(((a[k] - b[k]).abs().max().item() for k in differing if k in b), default=0.0)
+    held = [json.loads((d / BUILD).read_text())["heldout"] for d in (shipped, rebuilt)]
+    tokenizer = [(testbed_model(d) / "tokenizer.json").read_bytes() for d in (shipped, rebuilt)]
+    return {
+        "identical": not differing and tokenizer[0] == tokenizer[1],
+        "tokenizer_identical": tokenizer[0] == tokenizer[1],
+        "tensors": len(a), "tensors_differing": len(differing), "max_abs_diff": max_diff,
+        "heldout": {k: {"shipped": held[0][k], "rebuilt": held[1][k],
+                        "diff": round(held[1][k] - held[0][k], 6)}
+                    for k in held[0] if isinstance(held[0][k], float)},
+        "shipped": str(shipped), "rebuilt": str(rebuilt),
+    }
 
 
 def measure_base(engine, heldout: pd.DataFrame, n: int = 8, max_tokens: int = 160) -> dict:
