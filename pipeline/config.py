@@ -247,6 +247,9 @@ class EngineConfig(Section):
     timeout_s: float = Field(300.0, gt=0, description="openai: per-request timeout")
     retries: int = Field(4, ge=0, description="openai: retries with exponential backoff")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one engine spans")
+    enforce_eager: bool | None = Field(
+        None, description="vllm: run the model without torch.compile; default: on CPU (the "
+                          "compile is most of an engine's start), not on GPU")
 
 
 class GraderConfig(Section):

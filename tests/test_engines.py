@@ -3,6 +3,7 @@
 
 import http.server
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -56,8 +57,10 @@ def test_hf_records_and_stop_strings(tiny_base):  # noqa: F811
     assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def vllm_engine(tiny_base):  # noqa: F811
+    """A vllm engine on the tiny model (on CPU it runs in this process, one at a time: a few
+    seconds to build)."""
     from pipeline.engines.vllm import VLLMEngine
 
     _, _, model_dir = tiny_base
@@ -73,6 +76,27 @@ def test_vllm_records_match_hf_shape_and_greedy(vllm_engine, tiny_base):  # noqa
     greedy = SamplingParams(temperature=0, max_tokens=12)
     a, b = hf.generate(PROMPTS, 1, greedy), vllm_engine.generate(PROMPTS, 1, greedy)
     assert [g[0].token_ids for g in a] == [g[0].token_ids for g in b]
+
+
+@needs_vllm
+def test_vllm_samples_depend_on_their_own_seeds_only(vllm_engine):
+    """On CPU too (whole prefills): sample k of a prompt is the same whatever the engine drew
+    before, the other prompts beside it, their order and the group size; so a resumed run, or
+    the second variant of a compare in the same process, samples what a fresh one does."""
+    params = SamplingParams(temperature=1.0, max_tokens=12, logprobs=True)
+    seeds = [[11, 12, 13], [21, 22, 23]]
+
+    def tokens(groups):
+        return [[c.token_ids for c in g] for g in groups]
+
+    first = tokens(vllm_engine.generate(PROMPTS, 3, params, seeds=seeds))
+    vllm_engine.generate(PROMPTS, 4, params)  # draws that a shared random stream would feel
+    again = tokens(vllm_engine.generate(PROMPTS[::-1], 3, params, seeds=seeds[::-1]))
+    assert again[::-1] == first
+    assert tokens(vllm_engine.generate(PROMPTS[:1], 2, params, seeds=[[11, 12]])) == [first[0][:2]]
+    assert len({tuple(t) for group in first for t in group}) > 1  # seeds do change the sample
+    one = tokens(vllm_engine.generate(PROMPTS, 2, params))  # one seeded request per prompt
+    assert tokens(vllm_engine.generate(PROMPTS, 2, params)) == one
 
 
 @needs_vllm
@@ -105,6 +129,25 @@ def test_kept_vllm_engine_loads_a_checkpoint_exactly(tiny_base, tmp_path):  # no
     for a, b in zip(loaded, new, strict=True):
         assert a[0].token_ids == b[0].token_ids
         assert a[0].logprobs == pytest.approx(b[0].logprobs, abs=1e-5)
+
+
+@needs_vllm
+def test_one_vllm_engine_at_a_time_runs_in_this_process(tiny_base):  # noqa: F811
+    """On CPU the engine runs inside this process (no engine processes to spawn); building a
+    second closes the first, which then says so instead of generating."""
+    from pipeline.engines.vllm import VLLMEngine
+
+    model_dir = tiny_base[2]
+    first = VLLMEngine(model_dir, max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    second = VLLMEngine(model_dir, max_model_len=256, gpu_memory_utilization=0.1, dtype="float32")
+    try:
+        assert first.closed and not second.closed
+        with pytest.raises(RuntimeError, match="was closed"):
+            first.generate(PROMPTS, 1, PARAMS)
+        check_records(second.generate(PROMPTS, 2, PARAMS), 2, second.tokenizer)
+    finally:
+        second.close()
 
 
 def test_a_checkpoint_of_another_shape_is_not_loaded(tiny_base, tmp_path):  # noqa: F811
@@ -142,8 +185,10 @@ def vllm_server(tiny_base):  # noqa: F811
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
          "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
-         "--gpu-memory-utilization", "0.1", "--served-model-name", "tiny", "--dtype", "float32"],
+         "--gpu-memory-utilization", "0.1", "--served-model-name", "tiny", "--dtype", "float32",
+         "--enforce-eager"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"},  # no engine process
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240

@@ -44,7 +44,8 @@ def make_engine(cfg, model: str | Path, seed: int = 0) -> Engine:
 
         return VLLMEngine(model, max_model_len=cfg.max_model_len,
                           gpu_memory_utilization=cfg.gpu_memory_utilization, dtype=cfg.dtype,
-                          seed=seed, tensor_parallel_size=cfg.tensor_parallel_size)
+                          seed=seed, tensor_parallel_size=cfg.tensor_parallel_size,
+                          enforce_eager=cfg.enforce_eager)
     if backend == "openai":
         from pipeline.engines.openai import OpenAIEngine
 
@@ -76,6 +77,9 @@ def kept_engine(cfg, model: str | Path, seed: int = 0) -> Engine:
     key = json.dumps([resolve_backend(cfg.backend), cfg.model_dump(mode="json"), seed])
     state = model_state(model) if model.is_dir() else str(model)
     engine = _kept.get("engine")
+    if engine is not None and getattr(engine, "closed", False):  # (another engine was built)
+        release_engine()
+        engine = None
     if engine is not None and _kept["key"] == key:
         if (_kept["model"], _kept["state"]) == (model, state):
             return engine

@@ -66,6 +66,6 @@ class Engine(Protocol):
     ) -> list[list[Completion]]:
         """`n` completions for each prompt, in prompt order; prompts are encoded with
         encode_prompt. `seeds[i][k]` seeds sample k of prompt i where the engine supports
-        per-request seeds (vLLM on GPU, an OpenAI-compatible server); elsewhere sampling is
-        seeded by `params.seed` (hf: per batch; vllm-cpu: once per engine)."""
+        per-request seeds (vLLM, an OpenAI-compatible server); elsewhere sampling is seeded by
+        `params.seed` (hf: per batch)."""
         ...

