@@ -53,12 +53,11 @@ def split_gradients(run_dir: Path, iteration: int) -> dict[str, float]:
     for part, rows_in in (("rollouts", ~augmented), ("augmented", augmented)):
         model.zero_grad(set_to_none=False)
         idx = torch.nonzero(rows_in).squeeze(1)
-        for j in range(0, len(idx), MICRO):
-            micro = idx[j : j + MICRO]
+        for micro in batch.micro_batches(idx, MICRO):
             mb = batch.rows(micro)
             logp, _ = response_logprobs(model, mb)
-            policy_loss(logp, old[micro], mb.advantages, mb.trained, mb.corrective, obj,
-                        normalizer=normalizer).loss.backward()
+            policy_loss(logp, old[micro, : logp.shape[1]], mb.advantages, mb.trained,
+                        mb.corrective, obj, normalizer=normalizer).loss.backward()
         grads[part] = torch.cat([p.grad.flatten().clone() for p in model.parameters()])
         row.update({f"{part} rows": int(rows_in.sum()),
                     f"{part} loss tokens": int(in_loss[rows_in].sum()),

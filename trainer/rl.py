@@ -70,9 +70,20 @@ class Batch:
     advantages: torch.Tensor  # (B,)
 
     def rows(self, idx: torch.Tensor) -> Batch:
-        return Batch(*(t[idx] for t in (self.input_ids, self.attention_mask, self.response_start,
-                                        self.response_len, self.trained, self.corrective,
-                                        self.advantages)))
+        """The sequences `idx`, cut to the longest of them (the right padding beyond it would
+        only cost compute: attention is causal)."""
+        width = int((self.response_start[idx] + self.response_len[idx]).max())
+        t = int(self.response_len[idx].max())
+        return Batch(self.input_ids[idx, :width], self.attention_mask[idx, :width],
+                     self.response_start[idx], self.response_len[idx], self.trained[idx, :t],
+                     self.corrective[idx, :t], self.advantages[idx])
+
+    def micro_batches(self, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
+        """`idx` in micro-batches of `size` sequences of similar length (sorted by length, so
+        that `rows` cuts little padding); their losses add up to the same mini-batch loss."""
+        by_length = idx[torch.argsort(self.response_start[idx] + self.response_len[idx],
+                                      stable=True)]
+        return [by_length[j : j + size] for j in range(0, len(by_length), size)]
 
 
 def objective_config(cfg: Config) -> ObjectiveConfig:
@@ -120,10 +131,13 @@ def response_logprobs(model, batch: Batch, with_entropy: bool = False):
 
 @torch.no_grad()
 def old_logprobs(model, batch: Batch, micro: int) -> torch.Tensor:
+    """(B, T) response log-probs of every sequence under `model`, `micro` at a time."""
     model.eval()
-    parts = [response_logprobs(model, batch.rows(torch.arange(i, min(i + micro, len(
-        batch.advantages)))))[0] for i in range(0, len(batch.advantages), micro)]
-    return torch.cat(parts)
+    out = torch.zeros(batch.trained.shape)
+    for idx in batch.micro_batches(torch.arange(len(batch.advantages)), micro):
+        logp = response_logprobs(model, batch.rows(idx))[0]
+        out[idx, : logp.shape[1]] = logp
+    return out
 
 
 def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Path, cfg: Config,
@@ -209,20 +223,20 @@ def _update(model, optimizer, batch: Batch, old: torch.Tensor, ref: torch.Tensor
     optimizer.zero_grad(set_to_none=True)
     sums = {"loss": 0.0, "clip": 0.0, "entropy": 0.0, "suppressed": 0.0, "rollout_tokens": 0,
             "corrective": 0}
-    for j in range(0, len(idx), tc.micro_batch_size):
-        micro = idx[j : j + tc.micro_batch_size]
+    for micro in batch.micro_batches(idx, tc.micro_batch_size):
         mb = batch.rows(micro)
+        t = mb.trained.shape[1]  # (the micro-batch's longest response)
         logp, entropy = response_logprobs(model, mb, with_entropy=True)
-        out = policy_loss(logp, old[micro], mb.advantages, mb.trained, mb.corrective, obj,
-                          ref_logprobs=None if ref is None else ref[micro],
+        out = policy_loss(logp, old[micro, :t], mb.advantages, mb.trained, mb.corrective, obj,
+                          ref_logprobs=None if ref is None else ref[micro, :t],
                           normalizer=normalizer)
         out.loss.backward()
         m = out.metrics
-        rollout_tokens = m["loss_tokens"] - int((mb.corrective & in_loss[micro]).sum())
+        rollout_tokens = m["loss_tokens"] - int((mb.corrective & in_loss[micro, :t]).sum())
         sums["loss"] += out.loss.item()
         sums["clip"] += m["clip_fraction"] * rollout_tokens
         sums["rollout_tokens"] += rollout_tokens
-        sums["entropy"] += float((entropy.detach() * in_loss[micro]).sum())
+        sums["entropy"] += float((entropy.detach() * in_loss[micro, :t]).sum())
         sums["suppressed"] += m["suppressed_share"] * m["corrective_tokens"]
         sums["corrective"] += m["corrective_tokens"]
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
