@@ -15,7 +15,7 @@ EVAL_EVERY ?= 5
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test test-slow lint base bench bench-scale check-grader coldstart iterate eval compare report locator-check clean
+.PHONY: help setup test test-slow lint base bench bench-first-run bench-scale check-grader coldstart iterate eval compare report locator-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -41,8 +41,8 @@ test-slow:  ## the slow tests (full testbed build, ...)
 lint:  ## ruff
 	$(BIN)/ruff check pipeline stages trainer tests bench
 
-base:  ## build the testbed base model (no-op when up to date)
-	$(BIN)/tapo base --config $(CONFIG)
+base:  ## install the shipped testbed base into runs/base, rebuild it into runs/base-rebuild and compare
+	$(BIN)/tapo base --rebuild --config $(CONFIG)
 
 bench:  ## benchmarks, with ratios against the raw dependency (builds the base model if missing)
 	$(BIN)/python -m bench.grader
@@ -50,6 +50,9 @@ bench:  ## benchmarks, with ratios against the raw dependency (builds the base m
 	$(BIN)/python -m bench.engines --config $(CONFIG)
 	$(BIN)/python -m bench.trainers --config $(CONFIG)
 	$(BIN)/python -m bench.sharpness --config $(CONFIG)
+
+bench-first-run:  ## a newcomer's first run on a fresh clone of HEAD: make setup, make iterate N=10 with and without the base, timed
+	bash bench/first_run.sh
 
 bench-scale:  ## the cold-start set at 4.5k and 45k examples (configs/testbed-scale.yaml): time, rows/s per stage, peak memory
 	$(BIN)/python -m bench.coldstart --config configs/testbed-scale.yaml --sizes 4500,45000

@@ -158,6 +158,7 @@ def test_load_problems_reads_the_bundled_jsonl():
     assert {"problem", "answer", "solution"} <= set(table.columns)
 
 
+@pytest.mark.slow  # about 50 s
 def test_coldstart_end_to_end_on_the_small_testbed(small_base, tmp_path, capsys):
     run = tmp_path / "coldstart"
     cfg = small_base()

@@ -61,6 +61,7 @@ def test_experiences_carry_the_local_advantages_and_loss_mask(shard):
                               atol=1e-5)
 
 
+@pytest.mark.slow  # two DeepSpeed launches a case, about 1-2 min
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
 def test_steps_give_the_local_trainers_losses(shard, tmp_path, kl_coef):
     """Two optimizer steps over the shard, fp32, one process under DeepSpeed's launcher: each

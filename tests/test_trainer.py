@@ -90,6 +90,7 @@ def _train(cfg, policy, shard_dir, out, *overrides):
                        progress=False)
 
 
+@pytest.mark.slow  # about 25 s
 def test_resume_after_kill_inside_training(shard, tmp_path):
     """SIGKILL a training run between two saved states (save_every=3); the restart ends with the
     weights of an uninterrupted run, and the log holds steps 1..N once each."""
