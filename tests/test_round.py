@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.engines.base import SamplingParams
 from pipeline.flows.round import run_round
 from pipeline.io import read_pandas
 
@@ -192,6 +193,34 @@ def test_round_with_vllm_engine_keeps_its_logs_off_the_console(small_base, tmp_p
     summary = json.loads((run / "iter_0001" / "round.json").read_text())
     assert summary["rollouts"] == 16 * 4
     _check_accounting(run / "iter_0001", summary)
+
+
+@pytest.mark.slow  # about a minute: a second process imports vLLM
+def test_a_seeded_round_samples_the_same_in_another_process_with_one_thread(small_base,
+                                                                            tmp_path):
+    """Round 1 with the vllm engine, here (with two threads, the kept engine having drawn
+    samples before) and in a new process with one thread: the same rollouts, token for token
+    (per-request seeds; what a seeded compare's first round relies on)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.engines import kept_engine
+
+    cfg = small_base("engine.backend=vllm")
+    kept_engine(cfg.engine, cfg.testbed.base_dir + "/model", seed=cfg.run.seed).generate(
+        ["Q: 1 + 1\nA:\n"], 3, SamplingParams(temperature=1.0, max_tokens=8))
+    run_round(tmp_path / "here", 1, cfg, progress=False)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "round", str(tmp_path / "there"),
+                           "--iteration", "1", "--config", str(_cfg(small_base, tmp_path)),
+                           "engine.backend=vllm"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    columns = ["rollout_id", "response_token_ids", "prompt_token_ids"]
+    here, there = (read_pandas(tmp_path / d / "iter_0001" / "sample", columns=columns)
+                   for d in ("here", "there"))
+    assert len(here) == 16 * 4
+    pd.testing.assert_frame_equal(here, there)
 
 
 def test_each_stage_runs_alone_from_the_cli(small_base, tmp_path):
