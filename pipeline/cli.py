@@ -369,5 +369,6 @@ def render_rebuild(report: dict) -> str:
               for k, v in report["heldout"].items()]
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     sys.exit(main())

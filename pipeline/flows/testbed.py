@@ -44,7 +44,7 @@ from pipeline.engines.hf import HFEngine
 from pipeline.io import write_table_atomic
 from pipeline.layout import OPTIMIZER, testbed_model, testbed_split
 from pipeline.runner import SUCCESS
-from pipeline.util import fingerprint, write_json_atomic
+from pipeline.util import file_sha256, fingerprint, write_json_atomic
 from stages.tasks import arith
 from trainer.lm import LMExample, TrainSchedule, train_lm
 
@@ -212,7 +212,7 @@ def splits_sha256(base_dir: Path) -> dict[str, str]:
 def weights_sha256(model_dir: Path) -> str:
     """The first 16 hex digits of the sha256 of a model's weights file: which build it is
     (builds of one config on two CPUs share the config fingerprint, not the weights)."""
-    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()[:16]
+    return file_sha256(model_dir / "model.safetensors")[:16]
 
 
 def shipped_base(cfg: TestbedConfig, shipped: Iterable[Path] = SHIPPED_BASES) -> Path | None:
