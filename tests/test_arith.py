@@ -168,3 +168,43 @@ def test_self_corrected_solution_passes_the_checker():
         assert not arith.reads_with_precedence(P, text), text
     same = ArithProblem(start=5, ops=(("*", 3), ("+", 4)))  # both readings agree
     assert not arith.reads_with_precedence(same, "15 + 4 = 20")
+
+
+def chat_task():
+    from pipeline.config import TaskConfig
+
+    return get_task(TaskConfig(name="arith", chat=True))
+
+
+def test_chat_prompt_asks_the_question_and_round_trips():
+    problem = "Compute left to right: 19 - 5 + 4"
+    messages = chat_task().prompt(problem)
+    assert messages == [{"role": "user", "content":
+                         "What is 19 - 5 + 4? Put the final answer in \\boxed{}."}]
+    assert get_task("arith").prompt(problem) == arith.PROMPT_TEMPLATE.format(problem=problem)
+    # OpenRLHF hands the rendered prompt back: the problem is found inside the chat template's
+    # text (ChatML, as SmolLM2's; the slow test renders the real one)
+    rendered = ("<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n<|im_start|>user\n"
+                + messages[0]["content"] + "<|im_end|>\n<|im_start|>assistant\n")
+    assert arith.problem_from_prompt(rendered) == problem
+    assert arith.parse_problem(arith.problem_from_prompt(rendered)).answer == 18
+
+
+@pytest.mark.parametrize("response,answer", [
+    ("19 - 5 + 4 = 18 is the final answer.", "18"),
+    ("19 - 5 = 14\n14 + 4 = 18.", "18"),
+    ("So we add 6 and 4, which is 12.\n\nTherefore, the final answer is 12.", "12"),
+    ("no number at all", None),
+    ("= -7", "-7"),
+    ("19 - 5 = 14, so \\boxed{20}", "20"),  # a box wins over the equation
+])
+def test_chat_answers_without_a_box_are_the_last_integer(response, answer):
+    assert chat_task().answer(response) == answer
+    assert get_task("arith").answer(response) == arith.extract_boxed(response)  # testbed: box only
+
+
+def test_chat_grading_end_to_end():
+    task = chat_task()
+    assert task.fast_verdict(task.answer("19 - 5 + 4 = 18."), "18")[0] == "correct"
+    assert task.fast_verdict(task.answer("19 - 5 + 4 = 17."), "18")[0] == "incorrect"
+    assert task.answer("I do not know.") is None

@@ -360,3 +360,21 @@ def test_reflection_timing_on_hand_written_answers():
     assert row["accuracy when read right"] == 1.0
     assert row["reflect after a wrong step"] == 0.25 and row["accuracy of those"] == 1.0
     assert row["reflect after right steps"] == 0.25 and row["reflect"] == 0.5
+
+
+def test_testbed_problems_are_generated_without_a_model(tmp_path):
+    """A run of another model on the arith task (configs/smollm2.yaml) needs the splits, not the
+    testbed's base: they are generated on first use, and kept after."""
+    from pipeline.flows.round import problem_pool
+    from pipeline.flows.testbed import testbed_problems
+
+    cfg = load_config(SMALL_CONFIG, [f"testbed.base_dir={tmp_path / 'arith'}",
+                                     "testbed.arith.max_steps=2", "testbed.n_train=50"])
+    pool = problem_pool(cfg)
+    df = pd.read_parquet(pool)
+    expected = arith.generate_split("train", 50, cfg.testbed.seed, cfg.testbed.arith)
+    assert df["problem"].tolist() == [p.text for p in expected]
+    assert not (tmp_path / "arith" / "model").exists()
+    stamp = pool.stat().st_mtime_ns
+    assert testbed_problems(cfg.testbed, "heldout").exists()
+    assert pool.stat().st_mtime_ns == stamp  # present: not written again

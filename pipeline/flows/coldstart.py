@@ -34,8 +34,8 @@ from pipeline.engines import SamplingParams
 from pipeline.flows.chains import COLDSTART
 from pipeline.flows.evaluate import format_cell
 from pipeline.flows.round import testbed_base
+from pipeline.flows.testbed import testbed_problems
 from pipeline.io import read_pandas
-from pipeline.layout import testbed_split
 from pipeline.problems import write_problems
 from pipeline.runner import EXCLUDED
 from pipeline.util import write_json_atomic
@@ -124,7 +124,7 @@ def run_coldstart(run_dir: str | Path | None, cfg: Config,
     base = base_model(cfg)
     scfg = sampling_config(cfg, base)
     write_resolved(cfg, here / "config.yaml")
-    pool = Path(cfg.coldstart.problems or testbed_split(cfg.testbed.base_dir, "train"))
+    pool = Path(cfg.coldstart.problems or testbed_problems(cfg.testbed, "train"))
     t = time.time()
     stats = build_chain(scfg, pool, here, "examples", cfg.coldstart.max_problems, progress)
     build_seconds = time.time() - t
@@ -134,7 +134,7 @@ def run_coldstart(run_dir: str | Path | None, cfg: Config,
                                **source_counts(stats, here / "examples"), "sft": sft,
                                "seconds": {"build": round(build_seconds, 2),
                                            "sft": sft["seconds"]}}
-    heldout = Path(cfg.coldstart.heldout or testbed_split(cfg.testbed.base_dir, "heldout"))
+    heldout = Path(cfg.coldstart.heldout or testbed_problems(cfg.testbed, "heldout"))
     if heldout.exists():
         t = time.time()
         build_chain(scfg, heldout, here / "probe", "locate", None, progress)

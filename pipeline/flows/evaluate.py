@@ -30,7 +30,6 @@ from pipeline.chain import run_chain
 from pipeline.config import Config
 from pipeline.flows.chains import EVAL
 from pipeline.io import read_pandas
-from pipeline.layout import testbed_split
 from pipeline.problems import write_problems
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -39,6 +38,7 @@ BENCHMARKS = {  # name -> (file, task); `testbed`: the testbed's held-out split
     "aime25": (DATA / "aime2025.jsonl", "math"),
     "hmmt25": (DATA / "hmmt2025_feb.jsonl", "math"),
     "math500": (DATA / "math500.jsonl", "math"),
+    "gsm8k": (DATA / "gsm8k_test.jsonl", "math"),
     "testbed": (None, "arith"),
 }
 
@@ -92,7 +92,11 @@ def bench_file(cfg: Config, bench: str) -> Path:
     if bench not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {bench!r}; known: {', '.join(BENCHMARKS)}")
     path = BENCHMARKS[bench][0]
-    return path if path is not None else testbed_split(cfg.testbed.base_dir, "heldout")
+    if path is not None:
+        return path
+    from pipeline.flows.testbed import testbed_problems
+
+    return testbed_problems(cfg.testbed, "heldout")
 
 
 def evaluate_bench(model: str | Path, bench: str, cfg: Config, out_dir: Path,

@@ -27,7 +27,6 @@ from pipeline.layout import (
     ROUND_SUMMARY,
     checkpoint_dir,
     iter_dir,
-    testbed_split,
 )
 from pipeline.problems import write_problems
 from pipeline.runner import SUCCESS
@@ -80,9 +79,11 @@ def _existing(model: Path, what: str) -> Path:
 
 def problem_pool(cfg: Config) -> Path:
     """The training problems: `rollout.problems`, or the testbed's train split."""
+    from pipeline.flows.testbed import testbed_problems
+
     if cfg.rollout.problems:
         return Path(cfg.rollout.problems)
-    return testbed_split(cfg.testbed.base_dir, "train")
+    return testbed_problems(cfg.testbed, "train")
 
 
 def write_round_problems(cfg: Config, iteration: int, out_dir: Path) -> dict[str, int]:

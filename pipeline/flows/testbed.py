@@ -197,6 +197,16 @@ def write_splits(cfg: TestbedConfig, base_dir: Path) -> dict[str, list[arith.Ari
     return splits
 
 
+def testbed_problems(cfg: TestbedConfig, split: str) -> Path:
+    """The parquet of a testbed split; generated first (write_splits: pure Python, seconds) when
+    the base directory has none yet, as for a run of another model on the arith task, which
+    needs the problems and not the testbed's model."""
+    path = testbed_split(cfg.base_dir, split)
+    if not path.exists():
+        write_splits(cfg, Path(cfg.base_dir))
+    return path
+
+
 def splits_sha256(base_dir: Path) -> dict[str, str]:
     """A hash of each split's (problem_id, problem, answer, solution): the problems a model was
     built on, independent of parquet's bytes."""

@@ -31,15 +31,15 @@ from stages.tasks.base import Rejection, Step, Task, extract_boxed, register, sp
 __all__ = ["ArithConfig", "ArithProblem", "ArithTask", "extract_boxed", "split_steps"]
 
 PROMPT_TEMPLATE = "Q: {problem}\nA:\n"
-CHAT_INSTRUCTION = ("Work left to right, one step per line, each step written as `a + b = c` "
-                    "(or -, *). Then give the final answer as \\boxed{N}.")
+CHAT_TEMPLATE = "What is {expression}? Put the final answer in \\boxed{{}}."  # task.chat
 PROBLEM_PREFIX = "Compute left to right: "
 REFLECTION_PREFIX = "Wait, step "
 
 _STEP_RE = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 _REFLECTION_RE = re.compile(r"^\s*Wait, step (\d+) is wrong\b")
 _PROBLEM_TOKEN_RE = re.compile(r"-?\d+|[+\-*]")
-_PROBLEM_LINE_RE = re.compile(re.escape(PROBLEM_PREFIX) + r"[-+*\d ]+")
+_CHAT_PROBLEM_RE = re.compile(r"What is ([-+*\d ]+)\?")
+_INTEGER_RE = re.compile(r"-?\d+")
 _MAX_ANSWER_DIGITS = 40  # a "number" longer than this is garbage, never int()-ed
 
 
@@ -105,13 +105,27 @@ def parse_problem(text: str) -> ArithProblem:
 
 
 def problem_from_prompt(prompt: str) -> str:
-    """The problem inside a prompt rendered with PROMPT_TEMPLATE or a chat template (its line
-    that starts with PROBLEM_PREFIX), else the prompt unchanged."""
+    """The problem inside a prompt rendered with PROMPT_TEMPLATE or, through a chat template,
+    with CHAT_TEMPLATE; else the prompt unchanged."""
     head, tail = PROMPT_TEMPLATE.split("{problem}")
     if prompt.startswith(head) and prompt.endswith(tail):
         return prompt[len(head) : len(prompt) - len(tail)]
-    m = _PROBLEM_LINE_RE.search(prompt)
-    return m.group(0).strip() if m else prompt
+    m = _CHAT_PROBLEM_RE.search(prompt)
+    return PROBLEM_PREFIX + m.group(1).strip() if m else prompt
+
+
+def chat_prompt(problem: str) -> str:
+    """The user turn of `problem` for an instruct model: a plain question ("What is 15 - 5 + 3?";
+    with + and - only, left to right is the usual order)."""
+    return CHAT_TEMPLATE.format(expression=problem.removeprefix(PROBLEM_PREFIX))
+
+
+def unboxed_answer(response: str) -> str | None:
+    """The last integer of a response, or None: what an instruct model that ends with
+    `15 - 5 = 10.` or "The answer is 10." and leaves out the box answered (the "flexible"
+    extraction of GSM8K harnesses)."""
+    integers = _INTEGER_RE.findall(response)
+    return integers[-1] if integers else None
 
 
 def generate_problem(rng: random.Random, cfg: ArithConfig) -> ArithProblem:
@@ -323,16 +337,23 @@ def reflection_line(k: int, found: str, expected: str) -> str:
 
 @register
 class ArithTask(Task):
-    """The testbed task: plain-text prompts (with `task.chat`: a user turn that asks for the
-    step format), exact integer grading, an exact step checker."""
+    """The testbed task: plain-text prompts, exact integer grading, an exact step checker.
+    With `task.chat` (an instruct model): the question in a user turn (chat_prompt), and a
+    response without \\boxed{} is answered by its last integer (unboxed_answer)."""
 
     name = "arith"
     has_step_checker = True
 
     def prompt(self, problem: str):
         if self.config.chat:
-            return [{"role": "user", "content": f"{problem}\n{CHAT_INSTRUCTION}"}]
+            return [{"role": "user", "content": chat_prompt(problem)}]
         return PROMPT_TEMPLATE.format(problem=problem)
+
+    def answer(self, response: str) -> str | None:
+        boxed = extract_boxed(response)
+        if boxed is None and self.config.chat:
+            return unboxed_answer(response)
+        return boxed
 
     def problem_from_prompt(self, prompt: str) -> str:
         return problem_from_prompt(prompt)
