@@ -10,8 +10,9 @@ the default; false keeps steps 1..k-1, PAPER.md's reading). A response that stop
 Locators (`locate.method`):
 - `rule`: the task's exact step checker (arith only).
 - `llm`: a model (the policy, or `locate.model`) is shown the problem, the numbered steps and the
-  reference, and answers `<step>k</step>`. An answer without that tag is dropped as
-  `locator_unparseable`; a k outside 1..n_steps as `locator_out_of_range`.
+  reference, and answers `<step>k</step>` (or, without the tags, "the first wrong step is k").
+  An answer that names no step is dropped as `locator_unparseable`; a k outside 1..n_steps as
+  `locator_out_of_range`.
 Other drops: `no_error_found` (the checker finds the response correct), `token_mismatch` (the
 token ids do not decode to the response text).
 """
@@ -51,11 +52,14 @@ Which step is the first wrong one? Reply with its number inside <step></step> ta
 example <step>2</step>."""
 
 _STEP_TAG = re.compile(r"<step>\s*(\d{1,6})\s*</step>")
+# Without the tags, a plain "the first wrong step is 2." / "Step 2 is wrong" (what a small
+# instruct model writes); not a number that starts arithmetic ("step is 6 + 6 = 12").
+_STEP_PHRASE = re.compile(r"\bstep\s+(?:is\s+)?\[?(\d{1,6})\]?(?!\s*[-+*/=\d])", re.IGNORECASE)
 
 
 class Locate(Stage):
     name = "locate"
-    version = "2"
+    version = "3"
     sections = ("task", "testbed", "policy", "locate", "engine", "run")
     input_schema = schema.CANDIDATES
     output_schema = schema.LOCATED
@@ -121,11 +125,15 @@ def failed_step_end(steps: list[Step], step: int, chars: int) -> int:
 
 def parse_located_step(answer: str, steps: list[Step]):
     """(failure_step, prefix_chars, detail) from a locator model's answer about a response cut
-    into `steps`, or a Rejection when it names no valid step."""
-    m = _STEP_TAG.search(answer)
+    into `steps`, or a Rejection when it names no valid step: `<step>k</step>`, else the first
+    "step k" phrase (the detail says which form)."""
+    m, form = _STEP_TAG.search(answer), "tag"
     if m is None:
-        return Rejection("locator_unparseable", f"no <step>k</step> in {answer[:200]!r}")
+        m, form = _STEP_PHRASE.search(answer), "phrase"
+    if m is None:
+        return Rejection("locator_unparseable", f"no <step>k</step> or \"step k\" in "
+                                                f"{answer[:200]!r}")
     k = int(m.group(1))
     if not 1 <= k <= len(steps):
         return Rejection("locator_out_of_range", f"step {k} of {len(steps)}")
-    return k, steps[k - 1].start, json.dumps({"answer": answer[:500]})
+    return k, steps[k - 1].start, json.dumps({"answer": answer[:500], "form": form})

@@ -3,6 +3,7 @@ tokenizer and model, real grading, and recorded chat-model answers for the llm l
 constructor."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -290,10 +291,15 @@ def test_llm_locator_on_recorded_chat_answers(small_base, case):
     stage = Locate(cfg)
     stage.engine.set(ReplayEngine(answers.values()))
     out = stage.process([{**row, "problem_id": name} for name in answers])
-    assert [r["problem_id"] for r in out.rows] == ["well_formed"]
-    assert out.rows[0]["failure_step"] == case["true_step"]
+    # an answer without tags is read when it says "step 3" (not "step three")
+    phrase = re.search(r"step (is )?\d", answers["missing_tag"], re.IGNORECASE) is not None
+    assert [r["problem_id"] for r in out.rows] == ["well_formed"] + ["missing_tag"] * phrase
+    assert {r["failure_step"] for r in out.rows} == {case["true_step"]}
+    forms = [json.loads(r["locate_detail"])["form"] for r in out.rows]
+    assert forms == ["tag"] + ["phrase"] * phrase
     assert {d["problem_id"]: d["reason"] for d in out.dropped} == {
-        "missing_tag": "locator_unparseable", "wrong_step_index": "locator_out_of_range"}
+        "wrong_step_index": "locator_out_of_range",
+        **({} if phrase else {"missing_tag": "locator_unparseable"})}
     prompt = stage.engine.get().prompts[0]
     assert case["problem"] in prompt and "[3] " in prompt and case["reference_response"] in prompt
     step3 = case["wrong_response"].split("\n")[[i for i, line in enumerate(
@@ -308,6 +314,16 @@ def test_parse_located_step_edge_cases():
     assert parse_located_step("<step>4</step>", response).reason == "locator_out_of_range"
     assert parse_located_step("<step>two</step>", response).reason == "locator_unparseable"
     assert parse_located_step("9" * 5000, response).reason == "locator_unparseable"
+    # without the tags: the "step k" phrase SmolLM2-135M-Instruct writes (docs: A real model)
+    assert parse_located_step("The first wrong step is 2.", response)[:2] == (2, 3)
+    assert json.loads(parse_located_step("Step 3 is wrong", response)[2])["form"] == "phrase"
+    assert parse_located_step("The first wrong step is 11.", response).reason == \
+        "locator_out_of_range"
+    for arithmetic in ("The first wrong step is 6 + 6 + 3 = 11.", "step 2=4", "steps 23",
+                       "Step three is where it goes wrong."):
+        assert parse_located_step(arithmetic, response).reason == "locator_unparseable"
+    assert json.loads(parse_located_step("<step>1</step>, not step 2", response)[2])["form"] == \
+        "tag"
 
 
 # --- construct ------------------------------------------------------------------------------
