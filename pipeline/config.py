@@ -108,7 +108,8 @@ class PolicyConfig(Section):
 class RolloutConfig(Section):
     """Which problems a round samples, and how (the `sample` stage)."""
 
-    problems: str = Field("", description="parquet of training problems; empty: testbed train")
+    problems: str = Field("", description="parquet or jsonl of training problems; empty: the "
+                                          "testbed's train split (arith task only)")
     problems_per_round: int = Field(64, ge=1, description="B: problems sampled per round")
     shard_size: int = Field(32, ge=1, description="problems per shard")
     group_size: int = Field(8, ge=2, description="G: rollouts per problem")
@@ -163,11 +164,11 @@ class ColdstartConfig(Section):
     SFT phase that turns the base model into the cold-start checkpoint (`policy.coldstart`)."""
 
     problems: str = Field("", description="jsonl or parquet of training problems (id/problem_id, "
-                                          "problem, answer, optional solution); empty: testbed "
-                                          "train")
+                                          "problem, answer, optional solution); empty: the "
+                                          "testbed's train split (arith task only)")
     max_problems: int | None = Field(None, ge=1, description="use the first N (seeded order)")
-    heldout: str = Field("", description="problems for the reflection probe; empty: testbed "
-                                         "held-out split")
+    heldout: str = Field("", description="problems for the reflection probe; empty: the "
+                                         "testbed's held-out split (arith), else no probe")
     samples: int = Field(4, ge=1, description="responses per problem")
     temperature: float = Field(1.0, ge=0,
                                description="sampling temperature of the base's responses")
@@ -323,6 +324,14 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     save_every: int = Field(1, ge=1, description="optimizer steps between resumable states")
     seed: int = Field(0, description="seeds the mini-batch order")
+
+    @model_validator(mode="after")
+    def _hostfile_needs_deepspeed(self) -> TrainConfig:
+        if self.hostfile and self.launcher == "torchrun":
+            raise ValueError("train.hostfile is read by the deepspeed launcher only; torchrun "
+                             "starts this node's processes (set train.launcher=deepspeed, or "
+                             "run torchrun on each node yourself)")
+        return self
 
 
 class Config(Section):

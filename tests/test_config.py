@@ -131,3 +131,9 @@ def test_every_config_key_the_readme_names_exists():
     named = {n for n in found if n.rsplit(".", 1)[1] not in files}  # (not `coldstart.json`)
     assert len(named) > 30  # (the README names many of them; OpenRLHF's --flags are not ours)
     assert sorted(named - keys) == []
+
+
+def test_a_hostfile_needs_the_deepspeed_launcher():
+    with pytest.raises(ConfigError, match="hostfile is read by the deepspeed launcher only"):
+        load_config(None, ["train.launcher=torchrun", "train.hostfile=/etc/hosts"])
+    assert load_config(None, ["train.hostfile=/etc/hosts"]).train.hostfile == "/etc/hosts"

@@ -2,12 +2,14 @@
 
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
 from pipeline.cli import main
+from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.flows.round import run_round
 from pipeline.io import read_pandas
@@ -278,3 +280,17 @@ def test_iterate_with_vllm_loads_each_checkpoint_into_one_engine(small_base, tmp
     assert "building a new" not in console
     assert (json.loads((run / "iter_0002" / "round.json").read_text())["policy"]
             == str(run / "models" / "iter_0001"))
+
+
+def test_another_task_without_problems_is_an_error_not_the_testbed(tmp_path):
+    """configs/math.yaml with `rollout.problems` left empty: a clear error before anything runs
+    (before: the testbed's arithmetic, sampled from a math model)."""
+    from pipeline.flows.round import problem_file, problem_pool
+
+    cfg = load_config(Path("configs/math.yaml"), [f"testbed.base_dir={tmp_path / 'tb'}"])
+    with pytest.raises(ValueError, match="rollout.problems is empty: the 'math' task needs"):
+        problem_pool(cfg)
+    assert problem_file(cfg, "coldstart.heldout", "heldout", required=False) is None
+    assert not (tmp_path / "tb").exists()  # no arithmetic generated for it
+    given = load_config(Path("configs/math.yaml"), ["rollout.problems=data/aime2024.jsonl"])
+    assert problem_pool(given) == Path("data/aime2024.jsonl")

@@ -15,6 +15,20 @@ from typing import Any
 
 from pipeline.config import Config
 
+OPENRLHF_VERSION = "0.11.2"  # the version the OpenRLHF trainer and adapter are written against
+
+
+def require_openrlhf() -> None:
+    """Raises ImportError unless the installed OpenRLHF is OPENRLHF_VERSION (its internals,
+    which both OpenRLHF modules use, change between versions)."""
+    import importlib.metadata
+
+    found = importlib.metadata.version("openrlhf")
+    if found != OPENRLHF_VERSION:
+        raise ImportError(f"tapo's OpenRLHF trainer is written against openrlhf=="
+                          f"{OPENRLHF_VERSION}, found {found}: pip install "
+                          f"openrlhf=={OPENRLHF_VERSION}")
+
 
 def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Path, cfg: Config,
                 progress: bool = True, reference: str | Path | None = None) -> dict[str, Any]:

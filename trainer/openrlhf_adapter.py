@@ -29,7 +29,6 @@ synchronous trainer only (no `--train.async_enable`).
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import runpy
 import sys
@@ -38,12 +37,10 @@ from collections.abc import Sequence
 import torch
 
 from pipeline.config import Config, load_config
+from trainer.backends import require_openrlhf
 from trainer.objective import ObjectiveConfig, group_advantages, ood_suppressed
 
-PINNED = "0.11.2"
-if importlib.metadata.version("openrlhf") != PINNED:
-    raise ImportError(f"trainer.openrlhf_adapter is written against openrlhf=={PINNED}, found "
-                      f"{importlib.metadata.version('openrlhf')}: pip install openrlhf=={PINNED}")
+require_openrlhf()
 
 from openrlhf.trainer.ppo_trainer import PPOTrainer  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402

@@ -59,6 +59,7 @@ from pipeline.config import Config, load_config, write_resolved
 from pipeline.io import read_pandas
 from pipeline.layout import OPTIMIZER, TRAIN_LOG
 from pipeline.util import read_json, write_json_atomic
+from trainer.backends import require_openrlhf
 from trainer.objective import loss_mask
 from trainer.rl import build_batch, objective_config, train_fingerprint, truncate_log
 
@@ -99,6 +100,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     done = read_json(out_dir / SUCCESS)
     if done is not None and done.get("fingerprint") == fp:
         return done["metrics"]
+    require_openrlhf()  # here, not in the launched processes, whose error would be in their log
     out_dir.mkdir(parents=True, exist_ok=True)
     config_file = write_resolved(cfg, out_dir / "train_config.yaml")
     port = _free_port()

@@ -33,8 +33,7 @@ from pipeline.config import Config, write_resolved
 from pipeline.engines import SamplingParams
 from pipeline.flows.chains import COLDSTART
 from pipeline.flows.evaluate import format_cell
-from pipeline.flows.round import testbed_base
-from pipeline.flows.testbed import testbed_problems
+from pipeline.flows.round import problem_file, testbed_base
 from pipeline.io import read_pandas
 from pipeline.problems import write_problems
 from pipeline.runner import EXCLUDED
@@ -124,7 +123,7 @@ def run_coldstart(run_dir: str | Path | None, cfg: Config,
     base = base_model(cfg)
     scfg = sampling_config(cfg, base)
     write_resolved(cfg, here / "config.yaml")
-    pool = Path(cfg.coldstart.problems or testbed_problems(cfg.testbed, "train"))
+    pool = problem_file(cfg, "coldstart.problems", "train")
     t = time.time()
     stats = build_chain(scfg, pool, here, "examples", cfg.coldstart.max_problems, progress)
     build_seconds = time.time() - t
@@ -134,8 +133,8 @@ def run_coldstart(run_dir: str | Path | None, cfg: Config,
                                **source_counts(stats, here / "examples"), "sft": sft,
                                "seconds": {"build": round(build_seconds, 2),
                                            "sft": sft["seconds"]}}
-    heldout = Path(cfg.coldstart.heldout or testbed_problems(cfg.testbed, "heldout"))
-    if heldout.exists():
+    heldout = problem_file(cfg, "coldstart.heldout", "heldout", required=False)
+    if heldout is not None:
         t = time.time()
         build_chain(scfg, heldout, here / "probe", "locate", None, progress)
         prompts = probe_prompts(here / "probe" / "locate")

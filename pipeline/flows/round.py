@@ -78,12 +78,28 @@ def _existing(model: Path, what: str) -> Path:
 
 
 def problem_pool(cfg: Config) -> Path:
-    """The training problems: `rollout.problems`, or the testbed's train split."""
+    """The training problems: `rollout.problems`, or (the arith task) the testbed's train
+    split."""
+    return problem_file(cfg, "rollout.problems", "train")
+
+
+def problem_file(cfg: Config, key: str, split: str, required: bool = True) -> Path | None:
+    """The problems file the config's `key` names, else (the arith task) the testbed's `split`
+    (generated on first use). Another task without one: an error when `required`, else None;
+    never the testbed's arithmetic."""
     from pipeline.flows.testbed import testbed_problems
 
-    if cfg.rollout.problems:
-        return Path(cfg.rollout.problems)
-    return testbed_problems(cfg.testbed, "train")
+    section, field = key.split(".")
+    given = getattr(getattr(cfg, section), field)
+    if given:
+        return Path(given)
+    if cfg.task.name == "arith":
+        return testbed_problems(cfg.testbed, split)
+    if not required:
+        return None
+    raise ValueError(f"{key} is empty: the {cfg.task.name!r} task needs a problems file "
+                     f"(parquet or jsonl: problem_id or id, problem, answer), e.g. "
+                     f"{key}=/data/deepscaler.parquet")
 
 
 def write_round_problems(cfg: Config, iteration: int, out_dir: Path) -> dict[str, int]:
