@@ -31,7 +31,7 @@ from pipeline.layout import (
 from pipeline.problems import write_problems
 from pipeline.runner import SUCCESS
 from pipeline.util import write_json_atomic
-from stages.tasks.base import reflects
+from stages.tasks.base import reflects, task_of
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +85,16 @@ def problem_pool(cfg: Config) -> Path:
 
 
 def problem_file(cfg: Config, key: str, split: str, required: bool = True) -> Path | None:
-    """The problems file the config's `key` names, else (the arith task) the testbed's `split`
-    (generated on first use). Another task without one: an error when `required`, else None;
-    never the testbed's arithmetic."""
+    """The problems file the config's `key` names, else, for a task whose problems are generated
+    (arith), the testbed's `split` (generated on first use). Another task without one: an error
+    when `required`, else None; never the testbed's arithmetic."""
     from pipeline.flows.testbed import testbed_problems
 
     section, field = key.split(".")
     given = getattr(getattr(cfg, section), field)
     if given:
         return Path(given)
-    if cfg.task.name == "arith":
+    if task_of(cfg).generated_problems:
         return testbed_problems(cfg.testbed, split)
     if not required:
         return None

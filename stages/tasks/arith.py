@@ -343,6 +343,7 @@ class ArithTask(Task):
 
     name = "arith"
     has_step_checker = True
+    generated_problems = True
 
     def prompt(self, problem: str):
         if self.config.chat:

@@ -89,6 +89,7 @@ class Task:
 
     name: ClassVar[str]
     has_step_checker: ClassVar[bool] = False
+    generated_problems: ClassVar[bool] = False  # the testbed's splits are its problems
 
     def __init__(self, config: TaskConfig | None = None):
         self.config = config or TaskConfig.model_construct(name=self.name, chat=False)
