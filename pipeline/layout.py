@@ -25,6 +25,7 @@ METRICS = "metrics.csv"
 STEPS = "steps.csv"
 TRAIN_LOG = "train_log.jsonl"
 OPTIMIZER = "optimizer.pt"  # a checkpoint's Adam moments (the local trainer's layout)
+DS_STATE = "_ds"  # a checkpoint's DeepSpeed state: weights + optimizer (the OpenRLHF trainer)
 TRACKING = "tracking.json"
 
 

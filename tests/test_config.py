@@ -137,3 +137,15 @@ def test_a_hostfile_needs_the_deepspeed_launcher():
     with pytest.raises(ConfigError, match="hostfile is read by the deepspeed launcher only"):
         load_config(None, ["train.launcher=torchrun", "train.hostfile=/etc/hosts"])
     assert load_config(None, ["train.hostfile=/etc/hosts"]).train.hostfile == "/etc/hosts"
+
+
+def test_the_paper_config_trains_gently_and_saves_once_a_round():
+    """configs/math.yaml: a learning rate for full-parameter RL on an 8B model, and no DeepSpeed
+    state (about 130 GB at 8B) before a round's last step, even with every augmentation."""
+    import math
+
+    cfg = load_config(Path("configs/math.yaml"))
+    assert cfg.train.lr <= 1e-5
+    r = cfg.rollout
+    rows = r.problems_per_round * r.group_size * (1 + cfg.select.budget_fraction)
+    assert cfg.train.save_every >= math.ceil(rows / cfg.train.mini_batch_size)

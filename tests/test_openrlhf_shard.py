@@ -168,6 +168,9 @@ def test_iterate_two_rounds_with_openrlhf(small_base, tmp_path):
                           .read_text())
         assert done["metrics"]["backend"] == "openrlhf"
         assert (tmp_path / "run" / f"iter_{k:04d}" / "train.sh").exists()
+    # the DeepSpeed state round 2 started from is gone; round 2's own stays for round 3
+    assert not (tmp_path / "run" / "models" / "iter_0001" / "_ds").exists()
+    assert (tmp_path / "run" / "models" / "iter_0002" / "_ds" / "latest").exists()
 
 
 @pytest.mark.slow

@@ -10,10 +10,12 @@ Both read the same shard, write the same checkpoint layout (HF model, `train_log
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.layout import DS_STATE
 
 OPENRLHF_VERSION = "0.11.2"  # the version the OpenRLHF trainer and adapter are written against
 
@@ -37,3 +39,12 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     else:
         from trainer.rl import train_round as train
     return train(policy_dir, shard_dir, out_dir, cfg, progress=progress, reference=reference)
+
+
+def prune_optimizer_state(checkpoint: str | Path) -> None:
+    """Removes a round's DeepSpeed state (`_ds/`: weights and Adam moments, about 16 bytes a
+    parameter, 130 GB for an 8B model) once the next round has trained from it: a run keeps
+    its last round's state only, which the next round (or a longer `iterate`) starts from."""
+    state = Path(checkpoint) / DS_STATE
+    if state.is_dir():
+        shutil.rmtree(state)

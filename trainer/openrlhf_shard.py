@@ -24,7 +24,8 @@ process on a CPU machine (CI), N GPUs on a node, or many nodes. Each process (`m
   resumes from it, old log-probs recomputed from the untouched starting checkpoint), then the HF
   checkpoint (`strategy.save_model`, loadable by vLLM and transformers), `train_log.jsonl` and
   `_SUCCESS`. The final DeepSpeed checkpoint stays in `OUT/_ds/`: the next round loads its
-  optimizer state (as the local trainer carries `optimizer.pt`).
+  optimizer state (as the local trainer carries `optimizer.pt`); `tapo iterate` removes it once
+  that round has trained (trainer.backends.prune_optimizer_state).
 
 With one fp32 process, one optimizer step gives the local trainer's loss, advantages and loss
 mask (tests/test_openrlhf_shard.py). `algo.ood=shaping` needs the current policy's
@@ -57,13 +58,13 @@ import torch
 
 from pipeline.config import Config, load_config, write_resolved
 from pipeline.io import read_pandas
-from pipeline.layout import OPTIMIZER, TRAIN_LOG
+from pipeline.layout import DS_STATE, OPTIMIZER, TRAIN_LOG
 from pipeline.util import read_json, write_json_atomic
 from trainer.backends import require_openrlhf
 from trainer.objective import loss_mask
 from trainer.rl import build_batch, objective_config, train_fingerprint, truncate_log
 
-SUCCESS, LOG, DS_DIR, LAUNCH = "_SUCCESS", TRAIN_LOG, "_ds", "train.sh"
+SUCCESS, LOG, DS_DIR, LAUNCH = "_SUCCESS", TRAIN_LOG, DS_STATE, "train.sh"
 ROOT = Path(__file__).resolve().parent.parent
 SHM = Path("/dev/shm")  # DeepSpeed's CPU all-reduce buffers live here
 

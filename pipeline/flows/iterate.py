@@ -31,7 +31,7 @@ from pipeline.flows.tracking import Trackers
 from pipeline.layout import CONFIG, METRICS, checkpoint_dir, iter_dir, round_summary
 from pipeline.ray_executor import release_workers
 from pipeline.runner import SUCCESS
-from trainer.backends import train_round
+from trainer.backends import prune_optimizer_state, train_round
 
 STAGE_SECONDS = ("sample", "classify", "select", "locate", "construct", "assemble", "train")
 
@@ -50,6 +50,8 @@ def iterate(run_dir: str | Path, rounds: int, cfg: Config, progress: bool = True
             free_gpus_for_training(cfg)
             train_round(summary["policy"], iter_dir(run_dir, k) / "assemble",
                         checkpoint_dir(run_dir, k), cfg, progress=progress, reference=initial)
+            if k > 1:
+                prune_optimizer_state(checkpoint_dir(run_dir, k - 1))
             table = write_metrics(run_dir)
             trackers.update(table)
             if on_round is not None:
