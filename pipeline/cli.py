@@ -375,7 +375,7 @@ def cmd_import_model(args: argparse.Namespace) -> int:
     out = args.out or DEFAULT_OUT
     record = import_gguf(args.gguf or packaged_gguf(), out, force=args.force)
     print(f"model: {out} ({record['architecture']}, {record['parameters']:,} parameters, weights "
-          f"{record['weights_sha256'][:16]}, from {record['gguf']} {record['gguf_sha256'][:16]})")
+          f"{record['weights_sha256']}, from {record['gguf']} {record['gguf_sha256'][:16]})")
     return 0
 
 

@@ -29,6 +29,12 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def weights_sha256(model_dir: str | Path) -> str:
+    """The first 16 hex digits of the sha256 of a model directory's weights file: which build
+    of a model it is (two builds of one config on two CPUs differ here, not in the config)."""
+    return file_sha256(Path(model_dir) / "model.safetensors")[:16]
+
+
 def model_state(path: str | Path) -> list[tuple[str, int, int]]:
     """(name, size, mtime_ns) of the weight files in a model directory: cheap to take for any
     model size, and changed by every save."""

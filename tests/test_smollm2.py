@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.flows.import_model import import_gguf, packaged_gguf
+from pipeline.util import weights_sha256
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2.yaml"
 
@@ -34,6 +35,7 @@ def test_import_gives_a_plain_hf_checkpoint(smollm2):
     model_dir, record = smollm2
     assert record["architecture"] == "LlamaForCausalLM"
     assert record["parameters"] == 134_515_008
+    assert record["weights_sha256"] == weights_sha256(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     assert "quantization_config" not in config  # vLLM refuses a "gguf" quantization config
     assert config["tie_word_embeddings"] is True

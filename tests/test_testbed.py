@@ -23,10 +23,9 @@ from pipeline.flows.testbed import (
     pretrain_solutions,
     rebuild_base,
     shipped_base,
-    weights_sha256,
 )
 from pipeline.io import read_pandas
-from pipeline.util import read_json
+from pipeline.util import read_json, weights_sha256
 from stages.tasks import arith
 from tests.conftest import SMALL_CONFIG
 from trainer.objective import loss_mask

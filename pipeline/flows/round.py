@@ -73,8 +73,8 @@ def testbed_base(cfg: Config) -> Path:
 
 def _existing(model: Path, what: str) -> Path:
     if not (model / "config.json").is_file():
-        raise FileNotFoundError(f"{what}: no model directory at {model} (no config.json; "
-                                "configs/smollm2.yaml's model: `make import-model`)")
+        raise FileNotFoundError(f"{what}: no model directory at {model} (no config.json; from a "
+                                "GGUF file: `tapo import-model --gguf FILE --out DIR`)")
     return model
 
 

@@ -44,7 +44,7 @@ from pipeline.engines.hf import HFEngine
 from pipeline.io import write_table_atomic
 from pipeline.layout import OPTIMIZER, testbed_model, testbed_split
 from pipeline.runner import SUCCESS
-from pipeline.util import file_sha256, fingerprint, write_json_atomic
+from pipeline.util import fingerprint, weights_sha256, write_json_atomic
 from stages.tasks import arith
 from trainer.lm import LMExample, TrainSchedule, train_lm
 
@@ -217,12 +217,6 @@ def splits_sha256(base_dir: Path) -> dict[str, str]:
         out[split] = hashlib.sha256("\n".join(
             "\t".join(row) for row in df.itertuples(index=False)).encode()).hexdigest()
     return out
-
-
-def weights_sha256(model_dir: Path) -> str:
-    """The first 16 hex digits of the sha256 of a model's weights file: which build it is
-    (builds of one config on two CPUs share the config fingerprint, not the weights)."""
-    return file_sha256(model_dir / "model.safetensors")[:16]
 
 
 def shipped_base(cfg: TestbedConfig, shipped: Iterable[Path] = SHIPPED_BASES) -> Path | None:
