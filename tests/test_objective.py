@@ -116,6 +116,10 @@ def test_negative_samples_off_and_kl_and_normalizer():
     kl = policy_loss(lp, old, adv, mask, torch.zeros_like(mask), ObjectiveConfig(kl_coef=0.1),
                      ref_logprobs=ref)
     assert kl.loss.item() == pytest.approx(0.1 * (0.5 + LN(2) - 1))
+    far = torch.full_like(ref, LN(1e-6))  # k3 = 5e5 - ln 5e5 - 1: bounded at 10 (OpenRLHF's cap)
+    capped = policy_loss(far, far, adv, mask, torch.zeros_like(mask),
+                         ObjectiveConfig(kl_coef=0.1), ref_logprobs=torch.zeros_like(ref))
+    assert capped.loss.item() == pytest.approx(0.1 * 10)
     half = policy_loss(lp, old, adv, mask, torch.zeros_like(mask),
                        ObjectiveConfig(negative_samples=False), normalizer=4)
     assert half.loss.item() == pytest.approx(-0.25)

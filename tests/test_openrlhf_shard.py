@@ -19,7 +19,7 @@ pytest.importorskip("deepspeed")
 
 from pipeline.config import write_resolved  # noqa: E402
 from pipeline.io import read_pandas  # noqa: E402
-from trainer import openrlhf_shard  # noqa: E402
+from trainer import openrlhf_rank, openrlhf_shard  # noqa: E402
 from trainer.backends import train_round  # noqa: E402
 from trainer.objective import loss_mask  # noqa: E402
 from trainer.rl import build_batch, objective_config, old_logprobs  # noqa: E402
@@ -40,16 +40,16 @@ def test_experiences_carry_the_local_advantages_and_loss_mask(shard):
                                        local_old, obj)
     assert suppressed.any()  # (the shard has OOD corrective tokens: the mask matters)
 
-    actor = openrlhf_shard.fp32_actor(policy)
-    plain = openrlhf_shard.experiences(rows, batch, batch.trained, None, None, "cpu")
-    old = openrlhf_shard.response_logprobs(actor, plain, 8)
+    actor = openrlhf_rank.build_actor(None, policy, None, on_gpu=False, train=False)
+    plain = openrlhf_rank.experiences(rows, batch, batch.trained, None, None, "cpu")
+    old = openrlhf_rank.response_logprobs(actor, plain, 8)
     old_bt = torch.zeros_like(local_old)
     for i, lp in enumerate(old):
         old_bt[i, : len(lp)] = lp
     assert torch.allclose(old_bt, local_old, atol=1e-5)
     mask, _ = loss_mask(batch.advantages, batch.trained, batch.corrective, old_bt, obj)
     assert torch.equal(mask, local_mask)
-    items = openrlhf_shard.experiences(rows, batch, mask, old, None, "cpu")
+    items = openrlhf_rank.experiences(rows, batch, mask, old, None, "cpu")
     for i, (item, p) in enumerate(zip(items, rows["prompt_token_ids"])):
         n = int(item.response_length)
         start = len(p) - 1  # action position j predicts token j + 1
@@ -59,6 +59,28 @@ def test_experiences_carry_the_local_advantages_and_loss_mask(shard):
         assert torch.equal(item.advantages[start : start + n], expected.float())
         assert torch.allclose(item.action_log_probs[start : start + n], local_old[i, :n],
                               atol=1e-5)
+
+
+def test_openrlhf_flags_are_honoured_or_refused(shard, tmp_path):
+    """`train.openrlhf_flags` reach each rank through the driver's parsed arguments:
+    gradient checkpointing is switched on in the trained Actor (not parsed and dropped), and a
+    flag the shard trainer does not implement (sample packing) is an error, not ignored."""
+    openrlhf_shard.stub_flash_attn()
+    cfg, policy, _ = shard
+
+    def rank_args(flags):
+        flagged = cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"openrlhf_flags": flags})})
+        path = tmp_path / "openrlhf_args.json"
+        path.write_text(json.dumps(openrlhf_shard.openrlhf_args(flagged, policy), default=vars))
+        return openrlhf_rank.load_args(path, on_gpu=False)
+
+    for flags, expected in (("--actor.gradient_checkpointing_enable", True), ("", False)):
+        actor = openrlhf_rank.build_actor(rank_args(flags), policy, None, on_gpu=False,
+                                          train=True)
+        assert actor.model.is_gradient_checkpointing is expected
+    with pytest.raises(ValueError, match="sample packing is not supported"):
+        rank_args("--ds.packing_samples")
 
 
 def test_another_openrlhf_version_is_refused_before_the_launch(shard, tmp_path, monkeypatch):
@@ -110,7 +132,7 @@ def test_steps_give_the_local_trainers_losses(shard, tmp_path, kl_coef):
         model.state_dict().values(),
         AutoModelForCausalLM.from_pretrained(policy).state_dict().values()))  # it moved
     script = (shard_dir.parent / "train.sh").read_text()
-    assert "deepspeed.launcher.runner --num_gpus 1" in script and "trainer.openrlhf_shard" in script
+    assert "deepspeed.launcher.runner --num_gpus 1" in script and "trainer.openrlhf_rank" in script
     assert (tmp_path / "openrlhf" / "_ds" / "latest").exists()
     assert len(list((tmp_path / "openrlhf" / "_ds").glob("step_*"))) == 1  # the last one only
     again = train_round(policy, shard_dir, tmp_path / "openrlhf", remote_cfg, progress=False)
@@ -174,10 +196,17 @@ def test_iterate_two_rounds_with_openrlhf(small_base, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(shard, tmp_path):
+def test_two_processes_train_like_one(shard, tmp_path, monkeypatch):
     """`train.num_gpus=2` on CPU: two DeepSpeed processes (gloo, ZeRO-2 partitions the
-    optimizer), each with half of every mini-batch, the loss normalized over both: the same
-    step losses and grad norms as one process."""
+    optimizer), each with half of every mini-batch and of the old log-prob pass, the loss
+    normalized over both: the same step losses and grad norms as one process. The launched
+    processes cannot import Ray or vLLM (a sitecustomize blocks them): a training node needs
+    neither."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('ray', 'vllm'):\n    sys.modules[name] = None\n")
+    monkeypatch.setenv("PYTHONPATH", str(blocker))
     cfg, policy, shard_dir = shard
     logs, buffers = [], openrlhf_shard.shm_buffers()
     for n in (1, 2):
@@ -227,3 +256,32 @@ def test_a_shorter_last_step_applies_its_whole_gradient(shard, tmp_path):
     moved = (logp["local"] - logp["policy"]).abs().max()
     assert moved > 1e-2  # the updates are large enough to see
     assert (logp["openrlhf"] - logp["local"]).abs().max() < moved / 100
+
+
+@pytest.mark.slow  # two DeepSpeed launches, about 1 min
+def test_zero3_reference_gives_the_local_trainers_kl(shard, tmp_path):
+    """ZeRO-3 with a KL loss from round 2 on (the reference is not the policy): the reference
+    is partitioned under its own DeepSpeed engine, and every step's loss (policy loss + KL,
+    nonzero from the first step) equals the local trainer's."""
+    cfg, base, shard_dir = shard
+    start = dict(update={"train": cfg.train.model_copy(update={"lr": 1e-3})})
+    train_round(base, shard_dir, tmp_path / "round1", cfg.model_copy(**start), progress=False)
+    policy = tmp_path / "policy"  # round 1's model, a fresh Adam on both sides
+    shutil.copytree(tmp_path / "round1", policy, ignore=shutil.ignore_patterns("optimizer.pt"))
+    n = len(read_pandas(shard_dir, columns=["kind"]))
+    kl = cfg.model_copy(update={
+        "train": cfg.train.model_copy(update={"mini_batch_size": (n + 1) // 2,
+                                              "micro_batch_size": 8}),
+        "algo": cfg.algo.model_copy(update={"kl_coef": 0.5})})
+    train_round(policy, shard_dir, tmp_path / "local", kl, progress=False, reference=base)
+    zero3 = kl.model_copy(update={"train": kl.train.model_copy(
+        update={"backend": "openrlhf", "zero_stage": 3})})
+    train_round(policy, shard_dir, tmp_path / "zero3", zero3, progress=False, reference=base)
+    logs = [[json.loads(line) for line in (tmp_path / d / "train_log.jsonl").read_text()
+             .splitlines()] for d in ("local", "zero3")]
+    for a, b in zip(*logs, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+    no_kl = kl.model_copy(update={"algo": kl.algo.model_copy(update={"kl_coef": 0.0})})
+    train_round(policy, shard_dir, tmp_path / "no_kl", no_kl, progress=False)
+    first = json.loads((tmp_path / "no_kl" / "train_log.jsonl").read_text().splitlines()[0])
+    assert logs[1][0]["loss"] - first["loss"] > 1e-4  # the KL term counts from step 1

@@ -113,7 +113,8 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, trai
     - corrective tokens (`ood="shaping"`, LUFFY-style): `-(p / (p + gamma)) A`, p = pi(token);
     - corrective tokens (`ood="off"`): treated like rollout tokens;
     - `negative_samples=False`: tokens of sequences with A < 0 leave the loss;
-    - `kl_coef > 0`: plus kl_coef x the k3 estimate of KL(pi || pi_ref) on trained tokens.
+    - `kl_coef > 0`: plus kl_coef x the k3 estimate of KL(pi || pi_ref) on trained tokens, at
+      most 10 a token (as OpenRLHF bounds it).
 
     `normalizer` is the number of loss tokens the mean divides by (default: those of this batch;
     the trainer passes the mini-batch's count when it accumulates micro-batches).
@@ -136,8 +137,10 @@ def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, trai
     if cfg.kl_coef > 0:
         if ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs ref_logprobs")
-        log_ratio = ref_logprobs - logprobs
-        per_token = per_token + cfg.kl_coef * (torch.exp(log_ratio) - log_ratio - 1)
+        # k3, bounded as OpenRLHF bounds it (compute_approx_kl): the log-ratio at 10, the
+        # value at 10 a token, so a policy far from its reference gets the same loss on both
+        log_ratio = (ref_logprobs - logprobs).clamp(max=10)
+        per_token = per_token + cfg.kl_coef * (torch.exp(log_ratio) - log_ratio - 1).clamp(max=10)
 
     n = float(mask.sum()) if normalizer is None else float(normalizer)
     loss = (per_token * mask).sum() / max(n, 1.0)
