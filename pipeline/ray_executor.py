@@ -21,12 +21,14 @@ import logging
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.engines import release_engine
 from pipeline.runner import (
     MARKERS,
     Stage,
@@ -74,6 +76,12 @@ class ShardWorker:
             self.stage.close()
         self.stage, self.key = None, None
 
+    def release(self) -> int:
+        """Closes the stage and this process's kept engine; returns the process id."""
+        self.close()
+        release_engine()
+        return os.getpid()
+
 
 def run_units(stage_cls: type[Stage], config: Config, side_dirs: dict[str, Path],
               units: list[tuple[list[Path], int]], out_dir: Path, fp: str, workers: int,
@@ -105,15 +113,32 @@ def run_units(stage_cls: type[Stage], config: Config, side_dirs: dict[str, Path]
             release_workers()
 
 
-def release_workers() -> None:
-    """Ends every kept actor (and the engines they hold)."""
+def release_workers(timeout_s: float = 120.0) -> list[int]:
+    """Ends every kept actor and returns their process ids: each first closes its stage and its
+    engine (vLLM's shutdown waits for its engine-core processes), then is killed, and this
+    returns once Ray reports each one dead, so a DeepSpeed launch that follows finds the GPUs
+    free (`ray.kill` alone returns before the process, and its GPU memory, is gone)."""
     if not _pools:
-        return
+        return []
     import ray
 
-    for actor in (a for pool in _pools.values() for a in pool):
-        ray.kill(actor)
+    actors = [a for pool in _pools.values() for a in pool]
     _pools.clear()
+    try:
+        pids = ray.get([a.release.remote() for a in actors], timeout=timeout_s)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pids = []  # one died or hangs: killed below all the same
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    deadline = time.time() + timeout_s
+    for actor in actors:
+        while time.time() < deadline:
+            try:
+                ray.get(actor.host.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                break
+            time.sleep(0.2)
+    return pids
 
 
 def _connect(address: str):

@@ -45,6 +45,26 @@ def test_ray_gives_the_local_executors_files(shards, tmp_path):
     assert again.skipped
 
 
+def test_release_returns_once_the_workers_are_gone(shards, tmp_path):
+    """release_workers (iterate calls it before a GPU training launch) returns after every
+    worker process has ended, not when the kill was sent; the next stage gets new workers."""
+    from pipeline.ray_executor import release_workers
+
+    run_stage(Square, config(), shards(), tmp_path / "a", progress=False)
+    pids = release_workers()
+    assert len(pids) == 2
+
+    def running(pid):
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    assert not any(running(pid) for pid in pids)
+    run_stage(Square, config(), shards(), tmp_path / "b", progress=False)
+    assert files(tmp_path / "b") == files(tmp_path / "a")
+
+
 def test_cli_runs_a_stage_on_ray(shards, tmp_path):
     import json
 
