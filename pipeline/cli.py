@@ -144,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
                         "runs/models/smollm2-135m-instruct)")
     p.add_argument("--force", action="store_true", help="import again even if up to date")
 
+    p = sub.add_parser("plan", help="what a round will use (processes, GPUs, peak memory, "
+                                    "disk) before anything runs; exit 2 if it cannot fit")
+    p.add_argument("--shape", default=None,
+                   help="the model's config.json (default: policy.path's), e.g. "
+                        "configs/shapes/qwen3-8b.json")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU (GB)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _config_args(p)
+
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                     "eval": cmd_eval, "compare": cmd_compare, "iterate": cmd_iterate,
                     "train": cmd_train, "status": cmd_status, "show": cmd_show,
                     "report": cmd_report, "locator-check": cmd_locator_check,
-                    "base": cmd_base, "import-model": cmd_import_model}
+                    "base": cmd_base, "import-model": cmd_import_model, "plan": cmd_plan}
         return commands[args.command](args)
     except ConfigError as e:
         print(f"tapo: config error: {e}", file=sys.stderr)
@@ -377,6 +386,15 @@ def cmd_import_model(args: argparse.Namespace) -> int:
     print(f"model: {out} ({record['architecture']}, {record['parameters']:,} parameters, weights "
           f"{record['weights_sha256']}, from {record['gguf']} {record['gguf_sha256'][:16]})")
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.flows.plan import format_plan, make_plan, model_shape
+
+    cfg = load_config(args.config, args.overrides)
+    plan = make_plan(cfg, model_shape(cfg, args.shape), gpu_gb=args.gpu_gb)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 2 if plan["problems"] else 0
 
 
 def render_rebuild(report: dict) -> str:
