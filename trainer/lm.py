@@ -6,6 +6,7 @@ ids in memory; writes nothing itself (the caller saves the model).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -49,6 +50,22 @@ def collate(examples: Sequence[LMExample], pad_id: int) -> dict[str, torch.Tenso
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def accelerator() -> torch.device:
+    """Where the in-process trainers (this one, trainer/rl.py) run: the current CUDA device,
+    else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mixed_precision(device: torch.device):
+    """bf16 autocast on a GPU (the weights and Adam's state stay fp32); on the CPU nothing: fp32,
+    the testbed's exact numbers."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token cross-entropy over target tokens."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -77,8 +94,9 @@ def train_lm(
     optimizer_in: Path | None = None,
     optimizer_out: Path | None = None,
 ) -> list[float]:
-    """Trains `model` in place for `sched.steps` AdamW steps on batches drawn without
-    replacement (reshuffled each epoch, seeded); returns the loss of every step. Adam moments
+    """Trains `model` in place (moved to `accelerator()`) for `sched.steps` AdamW steps on
+    batches drawn without replacement (reshuffled each epoch, seeded); returns the loss of every
+    step. Adam moments
     in the layout of the RL trainer's `optimizer.pt` (one group over `model.parameters()`):
     `optimizer_in`, when it exists, is continued; `optimizer_out` gets them at the end, so
     that training that starts from this model continues them (trainer/rl.py)."""
@@ -86,6 +104,8 @@ def train_lm(
         raise ValueError("train_lm needs at least one example")
     rng = random.Random(sched.seed)
     torch.manual_seed(sched.seed)
+    device = accelerator()
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -106,10 +126,11 @@ def train_lm(
             rng.shuffle(fresh)
             order.extend(fresh)
         idx, order = order[: sched.batch_size], order[sched.batch_size :]
-        batch = collate([examples[i] for i in idx], pad_id)
+        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, sched)
-        loss = lm_loss(model, batch)
+        with mixed_precision(device):
+            loss = lm_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), sched.grad_clip)

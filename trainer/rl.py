@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pipeline.config import Config
 from pipeline.io import read_pandas
 from pipeline.layout import OPTIMIZER, TRAIN_LOG
 from pipeline.util import file_sha256, fingerprint, read_json, write_json_atomic
+from trainer.lm import accelerator, mixed_precision
 from trainer.objective import (
     ObjectiveConfig,
     group_advantages,
@@ -78,6 +79,9 @@ class Batch:
                      self.response_start[idx], self.response_len[idx], self.trained[idx, :t],
                      self.corrective[idx, :t], self.advantages[idx])
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
     def micro_batches(self, idx: torch.Tensor, size: int) -> list[torch.Tensor]:
         """`idx` in micro-batches of `size` sequences of similar length (sorted by length, so
         that `rows` cuts little padding); their losses add up to the same mini-batch loss."""
@@ -118,8 +122,9 @@ def response_logprobs(model, batch: Batch, with_entropy: bool = False):
     (B, T) entropy of the next-token distribution when asked."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     t_max = batch.trained.shape[1]
-    pos = batch.response_start.unsqueeze(1) + torch.arange(t_max).unsqueeze(0)  # token positions
-    valid = torch.arange(t_max).unsqueeze(0) < batch.response_len.unsqueeze(1)
+    steps = torch.arange(t_max, device=batch.input_ids.device).unsqueeze(0)
+    pos = batch.response_start.unsqueeze(1) + steps  # token positions
+    valid = steps < batch.response_len.unsqueeze(1)
     pos = torch.where(valid, pos, torch.ones_like(pos))
     step_logits = logits.gather(1, (pos - 1).unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
     logp_all = torch.log_softmax(step_logits.float(), dim=-1)
@@ -133,9 +138,11 @@ def response_logprobs(model, batch: Batch, with_entropy: bool = False):
 def old_logprobs(model, batch: Batch, micro: int) -> torch.Tensor:
     """(B, T) response log-probs of every sequence under `model`, `micro` at a time."""
     model.eval()
-    out = torch.zeros(batch.trained.shape)
-    for idx in batch.micro_batches(torch.arange(len(batch.advantages)), micro):
-        logp = response_logprobs(model, batch.rows(idx))[0]
+    device = batch.input_ids.device
+    out = torch.zeros(batch.trained.shape, device=device)
+    for idx in batch.micro_batches(torch.arange(len(batch.advantages), device=device), micro):
+        with mixed_precision(device):
+            logp = response_logprobs(model, batch.rows(idx))[0]
         out[idx, : logp.shape[1]] = logp
     return out
 
@@ -156,17 +163,18 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     t0 = time.time()
     torch.manual_seed(tc.seed)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
-    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    device = accelerator()  # (a GPU: fp32 weights and Adam, bf16 autocast)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).to(device)
     rows = read_pandas(shard_dir)
     if len(rows) == 0:
         raise ValueError(f"{shard_dir}: the training shard is empty")
-    batch = build_batch(rows, tokenizer.pad_token_id, obj)
+    batch = build_batch(rows, tokenizer.pad_token_id, obj).to(device)
     old = old_logprobs(model, batch, tc.micro_batch_size)
     ref = None
     if reference is not None:
         ref = old if reference == policy_dir else old_logprobs(
-            AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32), batch,
-            tc.micro_batch_size)
+            AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).to(device),
+            batch, tc.micro_batch_size)
     in_loss, _ = loss_mask(batch.advantages, batch.trained, batch.corrective, old, obj)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -175,7 +183,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = tc.lr, tc.weight_decay
     order = torch.cat([torch.randperm(len(rows), generator=torch.Generator().manual_seed(
-        tc.seed + e)) for e in range(tc.epochs)])
+        tc.seed + e)) for e in range(tc.epochs)]).to(device)
     steps = [order[i : i + tc.mini_batch_size] for i in range(0, len(order), tc.mini_batch_size)]
     step = 0
     state = torch.load(out_dir / STATE) if (out_dir / STATE).exists() else None
@@ -226,7 +234,8 @@ def _update(model, optimizer, batch: Batch, old: torch.Tensor, ref: torch.Tensor
     for micro in batch.micro_batches(idx, tc.micro_batch_size):
         mb = batch.rows(micro)
         t = mb.trained.shape[1]  # (the micro-batch's longest response)
-        logp, entropy = response_logprobs(model, mb, with_entropy=True)
+        with mixed_precision(mb.input_ids.device):
+            logp, entropy = response_logprobs(model, mb, with_entropy=True)
         out = policy_loss(logp, old[micro, :t], mb.advantages, mb.trained, mb.corrective, obj,
                           ref_logprobs=None if ref is None else ref[micro, :t],
                           normalizer=normalizer)
