@@ -62,6 +62,7 @@ bench:  ## benchmarks, with ratios against the raw dependency (installs the base
 	$(BIN)/python -m bench.engines --config $(CONFIG)
 	$(BIN)/python -m bench.trainers --config $(CONFIG)
 	$(BIN)/python -m bench.sharpness --config $(CONFIG)
+	$(BIN)/python -m bench.memory
 
 bench-first-run:  ## a newcomer's first run on a fresh clone of HEAD: make setup, make iterate N=10 with and without the base, timed
 	bash bench/first_run.sh

@@ -83,6 +83,22 @@ def test_openrlhf_flags_are_honoured_or_refused(shard, tmp_path):
         rank_args("--ds.packing_samples")
 
 
+def test_master_port_is_picked_on_the_hostfiles_first_host(tmp_path):
+    """With a hostfile the rendezvous port is free on its first host (rank 0's), not on the
+    driver: a local first host binds here, a remote one is asked over ssh (an unreachable one
+    is an error naming it)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nlocalhost slots=2\nnode-b slots=8  # the second\n")
+    assert openrlhf_shard.hostfile_hosts(str(hostfile)) == [("localhost", 2), ("node-b", 8)]
+    assert 0 < openrlhf_shard.master_port(str(hostfile)) < 65536
+    hostfile.write_text("no-such-host.invalid slots=8\n")
+    with pytest.raises(RuntimeError, match="no-such-host.invalid"):
+        openrlhf_shard.master_port(str(hostfile))
+    hostfile.write_text("# empty\n")
+    with pytest.raises(ValueError, match="no `host slots=N` line"):
+        openrlhf_shard.hostfile_hosts(str(hostfile))
+
+
 def test_another_openrlhf_version_is_refused_before_the_launch(shard, tmp_path, monkeypatch):
     import importlib.metadata
 

@@ -59,3 +59,11 @@ def test_checkpointing_and_zero_shrink_the_estimate_which_is_linear_in_tokens():
 
     assert gb(16384, zero=3) < gb(16384) < gb(16384, checkpointing=False) / 2
     assert gb(32768) - gb(16384) == pytest.approx(2 * (gb(16384) - gb(8192)))
+
+
+def test_a_hostfile_counts_every_nodes_ranks(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=8\nnode-b slots=8\n")
+    cfg = load_config("configs/math.yaml", [f"train.hostfile={hostfile}"])
+    plan = make_plan(cfg, ModelShape.from_config_json(QWEN3_8B))
+    assert plan["training"]["nodes"] == 2 and plan["training"]["ranks"] == 16

@@ -80,7 +80,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     stub_flash_attn()
     (out_dir / ARGS).write_text(json.dumps(openrlhf_args(cfg, policy_dir), default=vars,
                                            indent=1))
-    port = _free_port()
+    port = master_port(cfg.train.hostfile)
     command = launch_command(policy_dir.resolve(), shard_dir.resolve(), out_dir.resolve(),
                              config_file.resolve(), reference and reference.resolve(), fp, cfg,
                              port)
@@ -121,10 +121,41 @@ def remove_shm_buffers(port: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def hostfile_hosts(path: str) -> list[tuple[str, int]]:
+    """(host, slots) of each line of a DeepSpeed hostfile (`host slots=N`, # comments)."""
+    hosts = []
+    for line in Path(path).read_text().splitlines():
+        fields = line.split("#")[0].split()
+        if fields:
+            slots = [int(f.removeprefix("slots=")) for f in fields[1:] if f.startswith("slots=")]
+            hosts.append((fields[0], slots[0] if slots else 1))
+    if not hosts:
+        raise ValueError(f"train.hostfile {path}: no `host slots=N` line")
+    return hosts
+
+
+FREE_PORT = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+
+
+def master_port(hostfile: str) -> int:
+    """A free port on the master: this machine, or with a hostfile its first host (where
+    DeepSpeed's launcher puts rank 0), asked over ssh as the launcher itself reaches it."""
+    master = hostfile_hosts(hostfile)[0][0] if hostfile else "localhost"
+    if master in ("localhost", "127.0.0.1", socket.gethostname(), socket.getfqdn()):
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
+    try:
+        out = subprocess.run(["ssh", "-o", "BatchMode=yes", master, "python3", "-c",
+                              shlex.quote(FREE_PORT)], capture_output=True, text=True,
+                             timeout=60)
+        error = out.stderr.strip() if out.returncode != 0 else ""
+    except (OSError, subprocess.TimeoutExpired) as e:
+        error = str(e)
+    if error:
+        raise RuntimeError(f"cannot reach the master {master} (the hostfile's first host) over "
+                           f"ssh to pick a free port: {error}")
+    return int(out.stdout.strip())
 
 
 def stub_flash_attn() -> None:

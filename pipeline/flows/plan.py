@@ -17,22 +17,10 @@ from typing import Any
 
 from pipeline.config import Config
 from trainer.memory import ModelShape, engine_bytes, train_rank_bytes
+from trainer.openrlhf_shard import hostfile_hosts
 
 PROMPT_TOKENS = 1024  # a prompt's budget on top of rollout.max_tokens (math problems: < 1k)
 HEADROOM = 0.9  # a rank may plan up to this share of a GPU (CUDA context, fragmentation)
-
-
-def hostfile_slots(path: str, default: int) -> list[int]:
-    """GPUs per node of a DeepSpeed hostfile (`host slots=N` lines); [default]: this node."""
-    if not path:
-        return [default]
-    slots = []
-    for line in Path(path).read_text().splitlines():
-        fields = line.split("#")[0].split()
-        for f in fields[1:]:
-            if f.startswith("slots="):
-                slots.append(int(f.removeprefix("slots=")))
-    return slots or [default]
 
 
 def make_plan(cfg: Config, shape: ModelShape, gpu_gb: float = 80.0) -> dict[str, Any]:
@@ -46,7 +34,8 @@ def make_plan(cfg: Config, shape: ModelShape, gpu_gb: float = 80.0) -> dict[str,
     problems: list[str] = []
 
     if tc.backend == "openrlhf":
-        nodes = hostfile_slots(tc.hostfile, tc.num_gpus)
+        nodes = ([slots for _, slots in hostfile_hosts(tc.hostfile)] if tc.hostfile
+                 else [tc.num_gpus])
         world, zero = sum(nodes), tc.zero_stage
     else:
         nodes, world, zero = [1], 1, 0
