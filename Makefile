@@ -15,7 +15,7 @@ EVAL_EVERY ?= 5
 ARGS    ?=
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup setup-gpu test test-slow lint base bench bench-first-run bench-scale check-grader coldstart import-model iterate eval compare report locator-check clean
+.PHONY: help setup setup-gpu gpu-wheels test test-slow lint base bench bench-first-run bench-scale check-grader coldstart import-model iterate eval compare report locator-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -43,6 +43,9 @@ setup-gpu:  ## on a CUDA machine (PY=python3.12 ...): .venv with vLLM, DeepSpeed
 	@# tapo never calls (no sample packing); the gpu extra has the rest of what it needs.
 	$(BIN)/pip install --quiet --no-deps openrlhf==0.11.2
 	$(BIN)/python -c "import torch, vllm, deepspeed, openrlhf; print('setup-gpu ok: torch', torch.__version__, '| CUDA', torch.cuda.is_available(), '| vllm', vllm.__version__)"
+
+gpu-wheels:  ## the wheel folder .whl/ (about 58 MiB) that bench/gpu_check.sh installs on a GPU machine without network
+	bash bench/gpu_wheels.sh .whl 3.12
 
 test:  ## the default test suite (CPU, fast)
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q

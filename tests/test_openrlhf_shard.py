@@ -24,6 +24,8 @@ from trainer.backends import train_round  # noqa: E402
 from trainer.objective import loss_mask  # noqa: E402
 from trainer.rl import build_batch, objective_config, old_logprobs  # noqa: E402
 
+ROOT = openrlhf_shard.ROOT
+
 
 def test_experiences_carry_the_local_advantages_and_loss_mask(shard):
     """In the trainer's own Experiences (OpenRLHF's Actor computing the old log-probs), every
@@ -81,6 +83,28 @@ def test_openrlhf_flags_are_honoured_or_refused(shard, tmp_path):
         assert actor.model.is_gradient_checkpointing is expected
     with pytest.raises(ValueError, match="sample packing is not supported"):
         rank_args("--ds.packing_samples")
+
+
+def test_driver_parses_openrlhfs_arguments_without_ray(shard, tmp_path):
+    """A machine with the training stack but no Ray or vLLM (bench/gpu_check.sh's) parses the
+    same OpenRLHF arguments as one with them."""
+    cfg, policy, _ = shard
+    config = write_resolved(cfg, tmp_path / "cfg.yaml")
+    code = ("import json, sys\n"
+            "{block}"
+            "from pipeline.config import load_config\n"
+            "from trainer.openrlhf_shard import openrlhf_args, stub_flash_attn\n"
+            "stub_flash_attn()\n"
+            f"args = openrlhf_args(load_config({str(config)!r}), {str(policy)!r})\n"
+            "print(json.dumps(args, default=vars))\n")
+    parsed = []
+    for block in ("", "sys.modules['ray'] = sys.modules['vllm'] = None\n"):
+        out = subprocess.run([sys.executable, "-c", code.format(block=block)], cwd=tmp_path,
+                             capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr[-2000:]
+        parsed.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert parsed[0] == parsed[1] and parsed[1]["actor"]["adam"]["lr"] == cfg.train.lr
 
 
 def test_master_port_is_picked_on_the_hostfiles_first_host(tmp_path):

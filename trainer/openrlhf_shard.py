@@ -23,6 +23,7 @@ probabilities inside the loss and is not offered (as in the online adapter).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -217,9 +218,48 @@ def openrlhf_args(cfg: Config, policy_dir: Path):
 
     _argparse.ArgumentParser.parse_args = parse
     try:
-        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
+        with _without_ray():
+            runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
     except Parsed as parsed:
         args = hierarchize(parsed.args[0])
     finally:
         _argparse.ArgumentParser.parse_args = original
     return args
+
+
+RAY_SIDE = ("ray", "ray.util", "ray.util.placement_group", "openrlhf.trainer.ray",
+            "openrlhf.trainer.ray.launcher", "openrlhf.trainer.ray.ppo_actor",
+            "openrlhf.trainer.ray.ppo_critic")
+
+
+@contextlib.contextmanager
+def _without_ray():
+    """Where Ray is not installed (a GPU node with the training stack only): placeholder
+    modules stand in for Ray and OpenRLHF's Ray/vLLM side while `train_ppo_ray`'s module
+    imports them; its parser, all we run of it, uses none of them. A no-op where Ray is."""
+    import types
+
+    try:
+        import ray.util.placement_group  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        yield
+        return
+
+    def placeholder(name):
+        module = types.ModuleType(name)
+        module.__path__ = []
+        module.__getattr__ = lambda attr: None  # any name it imports: a placeholder
+        return module
+
+    saved = {name: sys.modules.get(name) for name in RAY_SIDE}
+    sys.modules.update({name: placeholder(name) for name in RAY_SIDE})
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
