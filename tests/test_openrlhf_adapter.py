@@ -109,6 +109,38 @@ def test_adapter_advantages_and_masks_equal_the_local_trainer(round_shard, algo)
     assert len({frozenset(e.info) for e in experiences}) == 1  # uniform info keys
 
 
+def test_augmented_samples_fill_every_rank_evenly(round_shard):
+    """With 4 actor ranks the augmented samples get fillers up to a multiple of 4 micro-batches
+    of 4: OpenRLHF gives every rank the same number of full micro-batches (fewer than the ranks
+    raised "Insufficient batch size"; an uneven split hung the ranks' collectives). Fillers
+    train nothing; the real trajectories keep exactly their unpadded masks and advantages."""
+    import copy
+
+    cfg, policy, rollouts, augmented, groups = round_shard
+    obj = objective_config(cfg)
+    model = AutoModelForCausalLM.from_pretrained(policy).eval()
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    samples = [adapter.experience_from_row(r, groups[r["problem_id"]])
+               for r in pd.concat([rollouts, augmented]).to_dict("records")]
+
+    def trained(experiences, filler):
+        return [e.advantages[j][e.action_mask[j]].tolist() for e in experiences
+                for j in range(len(e.sequences)) if float(e.info["tapo_aug"][j]) == 1
+                and float(e.info["tapo_filler"][j]) == filler]
+
+    plain = LocalExperienceMaker(model, tokenizer, obj).make_experience_batch(
+        copy.deepcopy(samples))
+    maker = LocalExperienceMaker(model, tokenizer, obj)
+    maker.args.actor = SimpleNamespace(num_nodes=1, num_gpus_per_node=4)
+    maker.args.ds = SimpleNamespace(ring_attn_size=1, tensor_parallel_size=1)
+    padded = maker.make_experience_batch(samples)
+    batches = [e for e in padded if float(e.info["tapo_aug"][0]) == 1]
+    assert len(batches) % 4 == 0 and all(len(e.sequences) == 4 for e in batches)
+    assert len(trained(padded, 1)) == 16 * -(-len(augmented) // 16) - len(augmented) > 0
+    assert all(t == [] for t in trained(padded, 1))  # fillers: no token in the loss
+    assert trained(padded, 0) == trained(plain, 0) and any(trained(plain, 0))
+
+
 def test_augmented_experiences_from_openrlhf_rollouts(round_shard):
     """The in-loop path: OpenRLHF's rewarded rollouts -> our stages -> augmented Experiences,
     each a verified repair of a wrong rollout of the group it names."""
@@ -367,3 +399,35 @@ def test_train_step_itself_on_cpu(round_shard, monkeypatch):
     tokens = sum(int(e.action_mask.sum()) for e in actor.experiences)
     assert status["tokens"] == tokens
     assert status["policy_loss"] == pytest.approx(-masked / tokens, abs=1e-5)
+
+
+def test_remote_workers_get_the_runs_config(tmp_path):
+    """The online launcher hands the resolved tapo config to every Ray worker (other nodes see
+    neither the driver's environment nor its files): a Ray task started under its runtime_env
+    reads the run's settings, not the testbed default. An llm locator or constructor on a
+    local engine gets the trainer actor a GPU."""
+    import ray
+
+    from pipeline.config import load_config
+
+    cfg = load_config(str(MATH_CONFIG), ["run.name=remote-check", "algo.kl_coef=0.02"])
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env=adapter.with_tapo_config({"env_vars": {"A": "1"}}, cfg))
+    try:
+        @ray.remote(num_cpus=1)
+        def seen():
+            import os
+
+            from trainer.openrlhf_adapter import tapo_config
+
+            return tapo_config().model_dump(), os.environ["A"]
+
+        settings, kept = ray.get(seen.remote())
+    finally:
+        ray.shutdown()
+    assert settings == cfg.model_dump() and kept == "1"
+    assert adapter.trainer_gpus(cfg) == 1.0  # math.yaml: llm locate and construct
+    rule = load_config(None)
+    assert adapter.trainer_gpus(rule) == 0.0
+    assert adapter.trainer_gpus(cfg.model_copy(update={"engine": cfg.engine.model_copy(
+        update={"backend": "openai"})})) == 0.0

@@ -29,6 +29,7 @@ synchronous trainer only (no `--train.async_enable`).
 
 from __future__ import annotations
 
+import copy
 import os
 import runpy
 import sys
@@ -39,14 +40,16 @@ import torch
 from pipeline.config import Config, load_config
 from trainer.backends import require_openrlhf
 from trainer.objective import ObjectiveConfig, group_advantages, ood_suppressed
+from trainer.openrlhf_shard import stub_flash_attn
 
 require_openrlhf()
+stub_flash_attn()  # (a no-op where flash-attn is installed; make setup-gpu leaves it out)
 
 from openrlhf.trainer.ppo_trainer import PPOTrainer  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
 
-TAPO_KEYS = ("tapo_aug", "tapo_group", "tapo_prompt_len", "tapo_prefix_len")
+TAPO_KEYS = ("tapo_aug", "tapo_group", "tapo_prompt_len", "tapo_prefix_len", "tapo_filler")
 
 
 # --- conversions between our rows and OpenRLHF Experiences (pure) ---------------------------
@@ -67,7 +70,8 @@ def experience_from_row(row, group: int, info_keys: Sequence[str] = ()) -> Exper
                  "tapo_aug": torch.tensor([float(row["kind"] == "augmented")]),
                  "tapo_group": torch.tensor([float(group)]),
                  "tapo_prompt_len": torch.tensor([float(len(prompt))]),
-                 "tapo_prefix_len": torch.tensor([float(row["prefix_len"])])})
+                 "tapo_prefix_len": torch.tensor([float(row["prefix_len"])]),
+                 "tapo_filler": torch.zeros(1)})
     return Experience(
         sequences=seq.unsqueeze(0), attention_mask=torch.ones(1, len(seq), dtype=torch.long),
         action_mask=action_mask.unsqueeze(0), rewards=reward, scores=reward,
@@ -89,25 +93,32 @@ def tapo_adjust(on_policy: list[Experience], augmented: list[Experience], n: int
     raw = torch.cat([e.info["reward"].float() for e in on_policy])
     rewards = torch.empty_like(raw)
     rewards[order] = raw
-    aug_reward = torch.cat([e.info["reward"].float() for e in augmented]) if augmented else \
-        torch.zeros(0)
-    aug_group = torch.cat([e.info["tapo_group"].long() for e in augmented]) if augmented else \
-        torch.zeros(0, dtype=torch.long)
+
+    def column(key, dtype):
+        return torch.cat([e.info[key].to(dtype) for e in augmented]) if augmented else \
+            torch.zeros(0, dtype=dtype)
+
+    real = ~column("tapo_filler", torch.bool)
+    aug_reward = column("reward", torch.float)[real]
+    aug_group = column("tapo_group", torch.long)[real]
     reward = torch.cat([rewards, aug_reward])
     group = torch.cat([torch.arange(len(rewards)) // n, aug_group])
     is_aug = torch.cat([torch.zeros(len(rewards), dtype=torch.bool),
                         torch.ones(len(aug_reward), dtype=torch.bool)])
     adv = group_advantages(reward, group, is_aug, dae=obj.dae, eps=obj.eps)
+    aug_adv = torch.zeros(len(real))  # fillers (pad_augmented): no advantage, no tokens
+    aug_adv[real] = adv[len(rewards):]
 
-    offset = len(rewards)
+    offset = 0
     for e in augmented:
         b = len(e.sequences)
-        a = adv[offset : offset + b]
+        a = aug_adv[offset : offset + b]
+        keep = real[offset : offset + b].unsqueeze(1)
         offset += b
         width = e.action_mask.shape[1]
         pos = torch.arange(width).unsqueeze(0)
         start = (e.info["tapo_prompt_len"] - 1 + e.info["tapo_prefix_len"]).long().unsqueeze(1)
-        corrective = e.action_mask.bool() & (pos >= start)
+        corrective = e.action_mask.bool() & (pos >= start) & keep
         mask = corrective
         if obj.ood == "mask":
             mask = mask & ~ood_suppressed(e.action_log_probs.float(), corrective,
@@ -128,6 +139,33 @@ def tapo_adjust(on_policy: list[Experience], augmented: list[Experience], n: int
                                                     ).unsqueeze(1)
 
 
+def data_parallel_size(args) -> int:
+    """The actor's data-parallel ranks (OpenRLHF's effective actors); 1 without an actor group."""
+    actor, ds = getattr(args, "actor", None), getattr(args, "ds", None)
+    if actor is None:
+        return 1
+    ranks = actor.num_nodes * actor.num_gpus_per_node
+    return max(1, ranks // getattr(ds, "ring_attn_size", 1)
+               // getattr(ds, "tensor_parallel_size", 1))
+
+
+def pad_augmented(augmented: list[Experience], micro: int, ranks: int) -> list[Experience]:
+    """With several actor ranks, `augmented` (batch-of-one samples) plus fillers, copies of the
+    first that train nothing (`tapo_filler`: tapo_adjust gives them no tokens), up to a multiple
+    of `micro` x `ranks`: OpenRLHF splits a step's micro-batches evenly over the ranks, and
+    fewer than the ranks fail ("Insufficient batch size") while an uneven split leaves the
+    ranks with unequal replay buffers, whose collectives then wait for each other forever."""
+    if ranks <= 1 or not augmented:
+        return augmented
+    fillers = -len(augmented) % (micro * ranks)
+    padded = list(augmented)
+    for _ in range(fillers):
+        filler = copy.deepcopy(augmented[0])
+        filler.info["tapo_filler"] = torch.ones(1)
+        padded.append(filler)
+    return padded
+
+
 def unify_info(experiences: list[Experience]) -> None:
     """Every experience gets every info key (zeros where missing): OpenRLHF merges micro-batches
     key by key and fails on a missing one."""
@@ -140,9 +178,37 @@ def unify_info(experiences: list[Experience]) -> None:
 # --- the OpenRLHF subclasses ------------------------------------------------------------------
 
 
+CONFIG_ENV = "TAPO_CONFIG_JSON"  # the resolved config, in every Ray worker's environment
+
+
 def tapo_config() -> Config:
-    """The TAPO settings of a run: the tapo config file at $TAPO_CONFIG (default: testbed)."""
+    """The TAPO settings of a run: $TAPO_CONFIG_JSON (the resolved config, which `main` hands
+    every Ray worker, on any node), else the tapo config file at $TAPO_CONFIG (default:
+    testbed)."""
+    resolved = os.environ.get(CONFIG_ENV)
+    if resolved:
+        return Config.model_validate_json(resolved)
     return load_config(os.environ.get("TAPO_CONFIG") or None)
+
+
+def with_tapo_config(runtime_env: dict | None, cfg: Config) -> dict:
+    """A Ray `runtime_env` that also sets $TAPO_CONFIG_JSON to `cfg` in every worker (the
+    trainer actor and the reward function's workers run on other nodes, where the driver's
+    environment and files are not) and installs the flash-attn stand-in there."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**env.get("env_vars", {}), CONFIG_ENV: cfg.model_dump_json()}
+    # every worker imports OpenRLHF, whose modules import flash-attn (make setup-gpu leaves it
+    # out: tapo never packs samples): the stand-in goes in first, as in this process
+    env.setdefault("worker_process_setup_hook", "trainer.openrlhf_shard.stub_flash_attn")
+    return env
+
+
+def trainer_gpus(cfg: Config) -> float:
+    """GPUs the trainer actor asks Ray for: one when the online chain runs a model in it (an
+    llm locator or constructor on a local engine), none otherwise (Ray would give it none and
+    the engine would fall back to the CPU)."""
+    uses_model = "llm" in (cfg.locate.method, cfg.construction.method)
+    return 1.0 if uses_model and cfg.engine.backend != "openai" else 0.0
 
 
 def objective_of(cfg: Config) -> ObjectiveConfig:
@@ -180,6 +246,8 @@ class TapoExperienceMaker(RemoteExperienceMaker):
         on = [s for s in rollout_samples if float(s.info.get("tapo_aug", [0])[0]) == 0]
         aug = [s for s in rollout_samples if float(s.info.get("tapo_aug", [0])[0]) == 1]
         out = super().make_experience_batch(on)  # stock group_norm on the on-policy rollouts
+        aug = pad_augmented(aug, self.args.rollout.micro_batch_size,
+                            data_parallel_size(self.args))
         extra = self.make_experience(self.split_rollout_samples(aug)) if aug else []
         tapo_adjust(out, extra, self.args.rollout.n_samples_per_prompt, self.tapo)
         unify_info(out + extra)
@@ -215,14 +283,25 @@ class TapoPPOTrainer(PPOTrainer.__ray_actor_class__):
 
 
 def main(argv: Sequence[str] | None = None, trainer_cls: type = TapoPPOTrainer) -> None:
-    """Runs OpenRLHF's `train_ppo_ray` entry point with `trainer_cls` in place of its trainer.
-    Reads TAPO settings from $TAPO_CONFIG; every flag is OpenRLHF's."""
+    """Runs OpenRLHF's `train_ppo_ray` entry point with `trainer_cls` in place of its trainer
+    (a Ray actor with `trainer_gpus` GPUs). Reads TAPO settings from $TAPO_CONFIG and hands
+    them to every Ray worker (`with_tapo_config`); every flag is OpenRLHF's."""
     import openrlhf.trainer.ppo_trainer as ppo_trainer
     import ray
 
     argv = list(argv if argv is not None else sys.argv[1:])
     if "--train.async_enable" in argv:
         raise SystemExit("TAPO runs OpenRLHF's synchronous trainer; drop --train.async_enable")
-    ppo_trainer.PPOTrainer = ray.remote(trainer_cls)
+    cfg = tapo_config()
+    ppo_trainer.PPOTrainer = ray.remote(num_gpus=trainer_gpus(cfg))(trainer_cls)
+    original_init = ray.init
+
+    def init(*args, runtime_env=None, **kwargs):  # OpenRLHF's ray.init, plus our config
+        return original_init(*args, runtime_env=with_tapo_config(runtime_env, cfg), **kwargs)
+
+    ray.init = init
     sys.argv = ["train_ppo_ray", *argv]
-    runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
+    try:
+        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
+    finally:
+        ray.init = original_init
