@@ -139,11 +139,16 @@ def resume(out: Path, on_gpu: bool) -> dict:
                                        for k in a)}
 
 
+PARTS = (zero2_round, zero3_kl, memory, resume)  # (resume trains zero2_round's shard)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path,
                         default=Path(os.environ.get("OUT") or "runs/gpu_check"))
     parser.add_argument("--cpu", action="store_true", help="run on a machine without a GPU")
+    parser.add_argument("--only", nargs="+", choices=[p.__name__ for p in PARTS],
+                        help="run these parts only")
     a = parser.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not a.cpu:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     figures = {"device": torch.cuda.get_device_name(0) if on_gpu else "cpu",
                "torch": torch.__version__, "dtype": "bf16" if on_gpu else "fp32"}
     t0 = time.time()
-    for part in (zero2_round, zero3_kl, memory, resume):
+    for part in (p for p in PARTS if not a.only or p.__name__ in a.only):
         t = time.time()
         try:
             figures[part.__name__] = part(a.out / part.__name__, on_gpu)
