@@ -23,6 +23,7 @@ def test_paper_config_fits_eight_80gb_gpus(capsys):
     assert plan["training"]["peak_gb_per_rank"] < 0.9 * 80
     assert plan["sampling"]["engines"] == 8 and plan["sampling"]["idle_gpus"] == 0
     assert plan["model"]["parameters_b"] == pytest.approx(8.19, abs=0.01)  # Qwen3-8B: 8.2B
+    assert any("tapo coldstart" in n for n in plan["notes"])  # one-GPU SFT: 131 GB of states
 
 
 def test_a_plan_that_cannot_fit_is_refused(capsys):

@@ -66,6 +66,14 @@ def make_plan(cfg: Config, shape: ModelShape, gpu_gb: float = 80.0) -> dict[str,
     if rc.executor == "ray" and rc.gpus_per_worker == 0:
         problems.append("sampling: runner.executor=ray with runner.gpus_per_worker=0 puts the "
                         "engines on no GPU (set runner.gpus_per_worker=1)")
+    # `tapo coldstart`'s SFT is the local trainer on one device: fp32 weights, gradients and
+    # AdamW moments (16 bytes a parameter) before any activation
+    coldstart_states = 16 * shape.parameters
+    notes = []
+    if coldstart_states > HEADROOM * gpu:
+        notes.append(f"tapo coldstart: its SFT runs on one GPU and needs "
+                     f"{coldstart_states / 1e9:.0f} GB for the model states alone: give it a "
+                     f"cold-start model trained elsewhere (policy.coldstart) at this size")
     rows = cfg.rollout.problems_per_round * cfg.rollout.group_size
     ds_state = (dtype_bytes + 12) * shape.parameters  # weights, fp32 master and two moments
     disk = {"checkpoint_gb": dtype_bytes * shape.parameters / 1e9,
@@ -86,7 +94,8 @@ def make_plan(cfg: Config, shape: ModelShape, gpu_gb: float = 80.0) -> dict[str,
                      "peak_gb_per_rank": round(train_peak / 1e9, 1),
                      "reference_gb_per_rank": round(reference / 1e9, 1)},
         "disk_per_round": {k: round(v, 1) for k, v in disk.items()},
-        "gpu_gb": gpu_gb, "problems": problems}
+        "coldstart_states_gb": round(coldstart_states / 1e9, 1),
+        "gpu_gb": gpu_gb, "problems": problems, "notes": notes}
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -110,6 +119,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{d['deepspeed_state_gb']} GB (the last round's only), shards <= "
         f"{d['shards_gb_at_most']} GB",
     ]
+    lines += [f"note: {n}" for n in plan["notes"]]
     if plan["problems"]:
         lines += ["does not fit:"] + [f"  - {p}" for p in plan["problems"]]
     else:
