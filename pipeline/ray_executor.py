@@ -126,8 +126,8 @@ def release_workers(timeout_s: float = 120.0) -> list[int]:
     _pools.clear()
     try:
         pids = ray.get([a.release.remote() for a in actors], timeout=timeout_s)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        pids = []  # one died or hangs: killed below all the same
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        pids = []  # one failed, died or hangs: killed below all the same
     for actor in actors:
         ray.kill(actor, no_restart=True)
     deadline = time.time() + timeout_s
@@ -135,8 +135,10 @@ def release_workers(timeout_s: float = 120.0) -> list[int]:
         while time.time() < deadline:
             try:
                 ray.get(actor.host.remote(), timeout=5)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                break
+            except ray.exceptions.RayActorError:
+                break  # dead
+            except ray.exceptions.GetTimeoutError:
+                continue  # still dying
             time.sleep(0.2)
     return pids
 

@@ -110,10 +110,11 @@ def test_adapter_advantages_and_masks_equal_the_local_trainer(round_shard, algo)
 
 
 def test_augmented_samples_fill_every_rank_evenly(round_shard):
-    """With 4 actor ranks the augmented samples get fillers up to a multiple of 4 micro-batches
-    of 4: OpenRLHF gives every rank the same number of full micro-batches (fewer than the ranks
-    raised "Insufficient batch size"; an uneven split hung the ranks' collectives). Fillers
-    train nothing; the real trajectories keep exactly their unpadded masks and advantages."""
+    """With 4 actor ranks and training batches of 32, the augmented samples get fillers up to a
+    multiple of 32: OpenRLHF gives every rank the same number of full micro-batches (fewer than
+    the ranks raised "Insufficient batch size"; an uneven split hung the ranks' collectives)
+    that end on an optimizer step. Fillers train nothing; the real trajectories keep exactly
+    their unpadded masks and advantages."""
     import copy
 
     cfg, policy, rollouts, augmented, groups = round_shard
@@ -133,10 +134,11 @@ def test_augmented_samples_fill_every_rank_evenly(round_shard):
     maker = LocalExperienceMaker(model, tokenizer, obj)
     maker.args.actor = SimpleNamespace(num_nodes=1, num_gpus_per_node=4)
     maker.args.ds = SimpleNamespace(ring_attn_size=1, tensor_parallel_size=1)
+    maker.args.train.batch_size = 32  # training batches of 32: 8 micro-batches of 4
     padded = maker.make_experience_batch(samples)
     batches = [e for e in padded if float(e.info["tapo_aug"][0]) == 1]
-    assert len(batches) % 4 == 0 and all(len(e.sequences) == 4 for e in batches)
-    assert len(trained(padded, 1)) == 16 * -(-len(augmented) // 16) - len(augmented) > 0
+    assert len(batches) % 8 == 0 and all(len(e.sequences) == 4 for e in batches)
+    assert len(trained(padded, 1)) == 32 * -(-len(augmented) // 32) - len(augmented) > 0
     assert all(t == [] for t in trained(padded, 1))  # fillers: no token in the loss
     assert trained(padded, 0) == trained(plain, 0) and any(trained(plain, 0))
 

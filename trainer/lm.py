@@ -158,6 +158,6 @@ def save_moments(opt: torch.optim.Optimizer, model: torch.nn.Module, path: Path)
 def load_moments(opt: torch.optim.Optimizer, model: torch.nn.Module, path: Path) -> None:
     """The inverse of `save_moments`: the state at `path` into `opt`, parameter by parameter."""
     single = torch.optim.AdamW(model.parameters())
-    single.load_state_dict(torch.load(path))
+    single.load_state_dict(torch.load(path, map_location="cpu"))
     for p in model.parameters():
         opt.state[p] = single.state[p]

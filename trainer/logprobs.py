@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 CHUNK = 1024
+SCALED_LOGITS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
 def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -85,6 +86,11 @@ class LogProbHead(torch.nn.Module):
         linear = model.lm_head
         if isinstance(linear, cls):
             return linear
+        config = getattr(model, "config", None)
+        for key, plain in SCALED_LOGITS.items():  # logits the model changes after the head
+            if getattr(config, key, plain) not in (plain, None):
+                raise ValueError(f"LogProbHead: the model's {key}={getattr(config, key)} "
+                                 "changes the logits after the head, which this head skips")
         if getattr(linear, "bias", None) is not None:
             raise ValueError("LogProbHead: the model's lm_head has a bias")
         head = cls(linear.weight, temperature, chunk)

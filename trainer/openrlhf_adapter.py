@@ -30,6 +30,7 @@ synchronous trainer only (no `--train.async_enable`).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import runpy
 import sys
@@ -149,17 +150,27 @@ def data_parallel_size(args) -> int:
                // getattr(ds, "tensor_parallel_size", 1))
 
 
-def pad_augmented(augmented: list[Experience], micro: int, ranks: int) -> list[Experience]:
-    """With several actor ranks, `augmented` (batch-of-one samples) plus fillers, copies of the
-    first that train nothing (`tapo_filler`: tapo_adjust gives them no tokens), up to a multiple
-    of `micro` x `ranks`: OpenRLHF splits a step's micro-batches evenly over the ranks, and
-    fewer than the ranks fail ("Insufficient batch size") while an uneven split leaves the
-    ranks with unequal replay buffers, whose collectives then wait for each other forever."""
-    if ranks <= 1 or not augmented:
+def padding_multiple(args) -> int:
+    """What a step's augmented sample count must be a multiple of, with several actor ranks:
+    the rollout micro-batch on every rank (OpenRLHF splits a step's micro-batches evenly over
+    the ranks; fewer than the ranks fail with "Insufficient batch size", an uneven split leaves
+    the ranks unequal replay buffers, whose collectives then wait for each other forever), and
+    the training batch (each rank's optimizer steps then end on its accumulation boundary,
+    instead of carrying a partial one into the next step). 1 with one rank."""
+    ranks = data_parallel_size(args)
+    if ranks <= 1:
+        return 1
+    train_batch = getattr(getattr(args, "train", None), "batch_size", 1) or 1
+    return math.lcm(args.rollout.micro_batch_size * ranks, train_batch)
+
+
+def pad_augmented(augmented: list[Experience], multiple: int) -> list[Experience]:
+    """`augmented` (batch-of-one samples) plus fillers, copies of the first that train nothing
+    (`tapo_filler`: tapo_adjust gives them no tokens), up to a multiple of `multiple`."""
+    if multiple <= 1 or not augmented:
         return augmented
-    fillers = -len(augmented) % (micro * ranks)
     padded = list(augmented)
-    for _ in range(fillers):
+    for _ in range(-len(augmented) % multiple):
         filler = copy.deepcopy(augmented[0])
         filler.info["tapo_filler"] = torch.ones(1)
         padded.append(filler)
@@ -246,8 +257,7 @@ class TapoExperienceMaker(RemoteExperienceMaker):
         on = [s for s in rollout_samples if float(s.info.get("tapo_aug", [0])[0]) == 0]
         aug = [s for s in rollout_samples if float(s.info.get("tapo_aug", [0])[0]) == 1]
         out = super().make_experience_batch(on)  # stock group_norm on the on-policy rollouts
-        aug = pad_augmented(aug, self.args.rollout.micro_batch_size,
-                            data_parallel_size(self.args))
+        aug = pad_augmented(aug, padding_multiple(self.args))
         extra = self.make_experience(self.split_rollout_samples(aug)) if aug else []
         tapo_adjust(out, extra, self.args.rollout.n_samples_per_prompt, self.tapo)
         unify_info(out + extra)

@@ -33,6 +33,7 @@ for `torch_dist_barrier_and_cuda_sync` (`torch.cuda.synchronize`).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -51,9 +52,17 @@ from trainer.objective import loss_mask
 from trainer.openrlhf_shard import DS_DIR, LOG, SUCCESS, stub_flash_attn
 from trainer.rl import build_batch, objective_config, truncate_log
 
-UNSUPPORTED = {("ds", "packing_samples"): (False, "sample packing"),  # (off value, what)
-               ("train", "dynamic_batch_enable"): (False, "dynamic batches"),
-               ("ds", "ring_attn_size"): (1, "ring attention")}
+UNSUPPORTED = {  # OpenRLHF flags this trainer does not implement: (the off value, what)
+    ("ds", "packing_samples"): (False, "sample packing"),
+    ("train", "dynamic_batch_enable"): (False, "dynamic batches"),
+    ("ds", "ring_attn_size"): (1, "ring attention"),
+    ("ds", "use_liger_kernel"): (False, "Liger kernels"),
+    ("train", "enable_ema"): (False, "an EMA model"),
+    ("actor", "entropy_coef"): (None, "an entropy loss (the entropy is logged)"),
+    ("actor", "aux_loss_coef"): (0, "the MoE balancing loss"),
+    ("rollout", "temperature"): (1.0, "a sampling temperature in the log-probs"),
+    ("algo.advantage", "is_correction_level"): ("off", "importance-sampling correction"),
+}
 
 
 def load_args(path: Path, on_gpu: bool) -> SimpleNamespace:
@@ -65,10 +74,15 @@ def load_args(path: Path, on_gpu: bool) -> SimpleNamespace:
 
     args = build(json.loads(Path(path).read_text()))
     for (section, key), (off, what) in UNSUPPORTED.items():
-        value = getattr(getattr(args, section), key, off)
+        node = args
+        for part in section.split("."):
+            node = getattr(node, part)
+        value = getattr(node, key, off)
         if value != off:
             raise ValueError(f"--{section}.{key}: {what} is not supported by the shard trainer "
                              "(it trains padded micro-batches of rows of similar length)")
+    if args.ds.lora.rank:
+        raise ValueError("--ds.lora.rank: LoRA is not supported by the shard trainer")
     args.local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
     if not on_gpu:
         args.ds.param_dtype = "fp32"  # (DeepSpeed without bf16; the Actor: `fp32_actor`)
@@ -326,7 +340,10 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
     elif reference is not None:  # under its own engine: ZeRO-3 partitions it as the actor
         ref_actor = strategy.prepare(build_actor(args, reference, strategy, on_gpu, False))
         ref = response_logprobs(ref_actor, plain, tc.micro_batch_size, rank, world)
-        del ref_actor
+        del ref_actor  # (its engine's memory, before the training's)
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
     t_max = batch.trained.shape[1]
     old_bt = torch.zeros(len(rows), t_max)
     for i, lp in enumerate(old):
@@ -357,6 +374,10 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
         grad_norm = 0.0
         accumulated = iter_grad_accum_global_norm(batches, strategy, k, lambda e: e.action_mask)
         for j, (exp, info) in enumerate(accumulated):
+            # a step without loss tokens (all masked): a zero loss, not 0/0 (as the local
+            # trainer's normalizer of at least 1)
+            info = {**info, **{key: torch.where(info[key] > 0, info[key], 1.0)
+                               for key in ("batch_num_tokens", "global_batch_size")}}
             # DeepSpeed's own boundary counts micro-batches since the first step, which a step
             # of another k than the last ones puts off: step after this step's k-th, always
             engine.set_gradient_accumulation_boundary(j == k - 1)
@@ -365,7 +386,8 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
             scale = float(info["dp_size"]) * k
             totals["loss"] += (m["policy_loss"] + kl_coef * m["kl"]) / scale
             totals["entropy"] += m["entropy"] / scale
-            totals["clip"] += m["clip"] * m["tokens"]
+            if m["tokens"]:  # (OpenRLHF's clip ratio of a micro-batch without tokens: NaN)
+                totals["clip"] += m["clip"] * m["tokens"]
             totals["tokens"] += m["tokens"]
             grad_norm = m["grad_norm"]
         reduced = torch.tensor([totals["loss"], totals["entropy"], totals["clip"],

@@ -179,14 +179,14 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     if (policy_dir / OPTIMIZER).exists():  # Adam moments carry over between rounds
-        optimizer.load_state_dict(torch.load(policy_dir / OPTIMIZER))
+        optimizer.load_state_dict(torch.load(policy_dir / OPTIMIZER, map_location="cpu"))
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = tc.lr, tc.weight_decay
     order = torch.cat([torch.randperm(len(rows), generator=torch.Generator().manual_seed(
         tc.seed + e)) for e in range(tc.epochs)]).to(device)
     steps = [order[i : i + tc.mini_batch_size] for i in range(0, len(order), tc.mini_batch_size)]
     step = 0
-    state = torch.load(out_dir / STATE) if (out_dir / STATE).exists() else None
+    state = torch.load(out_dir / STATE, map_location="cpu") if (out_dir / STATE).exists() else None
     if state is not None and state["fingerprint"] == fp:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
