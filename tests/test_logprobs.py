@@ -6,7 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from trainer.logprobs import LogProbHead, sequence_logprobs
+from trainer.logprobs import LogProbHead, chunk_positions, sequence_logprobs
 
 VOCAB, LENGTH, CHUNK = 4096, 192, 48  # CHUNK > hidden 32 (the head grad: V x 32)
 
@@ -34,8 +34,10 @@ def tiny_qwen3(tied: bool) -> Qwen3ForCausalLM:
         tie_word_embeddings=tied)).float()
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_chunked_head_equals_openrlhf_actor(tied):
+@pytest.mark.parametrize("tied, chunk", [(True, CHUNK), (False, CHUNK), (False, None)])
+def test_chunked_head_equals_openrlhf_actor(tied, chunk):
+    """In chunks with recomputation, and (chunk=None: a 4,096 vocabulary fits 37,984 positions
+    in one chunk) in one pass."""
     pytest.importorskip("openrlhf")
     from trainer.openrlhf_shard import stub_flash_attn
 
@@ -55,7 +57,7 @@ def test_chunked_head_equals_openrlhf_actor(tied):
     model.zero_grad()
     keys = list(model.state_dict())
 
-    head = LogProbHead.install(model, chunk=CHUNK)
+    head = LogProbHead.install(model, chunk=chunk)
     logp, entropy = sequence_logprobs(model, head, seq, attention)
     assert torch.allclose(logp, expected, atol=1e-5)
     logp.sum().backward()
@@ -87,3 +89,7 @@ def test_head_refuses_a_call_without_labels():
     LogProbHead.install(model)
     with pytest.raises(RuntimeError, match="set .labels"):
         model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_chunk_size_follows_the_vocabulary():
+    assert chunk_positions(151_936) == 1024 and chunk_positions(4096) == 37_984

@@ -6,10 +6,11 @@ positions at a time.
 
 A (B, T) log-prob needs the (B, T, V) logits only transiently: with a 152k vocabulary, 16k
 tokens of fp32 logits are 9.7 GB, and autograd keeps them (and their log-softmax) until the
-backward. Here each chunk of `chunk` positions is projected, upcast to fp32 and reduced to its
-label's log-prob (and its entropy, without gradient, for the log), under activation
-checkpointing: the backward recomputes the chunk's logits, so at most one chunk's fp32 logits
-exist at a time (`chunk` x V x 4 bytes: 0.6 GB at 1,024 positions and V = 151,936). The values
+backward. Here each chunk of positions is projected, upcast to fp32 and reduced to its label's
+log-prob (and its entropy, without gradient, for the log), under activation checkpointing: the
+backward recomputes the chunk's logits, so at most one chunk's fp32 logits exist at a time
+(CHUNK_BYTES, 0.6 GB: 1,024 positions at V = 151,936). A batch that fits in one chunk (a small
+vocabulary) is computed once, without the recomputation. The values
 equal OpenRLHF's `Actor.forward` (bf16 head, fp32 log-softmax) to float rounding.
 
 The head stays a module the HF model calls (`lm_head`, the same Parameter under the same
@@ -23,7 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-CHUNK = 1024
+CHUNK_BYTES = 1024 * 151_936 * 4  # one chunk's fp32 logits: 1,024 positions of Qwen3's vocabulary
+
+
+def chunk_positions(vocab: int) -> int:
+    """Positions a chunk holds at this vocabulary size."""
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
 SCALED_LOGITS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
@@ -41,17 +48,20 @@ def _chunk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   temperature: float = 1.0, chunk: int = CHUNK
+                   temperature: float = 1.0, chunk: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(labels) and the entropy at every position: hidden (B, T, H), weight (V, H),
-    labels (B, T) -> two (B, T) fp32 tensors; at most `chunk` positions' logits live at once,
-    in the forward and (recomputed) in the backward."""
+    labels (B, T) -> two (B, T) fp32 tensors; at most `chunk` positions' logits (default:
+    `chunk_positions(V)`) live at once, in the forward and (recomputed) in the backward."""
     b, t, h = hidden.shape
+    chunk = chunk or chunk_positions(weight.shape[0])
+    recompute = b * t > chunk  # (one chunk: nothing to save by recomputing)
     flat_h, flat_y = hidden.reshape(b * t, h), labels.reshape(b * t)
     logps, entropies = [], []
     for lo in range(0, b * t, chunk):
         args = (flat_h[lo : lo + chunk], weight, flat_y[lo : lo + chunk], temperature)
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        if recompute and torch.is_grad_enabled() and (hidden.requires_grad
+                                                       or weight.requires_grad):
             logp, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
             logp, entropy = _chunk_logprobs(*args)
@@ -65,7 +75,7 @@ class LogProbHead(torch.nn.Module):
     position's label log-prob and entropy. The labels are set (`head.labels`) for each call."""
 
     def __init__(self, weight: torch.nn.Parameter, temperature: float = 1.0,
-                 chunk: int = CHUNK) -> None:
+                 chunk: int | None = None) -> None:
         super().__init__()
         self.weight = weight
         self.temperature, self.chunk = temperature, chunk
@@ -80,7 +90,7 @@ class LogProbHead(torch.nn.Module):
 
     @classmethod
     def install(cls, model: torch.nn.Module, temperature: float = 1.0,
-                chunk: int = CHUNK) -> LogProbHead:
+                chunk: int | None = None) -> LogProbHead:
         """Replaces `model.lm_head` (a bias-free Linear, as in Llama/Qwen) by a LogProbHead on
         the same Parameter; returns it."""
         linear = model.lm_head

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.logprobs import CHUNK
+from trainer.logprobs import chunk_positions
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def layer_bytes_per_token(s: ModelShape, dtype_bytes: int) -> int:
 
 
 def train_rank_bytes(s: ModelShape, tokens: int, world: int, zero_stage: int,
-                     checkpointing: bool, dtype_bytes: int = 2, chunk: int = CHUNK) -> int:
+                     checkpointing: bool, dtype_bytes: int = 2) -> int:
     """Estimated peak bytes of one rank's training step on a micro-batch of `tokens` tokens."""
     p = s.parameters
     master = 12 if dtype_bytes == 2 else 8  # fp32 training keeps no separate master copy
@@ -74,7 +74,8 @@ def train_rank_bytes(s: ModelShape, tokens: int, world: int, zero_stage: int,
         activations = s.layers * tokens * s.hidden * dtype_bytes + per_layer
     else:
         activations = s.layers * per_layer
-    head = 2 * tokens * s.hidden * dtype_bytes + 3 * min(chunk, tokens) * s.vocab * 4
+    chunk = min(chunk_positions(s.vocab), tokens)
+    head = 2 * tokens * s.hidden * dtype_bytes + 3 * chunk * s.vocab * 4
     return int(weights + grads + optimizer + activations + head)
 
 
