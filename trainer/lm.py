@@ -96,10 +96,10 @@ def train_lm(
 ) -> list[float]:
     """Trains `model` in place (moved to `accelerator()`) for `sched.steps` AdamW steps on
     batches drawn without replacement (reshuffled each epoch, seeded); returns the loss of every
-    step. Adam moments
-    in the layout of the RL trainer's `optimizer.pt` (one group over `model.parameters()`):
-    `optimizer_in`, when it exists, is continued; `optimizer_out` gets them at the end, so
-    that training that starts from this model continues them (trainer/rl.py)."""
+    step. Adam moments in the layout of the RL trainer's `optimizer.pt` (one group over
+    `model.parameters()`): `optimizer_in`, when it exists, is continued; `optimizer_out` gets
+    them at the end, so that training that starts from this model continues them
+    (trainer/rl.py)."""
     if not examples:
         raise ValueError("train_lm needs at least one example")
     rng = random.Random(sched.seed)

@@ -50,7 +50,7 @@ from pipeline.util import read_json, write_json_atomic
 from trainer.logprobs import LogProbHead, sequence_logprobs
 from trainer.objective import loss_mask
 from trainer.openrlhf_shard import DS_DIR, LOG, SUCCESS, stub_flash_attn
-from trainer.rl import build_batch, objective_config, truncate_log
+from trainer.rl import build_batch, mini_batches, objective_config, round_metrics, truncate_log
 
 UNSUPPORTED = {  # OpenRLHF flags this trainer does not implement: (the off value, what)
     ("ds", "packing_samples"): (False, "sample packing"),
@@ -307,9 +307,7 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
         raise ValueError(f"{shard_dir}: the training shard is empty")
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     batch = build_batch(rows, tokenizer.pad_token_id, obj)  # advantages, segments: as local
-    order = torch.cat([torch.randperm(len(rows), generator=torch.Generator().manual_seed(
-        tc.seed + e)) for e in range(tc.epochs)])
-    steps = [order[i : i + tc.mini_batch_size] for i in range(0, len(order), tc.mini_batch_size)]
+    steps = mini_batches(len(rows), tc)  # the local trainer's, in its order
 
     actor = build_actor(args, policy_dir, strategy, on_gpu, train=True)
     actor_cfg = dict(optim="adam", adam=vars(args.actor.adam), muon=vars(args.actor.muon),
@@ -415,14 +413,8 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
         for old_tag in (out_dir / DS_DIR).glob("step_*"):
             if old_tag.name != last:
                 shutil.rmtree(old_tag)
-        logs = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
-        metrics = {key: sum(log[key] for log in logs) / len(logs)
-                   for key in ("loss", "clip_fraction", "entropy", "grad_norm",
-                               "suppressed_share")}
-        metrics.update({"steps": len(logs), "sequences": len(rows),
-                        "augmented": int((rows["kind"] == "augmented").sum()),
-                        "seconds": round(time.time() - t0, 2), "backend": "openrlhf",
-                        "world_size": world})
+        metrics = {**round_metrics(out_dir / LOG, rows, t0), "backend": "openrlhf",
+                   "world_size": world}
         write_json_atomic(out_dir / SUCCESS, {"fingerprint": fp, "policy": str(policy_dir),
                                               "shard": str(shard_dir), "metrics": metrics})
     _barrier()

@@ -147,6 +147,27 @@ def old_logprobs(model, batch: Batch, micro: int) -> torch.Tensor:
     return out
 
 
+def mini_batches(n_rows: int, tc) -> list[torch.Tensor]:
+    """The round's optimizer steps as row indices: each epoch a permutation seeded by
+    `train.seed` + epoch, cut into `train.mini_batch_size` rows (both trainers: the same
+    steps in the same order)."""
+    order = torch.cat([torch.randperm(n_rows, generator=torch.Generator().manual_seed(
+        tc.seed + e)) for e in range(tc.epochs)])
+    return [order[i : i + tc.mini_batch_size] for i in range(0, len(order), tc.mini_batch_size)]
+
+
+def round_metrics(log: Path, rows, t0: float) -> dict[str, Any]:
+    """A trained round's metrics (both trainers): the mean of each step's figures in the
+    training log, the step, sequence and augmented counts, the wall seconds since `t0`."""
+    logs = [json.loads(line) for line in log.read_text().splitlines()]
+    metrics = {k: sum(entry[k] for entry in logs) / len(logs)
+               for k in ("loss", "clip_fraction", "entropy", "grad_norm", "suppressed_share")}
+    metrics.update({"steps": len(logs), "sequences": len(rows),
+                    "augmented": int((rows["kind"] == "augmented").sum()),
+                    "seconds": round(time.time() - t0, 2)})
+    return metrics
+
+
 def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Path, cfg: Config,
                 progress: bool = True, reference: str | Path | None = None) -> dict[str, Any]:
     """Updates the policy at `policy_dir` on the shard; writes the next checkpoint to
@@ -182,9 +203,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
         optimizer.load_state_dict(torch.load(policy_dir / OPTIMIZER, map_location="cpu"))
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = tc.lr, tc.weight_decay
-    order = torch.cat([torch.randperm(len(rows), generator=torch.Generator().manual_seed(
-        tc.seed + e)) for e in range(tc.epochs)]).to(device)
-    steps = [order[i : i + tc.mini_batch_size] for i in range(0, len(order), tc.mini_batch_size)]
+    steps = [idx.to(device) for idx in mini_batches(len(rows), tc)]
     step = 0
     state = torch.load(out_dir / STATE, map_location="cpu") if (out_dir / STATE).exists() else None
     if state is not None and state["fingerprint"] == fp:
@@ -211,12 +230,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     torch.save(optimizer.state_dict(), out_dir / OPTIMIZER)
-    logs = [json.loads(line) for line in (out_dir / LOG).read_text().splitlines()]
-    metrics = {k: sum(log[k] for log in logs) / len(logs)
-               for k in ("loss", "clip_fraction", "entropy", "grad_norm", "suppressed_share")}
-    metrics.update({"steps": len(logs), "sequences": len(rows),
-                    "augmented": int((rows["kind"] == "augmented").sum()),
-                    "seconds": round(time.time() - t0, 2)})
+    metrics = round_metrics(out_dir / LOG, rows, t0)
     write_json_atomic(out_dir / SUCCESS, {"fingerprint": fp, "policy": str(policy_dir),
                                           "shard": str(shard_dir), "metrics": metrics})
     (out_dir / STATE).unlink(missing_ok=True)
