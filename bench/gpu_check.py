@@ -48,14 +48,34 @@ def _pipeline(*args: str, env: dict | None = None, **kwargs) -> subprocess.Compl
                           text=True, env={**os.environ, **(env or {})}, **kwargs)
 
 
+def _small_testbed(out: Path, on_gpu: bool, *overrides: str):
+    """The small testbed with its base under OUT, sampled by the hf engine (bf16 on a GPU),
+    every candidate selected, trained by the openrlhf backend; plus `overrides`."""
+    return load_config(SMALL, [f"testbed.base_dir={out / 'base'}", "engine.backend=hf",
+                               *(["engine.dtype=bfloat16"] if on_gpu else []),
+                               "select.p_high=1", "train.backend=openrlhf", *overrides])
+
+
+def kill_after_saved_step(command: list[str], state: Path, step: int,
+                          timeout_s: float) -> None:
+    """Starts `command` (a `tapo train` of the openrlhf backend) in its own process group and
+    SIGKILLs the group once its DeepSpeed state (`state`, `_ds/state.json`) names `step` or a
+    later one (or after `timeout_s`)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not (state.exists() and json.loads(
+            state.read_text())["step"] >= step):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def zero2_round(out: Path, on_gpu: bool) -> dict:
     from pipeline.flows.round import run_round
     from trainer.backends import train_round
 
-    cfg = load_config(SMALL, [f"testbed.base_dir={out / 'base'}", "engine.backend=hf",
-                              *(["engine.dtype=bfloat16"] if on_gpu else []),
-                              "rollout.problems_per_round=64", "select.p_high=1",
-                              "train.backend=openrlhf", "train.zero_stage=2"])
+    cfg = _small_testbed(out, on_gpu, "rollout.problems_per_round=64", "train.zero_stage=2")
     summary = run_round(out / "run", 1, cfg, progress=False)
     shard = out / "run" / "iter_0001" / "assemble"
     policy = out / "policy"  # the base without its Adam moments: a fresh Adam on both sides
@@ -81,11 +101,8 @@ def zero2_round(out: Path, on_gpu: bool) -> dict:
 def zero3_kl(out: Path, on_gpu: bool) -> dict:
     from pipeline.flows.iterate import iterate
 
-    cfg = load_config(SMALL, [f"testbed.base_dir={out / 'base'}", "engine.backend=hf",
-                              *(["engine.dtype=bfloat16"] if on_gpu else []),
-                              "rollout.problems_per_round=32", "select.p_high=1",
-                              "train.backend=openrlhf", "train.zero_stage=3",
-                              "algo.kl_coef=0.05"])
+    cfg = _small_testbed(out, on_gpu, "rollout.problems_per_round=32", "train.zero_stage=3",
+                         "algo.kl_coef=0.05")
     t = time.time()
     table = iterate(out / "run", 2, cfg, progress=False)
     logs = [_log(out / "run" / "models" / f"iter_{k:04d}") for k in (1, 2)]
@@ -118,15 +135,8 @@ def resume(out: Path, on_gpu: bool) -> dict:
                 str(shard), "--out", str(out / d), "--config", str(config), *flags]
 
     subprocess.run(command("whole"), capture_output=True, check=True)
-    proc = subprocess.Popen(command("killed"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     state = out / "killed" / "_ds" / "state.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (state.exists() and json.loads(
-            state.read_text())["step"] >= 1):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_saved_step(command("killed"), state, 1, timeout_s=300)
     killed_at = json.loads(state.read_text())["step"]
     subprocess.run(command("killed"), capture_output=True, check=True)
     from safetensors.torch import load_file

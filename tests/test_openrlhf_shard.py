@@ -6,10 +6,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 pytest.importorskip("openrlhf")
 pytest.importorskip("deepspeed")
 
+from bench.gpu_check import kill_after_saved_step  # noqa: E402
 from pipeline.config import write_resolved  # noqa: E402
 from pipeline.io import read_pandas  # noqa: E402
 from trainer import openrlhf_rank, openrlhf_shard  # noqa: E402
@@ -209,15 +208,8 @@ def test_killed_trainer_resumes_from_its_deepspeed_checkpoint(shard, tmp_path):
                 str(shard_dir), "--out", str(out), "--config", str(cfg_path), *overrides]
 
     assert subprocess.run(command(tmp_path / "whole"), capture_output=True).returncode == 0
-    proc = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    state = tmp_path / "killed" / "_ds" / "state.json"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (state.exists() and json.loads(
-            state.read_text())["step"] >= 2):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_saved_step(command(tmp_path / "killed"),
+                          tmp_path / "killed" / "_ds" / "state.json", 2, timeout_s=600)
     assert not (tmp_path / "killed" / "_SUCCESS").exists()
     assert subprocess.run(command(tmp_path / "killed"), capture_output=True).returncode == 0
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
