@@ -18,14 +18,17 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-SHAPES = {  # Qwen3's layout (GQA, untied head) at two sizes, and Qwen3-8B's published shape
-    "small": dict(layers=4, hidden=128, intermediate=384, heads=4, kv_heads=2, head_dim=32,
-                  vocab=151936, tied=False),
-    "1.7b": dict(layers=28, hidden=2048, intermediate=6144, heads=16, kv_heads=8, head_dim=128,
-                 vocab=151936, tied=True),
-    "8b": dict(layers=36, hidden=4096, intermediate=12288, heads=32, kv_heads=8, head_dim=128,
-               vocab=151936, tied=False),
+from trainer.memory import ModelShape, train_rank_bytes
+
+SHAPES = {  # Qwen3's layout (GQA) at two sizes, and Qwen3-8B's published shape (tapo plan's)
+    "small": ModelShape(layers=4, hidden=128, intermediate=384, heads=4, kv_heads=2, head_dim=32,
+                        vocab=151936, tied=False),
+    "1.7b": ModelShape(layers=28, hidden=2048, intermediate=6144, heads=16, kv_heads=8,
+                       head_dim=128, vocab=151936, tied=True),
+    "8b": ModelShape.from_config_json(Path(__file__).parent.parent / "configs" / "shapes"
+                                      / "qwen3-8b.json"),
 }
 PROMPT = 256  # prompt tokens before the response
 
@@ -42,15 +45,15 @@ def measure(shape: str, tokens: int, checkpointing: bool, path: str, device: str
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"],
-        tie_word_embeddings=s["tied"], max_position_embeddings=PROMPT + tokens + 1,
+        vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers, num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
+        tie_word_embeddings=s.tied, max_position_embeddings=PROMPT + tokens + 1,
         use_cache=False, attn_implementation="sdpa")).to(device=device, dtype=dtype)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optim = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    seq = torch.randint(0, s["vocab"], (1, PROMPT + tokens), device=device)
+    seq = torch.randint(0, s.vocab, (1, PROMPT + tokens), device=device)
     attention = torch.ones_like(seq)
     head = None
     if path == "chunked":
@@ -102,9 +105,7 @@ def estimate(shape: str, tokens: int, checkpointing: bool, dtype_bytes: int, wor
              zero_stage: int = 0, states: bool = False) -> int:
     """trainer/memory.py's estimate; `states=False` leaves out the model states the measured
     step already held before it (weights; its gradients and AdamW moments are counted)."""
-    from trainer.memory import ModelShape, train_rank_bytes
-
-    s = ModelShape(**SHAPES[shape])
+    s = SHAPES[shape]
     total = train_rank_bytes(s, PROMPT + tokens, world, zero_stage, checkpointing, dtype_bytes)
     return total if states else total - dtype_bytes * s.parameters
 
