@@ -13,6 +13,9 @@ prepared run of a few minutes, as one JSON of figures in OUT/gpu_check.json.
    tokens, with and without gradient checkpointing, against trainer/memory.py's estimate.
 4. `resume`: the openrlhf trainer killed (SIGKILL) after a saved step and run again ends with
    the weights of an uninterrupted run.
+5. `coldstart_sft`: the cold-start SFT through OpenRLHF's train_sft (trainer/openrlhf_sft.py) in
+   bf16 under ZeRO-2 on the testbed's reference solutions: its first step's loss against the
+   base's token-mean loss on the same examples computed in fp32 on the CPU, and its last.
 
 Each part records its error instead of stopping the others. `--cpu` runs the same parts on a
 machine without a GPU (fp32, the memory probe on the small shape): the check of the check.
@@ -56,16 +59,16 @@ def _small_testbed(out: Path, on_gpu: bool, *overrides: str):
                                "select.p_high=1", "train.backend=openrlhf", *overrides])
 
 
-def kill_after_saved_step(command: list[str], state: Path, step: int,
+def kill_after_saved_step(command: list[str], state: Path, step: int | None,
                           timeout_s: float) -> None:
-    """Starts `command` (a `tapo train` of the openrlhf backend) in its own process group and
+    """Starts `command` (a training of the openrlhf backend) in its own process group and
     SIGKILLs the group once its DeepSpeed state (`state`, `_ds/state.json`) names `step` or a
-    later one (or after `timeout_s`)."""
+    later one, or with `step` None once `state` exists (or after `timeout_s`)."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + timeout_s
-    while time.time() < deadline and not (state.exists() and json.loads(
-            state.read_text())["step"] >= step):
+    while time.time() < deadline and not (state.exists() and (step is None or json.loads(
+            state.read_text())["step"] >= step)):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -149,7 +152,69 @@ def resume(out: Path, on_gpu: bool) -> dict:
                                        for k in a)}
 
 
-PARTS = (zero2_round, zero3_kl, memory, resume)  # (resume trains zero2_round's shard)
+def solution_examples(cfg, out_dir: Path, n: int) -> Path:
+    """`n` cold-start examples (schema.SFT_EXAMPLES, source `direct`) from the testbed's
+    train split: the task's prompt and the reference solution; a stage directory."""
+    import pandas as pd
+
+    from pipeline.engines.base import render_prompt
+    from pipeline.flows.testbed import testbed_problems
+    from pipeline.io import part_name, write_table_atomic
+    from stages import schema
+    from stages.common import load_tokenizer, policy_path
+    from stages.tasks.base import get_task
+
+    problems = pd.read_parquet(testbed_problems(cfg.testbed, "train")).head(n)
+    task, tokenizer = get_task(cfg.task), load_tokenizer(str(policy_path(cfg)))
+    write_table_atomic(pd.DataFrame({
+        "example_id": problems["problem_id"] + "/direct", "source": "direct",
+        "problem_id": problems["problem_id"],
+        "prompt": [render_prompt(task.prompt(p), tokenizer) for p in problems["problem"]],
+        "response": problems["solution"]}), out_dir / part_name(0), schema=schema.SFT_EXAMPLES)
+    return out_dir
+
+
+def response_nll(model_dir: Path, examples: Path) -> float:
+    """The token-mean negative log-likelihood of the examples' responses (and EOS) under the
+    model, in fp32 on the CPU, with the local SFT's tokens (trainer/sft.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.io import read_pandas
+    from trainer.lm import LMExample, collate
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = read_pandas(examples)
+    batch = collate([LMExample(tokenizer(p, add_special_tokens=False)["input_ids"],
+                               tokenizer(r, add_special_tokens=False)["input_ids"]
+                               + [tokenizer.eos_token_id])
+                     for p, r in zip(rows["prompt"], rows["response"])], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+    return float(torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+        ignore_index=-100))
+
+
+def coldstart_sft(out: Path, on_gpu: bool) -> dict:
+    from pipeline.flows.testbed import build_base
+    from trainer.sft import train_sft
+
+    cfg = _small_testbed(out, on_gpu, "coldstart.batch_size=16", "coldstart.epochs=4",
+                         "train.micro_batch_size=8", "train.save_every=1000")
+    base = build_base(cfg.testbed, cfg.testbed.base_dir)
+    examples = solution_examples(cfg, out / "examples", 16)
+    t = time.time()
+    metrics = train_sft(base, examples, out / "model", cfg, progress=False)
+    log = [json.loads(line) for line in (out / "model" / "sft_log.jsonl").read_text()
+           .splitlines()]
+    return {"steps": metrics["steps"], "wall_s": round(time.time() - t, 1),
+            "loss": [x["loss"] for x in log], "base_nll_cpu_fp32": response_nll(base, examples),
+            "after_nll_cpu_fp32": response_nll(out / "model", examples)}
+
+
+PARTS = (zero2_round, zero3_kl, memory, resume, coldstart_sft)  # (resume: zero2_round's shard)
 
 
 def main(argv: list[str] | None = None) -> None:

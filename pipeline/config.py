@@ -183,6 +183,9 @@ class ColdstartConfig(Section):
     epochs: float = Field(2.0, gt=0, description="passes over the mixture")
     batch_size: int = Field(16, ge=1, description="SFT examples per optimizer step")
     seed: int = Field(0, description="seeds the problem order, the mixture's draw and the SFT")
+    openrlhf_flags: str = Field(
+        "", description="train.backend=openrlhf: extra flags for OpenRLHF's train_sft parser, "
+                        "e.g. --model.gradient_checkpointing_enable")
 
 
 class EvalConfig(Section):

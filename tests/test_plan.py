@@ -23,7 +23,9 @@ def test_paper_config_fits_eight_80gb_gpus(capsys):
     assert plan["training"]["peak_gb_per_rank"] < 0.9 * 80
     assert plan["sampling"]["engines"] == 8 and plan["sampling"]["idle_gpus"] == 0
     assert plan["model"]["parameters_b"] == pytest.approx(8.19, abs=0.01)  # Qwen3-8B: 8.2B
-    assert any("tapo coldstart" in n for n in plan["notes"])  # one-GPU SFT: 131 GB of states
+    # the cold start's SFT: OpenRLHF's on the 8 ranks, its longest example 25.6k tokens
+    assert plan["coldstart"]["backend"] == "openrlhf" and plan["notes"] == []
+    assert plan["training"]["peak_gb_per_rank"] < plan["coldstart"]["peak_gb_per_rank"] < 72
 
 
 def test_a_plan_that_cannot_fit_is_refused(capsys):
@@ -34,6 +36,17 @@ def test_a_plan_that_cannot_fit_is_refused(capsys):
     cfg = load_config("configs/math.yaml", ["runner.gpus_per_worker=0"])
     problems = make_plan(cfg, ModelShape.from_config_json(QWEN3_8B))["problems"]
     assert any("no GPU" in p for p in problems)
+    cfg = load_config("configs/math.yaml", ["coldstart.openrlhf_flags="])
+    problems = make_plan(cfg, ModelShape.from_config_json(QWEN3_8B))["problems"]
+    assert [p for p in problems if p.startswith("cold-start SFT")]
+
+
+def test_a_local_cold_start_at_8b_is_noted():
+    """The local SFT would hold fp32 states of an 8B model (131 GB) on one GPU."""
+    cfg = load_config("configs/math.yaml", ["train.backend=local"])
+    plan = make_plan(cfg, ModelShape.from_config_json(QWEN3_8B))
+    assert plan["coldstart"]["peak_gb_per_rank"] == pytest.approx(131, abs=1)
+    assert any("train.backend=openrlhf" in n for n in plan["notes"])
 
 
 def test_plan_needs_a_model_shape(capsys):

@@ -26,8 +26,9 @@ ppo_actor.py, whose module imports Ray) with OpenRLHF's own PolicyLoss, k3 KL an
 CPU seams (OpenRLHF assumes CUDA; each replaces the upstream line named beside it):
 `CpuAwareStrategy.setup_distributed` (`torch.cuda.set_device`, `init_device_mesh("cuda")`),
 `get_ds_train_config` / `get_ds_eval_config` (bf16 off on CPU; and everywhere `torch_adam`,
-which compiles nothing), and `_barrier`
-for `torch_dist_barrier_and_cuda_sync` (`torch.cuda.synchronize`).
+which compiles nothing), `all_reduce` (a CPU value moved to the CUDA device; OpenRLHF's SFT
+trainer reduces its logs), and `_barrier` for `torch_dist_barrier_and_cuda_sync`
+(`torch.cuda.synchronize`). trainer/openrlhf_sft.py uses the same strategy.
 """
 
 from __future__ import annotations
@@ -65,24 +66,25 @@ UNSUPPORTED = {  # OpenRLHF flags this trainer does not implement: (the off valu
 }
 
 
-def load_args(path: Path, on_gpu: bool) -> SimpleNamespace:
+def load_args(path: Path, on_gpu: bool, unsupported: dict = UNSUPPORTED) -> SimpleNamespace:
     """OpenRLHF's hierarchical arguments as the driver parsed them (trainer/openrlhf_shard.py
-    `openrlhf_args`), refusing the flags this trainer would otherwise ignore."""
+    `openrlhf_args`), refusing the `unsupported` flags this trainer would otherwise ignore."""
     def build(x):
         return SimpleNamespace(**{k: build(v) for k, v in x.items()}) if isinstance(x, dict) \
             else x
 
     args = build(json.loads(Path(path).read_text()))
-    for (section, key), (off, what) in UNSUPPORTED.items():
+    for (section, key), (off, what) in unsupported.items():
         node = args
         for part in section.split("."):
             node = getattr(node, part)
         value = getattr(node, key, off)
         if value != off:
-            raise ValueError(f"--{section}.{key}: {what} is not supported by the shard trainer "
-                             "(it trains padded micro-batches of rows of similar length)")
+            raise ValueError(f"--{section}.{key}: {what} is not supported by tapo's OpenRLHF "
+                             "trainers (they train padded micro-batches through a chunked "
+                             "LM head)")
     if args.ds.lora.rank:
-        raise ValueError("--ds.lora.rank: LoRA is not supported by the shard trainer")
+        raise ValueError("--ds.lora.rank: LoRA is not supported by tapo's OpenRLHF trainers")
     args.local_rank = int(os.environ.get("LOCAL_RANK", "-1"))
     if not on_gpu:
         args.ds.param_dtype = "fp32"  # (DeepSpeed without bf16; the Actor: `fp32_actor`)
@@ -96,36 +98,44 @@ def _barrier() -> None:
         torch.cuda.synchronize()
 
 
-def cpu_aware_strategy(args):
-    """OpenRLHF's DeepspeedStrategy, with CPU seams (used only where there is no GPU)."""
+def cpu_aware_strategy(args, max_norm: float, batches: tuple[int, int] | None = None):
+    """OpenRLHF's DeepspeedStrategy with CPU seams (used only where there is no GPU) and
+    torch's AdamW. `batches`: (micro-batch, global batch) as OpenRLHF's trainers give them
+    (the SFT); None: the caller sets each optimizer step's micro-batches (see `_train`)."""
     import deepspeed
     import openrlhf.utils.deepspeed.deepspeed as ds_module
     from openrlhf.utils.deepspeed import DeepspeedStrategy
     from torch.distributed.device_mesh import init_device_mesh
 
     on_gpu = torch.cuda.is_available()
+    ours = batches is None
 
     class CpuAwareStrategy(DeepspeedStrategy):
         def setup_distributed(self, timeout=None):
             if on_gpu:
-                return super().setup_distributed()
-            # replaces: torch.cuda.set_device(local_rank); deepspeed.init_distributed(timeout)
-            # and init_device_mesh("cuda", ...) (openrlhf/utils/deepspeed/deepspeed.py)
-            import transformers
+                super().setup_distributed()
+            else:
+                # replaces: torch.cuda.set_device(local_rank); deepspeed.init_distributed(timeout)
+                # and init_device_mesh("cuda", ...) (openrlhf/utils/deepspeed/deepspeed.py)
+                import transformers
 
-            transformers.set_seed(self.seed)
-            deepspeed.init_distributed(dist_backend="gloo")
-            self.world_size = torch.distributed.get_world_size()
-            self.ds_device_mesh = init_device_mesh("cpu", (self.world_size, 1, 1),
-                                                   mesh_dim_names=("dp", "sp", "tp"))
-            self.setup_ring_attn(self.ds_device_mesh)
-            self.accumulated_gradient = 1  # (set per optimizer step: see `_train`)
+                transformers.set_seed(self.seed)
+                deepspeed.init_distributed(dist_backend="gloo")
+                self.world_size = torch.distributed.get_world_size()
+                self.ds_device_mesh = init_device_mesh("cpu", (self.world_size, 1, 1),
+                                                       mesh_dim_names=("dp", "sp", "tp"))
+                self.setup_ring_attn(self.ds_device_mesh)
+                self.accumulated_gradient = (self.train_batch_size // self.micro_train_batch_size
+                                             // self.world_size)
+            if ours:
+                self.accumulated_gradient = 1  # (set per optimizer step: see `_train`)
 
         def get_ds_train_config(self, optim_dict=None, *, max_norm=None):
             config = super().get_ds_train_config(optim_dict, max_norm=max_norm)
-            config["train_micro_batch_size_per_gpu"] = 1  # micro-batches are ours: see `_train`
-            config["train_batch_size"] = self.world_size if hasattr(self, "world_size") else 1
-            config.pop("gradient_accumulation_steps", None)
+            if ours:  # micro-batches are ours: see `_train`
+                config["train_micro_batch_size_per_gpu"] = 1
+                config["train_batch_size"] = getattr(self, "world_size", 1)
+                config.pop("gradient_accumulation_steps", None)
             if optim_dict is not None:  # torch's AdamW: DeepSpeed's FusedAdam would compile a
                 # CUDA extension with nvcc at the first step (minutes; no nvcc: a crash)
                 config.setdefault("optimizer", optim_dict)["params"]["torch_adam"] = True
@@ -133,18 +143,31 @@ def cpu_aware_strategy(args):
                 config["bf16"]["enabled"] = False
             return config
 
+        def all_reduce(self, data, op="mean"):
+            if on_gpu or isinstance(data, dict):
+                return super().all_reduce(data, op)
+            # replaces the upstream move of a CPU tensor to torch.cuda.current_device()
+            value = data.clone() if isinstance(data, torch.Tensor) else torch.tensor([data])
+            if op == "mean":
+                value /= self.world_size
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX
+                                         if op == "max" else torch.distributed.ReduceOp.SUM)
+            return value if isinstance(data, torch.Tensor) else value.item()
+
         def get_ds_eval_config(self, offload=False):
             config = super().get_ds_eval_config(offload)
-            config["train_micro_batch_size_per_gpu"] = 1
-            config["train_batch_size"] = self.world_size if hasattr(self, "world_size") else 1
+            if ours:
+                config["train_micro_batch_size_per_gpu"] = 1
+                config["train_batch_size"] = getattr(self, "world_size", 1)
             if not on_gpu:
                 config["bf16"]["enabled"] = False
             return config
 
     if not on_gpu:  # replaces torch_dist_barrier_and_cuda_sync in the module that calls it
         ds_module.torch_dist_barrier_and_cuda_sync = _barrier
-    return CpuAwareStrategy(seed=args.train.seed, max_norm=args.actor.max_norm,
-                            micro_train_batch_size=1, train_batch_size=1,
+    micro, batch = batches or (1, 1)
+    return CpuAwareStrategy(seed=args.train.seed, max_norm=max_norm,
+                            micro_train_batch_size=micro, train_batch_size=batch,
                             zero_stage=args.ds.zero_stage, args=args)
 
 
@@ -297,7 +320,7 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
 
     t0 = time.time()
     on_gpu = torch.cuda.is_available()
-    strategy = cpu_aware_strategy(args)
+    strategy = cpu_aware_strategy(args, args.actor.max_norm)
     strategy.setup_distributed()
     rank, world = torch.distributed.get_rank(), strategy.world_size
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, write_resolved
+from pipeline.config import Config, TrainConfig, write_resolved
 from pipeline.layout import DS_STATE, OPTIMIZER, TRAIN_LOG
 from pipeline.util import read_json
 from trainer.backends import require_openrlhf
@@ -46,19 +46,36 @@ ROOT = Path(__file__).resolve().parent.parent
 SHM = Path("/dev/shm")  # DeepSpeed's CPU all-reduce buffers live here
 
 
-def launch_command(policy_dir: Path, shard_dir: Path, out_dir: Path, config_file: Path,
-                   reference: Path | None, fp: str, cfg: Config, port: int) -> list[str]:
-    """The launcher command line that trains the shard (`train.launcher`)."""
-    tc = cfg.train
-    module = ["--policy", str(policy_dir), "--shard", str(shard_dir), "--out", str(out_dir),
-              "--config", str(config_file), "--args", str(out_dir / ARGS), "--fingerprint", fp,
-              *(["--reference", str(reference)] if reference is not None else [])]
+def launch_command(module: str, module_args: list[str], tc: TrainConfig,
+                   port: int) -> list[str]:
+    """The launcher command line (`train.launcher`) that runs `python -m module module_args` in
+    every training process."""
     if tc.launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                str(tc.num_gpus), "--master_port", str(port), "-m", RANK_MODULE, *module]
+                str(tc.num_gpus), "--master_port", str(port), "-m", module, *module_args]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(tc.num_gpus),
             *(["--hostfile", tc.hostfile] if tc.hostfile else []), "--master_port", str(port),
-            "--module", RANK_MODULE, *module]
+            "--module", module, *module_args]
+
+
+def run_launched(module: str, module_args: list[str], tc: TrainConfig, script: Path,
+                 what: str, progress: bool) -> int:
+    """Writes the launch command to `script` (a shell script to re-run by hand), prints it, runs
+    it with this repository on PYTHONPATH, removes DeepSpeed's shared-memory buffers after, and
+    returns its exit status."""
+    port = master_port(tc.hostfile)
+    command = launch_command(module, module_args, tc, port)
+    script.write_text(f"#!/bin/sh\n# {what} (train.backend=openrlhf)\n"
+                      + shlex.join(command) + "\n")
+    script.chmod(0o755)
+    print(f"{what} with OpenRLHF: {shlex.join(command)}", file=sys.stderr, flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "TAPO_PROGRESS": "1" if progress else "0"}
+    try:
+        return subprocess.run(command, env=env).returncode
+    finally:
+        remove_shm_buffers(port)
 
 
 def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Path, cfg: Config,
@@ -79,30 +96,20 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     config_file = write_resolved(cfg, out_dir / "train_config.yaml")
     stub_flash_attn()
-    (out_dir / ARGS).write_text(json.dumps(openrlhf_args(cfg, policy_dir), default=vars,
-                                           indent=1))
-    port = master_port(cfg.train.hostfile)
-    command = launch_command(policy_dir.resolve(), shard_dir.resolve(), out_dir.resolve(),
-                             config_file.resolve(), reference and reference.resolve(), fp, cfg,
-                             port)
-    script = shard_dir.parent / LAUNCH
-    script.write_text("#!/bin/sh\n# the round's training (train.backend=openrlhf)\n"
-                      + shlex.join(command) + "\n")
-    script.chmod(0o755)
-    print(f"training with OpenRLHF: {shlex.join(command)}", file=sys.stderr, flush=True)
+    write_args(openrlhf_args(cfg, policy_dir), out_dir / ARGS)
     if (policy_dir / OPTIMIZER).exists() and not (policy_dir / DS_DIR / "latest").exists():
         print(f"note: {policy_dir / OPTIMIZER} (Adam moments for the local trainer) is not "
               "read: DeepSpeed starts this round's optimizer afresh", file=sys.stderr, flush=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "TAPO_PROGRESS": "1" if progress else "0"}
-    try:
-        result = subprocess.run(command, env=env)
-    finally:
-        remove_shm_buffers(port)
+    module_args = ["--policy", str(policy_dir.resolve()), "--shard", str(shard_dir.resolve()),
+                   "--out", str(out_dir.resolve()), "--config", str(config_file.resolve()),
+                   "--args", str((out_dir / ARGS).resolve()), "--fingerprint", fp,
+                   *(["--reference", str(reference.resolve())] if reference is not None else [])]
+    script = shard_dir.parent / LAUNCH
+    returncode = run_launched(RANK_MODULE, module_args, cfg.train, script,
+                              "the round's training", progress)
     done = read_json(out_dir / SUCCESS)
-    if result.returncode != 0 or done is None or done.get("fingerprint") != fp:
-        raise RuntimeError(f"the OpenRLHF trainer failed (exit {result.returncode}; its output "
+    if returncode != 0 or done is None or done.get("fingerprint") != fp:
+        raise RuntimeError(f"the OpenRLHF trainer failed (exit {returncode}; its output "
                            f"is above); re-run to resume from {out_dir / DS_DIR}, or run "
                            f"{script} by hand")
     return done["metrics"]
@@ -188,11 +195,6 @@ def openrlhf_args(cfg: Config, policy_dir: Path):
     """OpenRLHF's own arguments (its `train_ppo_ray` parser, so every default is upstream's),
     set from the tapo config: the optimizer, clip range, batch sizes and KL of the local
     trainer, plus `train.openrlhf_flags`."""
-    import argparse as _argparse
-    import runpy
-
-    from openrlhf.utils.config import hierarchize
-
     tc, algo = cfg.train, cfg.algo
     kl = (["--algo.kl.use_loss", "--algo.kl.estimator", "k3", "--algo.kl.init_coef",
            str(algo.kl_coef)] if algo.kl_coef > 0 else ["--algo.kl.init_coef", "0"])
@@ -207,6 +209,16 @@ def openrlhf_args(cfg: Config, policy_dir: Path):
              str(tc.epochs), "--train.seed", str(tc.seed), "--rollout.n_samples_per_prompt",
              str(cfg.rollout.group_size), "--algo.advantage.estimator", "group_norm", *kl,
              *shlex.split(tc.openrlhf_flags)]
+    return parse_openrlhf("openrlhf.cli.train_ppo_ray", flags)
+
+
+def parse_openrlhf(module: str, flags: list[str]):
+    """`flags` parsed by the parser OpenRLHF builds in `module`'s entry point (run as __main__
+    and stopped right after parsing), nested by OpenRLHF's `hierarchize`."""
+    import argparse as _argparse
+    import runpy
+
+    from openrlhf.utils.config import hierarchize
 
     class Parsed(Exception):
         pass
@@ -219,12 +231,17 @@ def openrlhf_args(cfg: Config, policy_dir: Path):
     _argparse.ArgumentParser.parse_args = parse
     try:
         with _without_ray():
-            runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__")
+            runpy.run_module(module, run_name="__main__")
     except Parsed as parsed:
-        args = hierarchize(parsed.args[0])
+        return hierarchize(parsed.args[0])
     finally:
         _argparse.ArgumentParser.parse_args = original
-    return args
+    raise RuntimeError(f"{module} returned without parsing its arguments")
+
+
+def write_args(args, path: Path) -> None:
+    """OpenRLHF's parsed arguments as the JSON each launched process reads (`load_args`)."""
+    path.write_text(json.dumps(args, default=vars, indent=1))
 
 
 RAY_SIDE = ("ray", "ray.util", "ray.util.placement_group", "openrlhf.trainer.ray",

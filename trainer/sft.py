@@ -8,8 +8,8 @@ and tokenizer, `optimizer.pt` (the moments RL continues), `sft_log.jsonl` (loss 
 `_SUCCESS` with the metrics, after an atomic rename from a temporary directory (a killed run
 leaves no half checkpoint and starts again from the base). A complete `out_dir` with the same
 fingerprint (base, examples, `coldstart` config) is a no-op. An example longer than the model's
-context is left out and counted (`too_long`). At scale the same parquet goes to OpenRLHF's
-train_sft (README).
+context is left out and counted (`too_long`). With `train.backend: openrlhf` the same examples
+go to OpenRLHF's train_sft under DeepSpeed (trainer/openrlhf_sft.py; `train_sft` chooses).
 """
 
 from __future__ import annotations
@@ -33,14 +33,31 @@ from trainer.lm import LMExample, TrainSchedule, train_lm
 SUCCESS, LOG = "_SUCCESS", "sft_log.jsonl"
 
 
+def sft_fingerprint(base_dir: Path, examples_dir: Path, cfg: Config) -> str:
+    """What a cold-start SFT's result depends on: the base, the examples, the `coldstart`
+    settings and, with OpenRLHF, the training processes and ZeRO stage."""
+    tc = cfg.train
+    inputs = {"base": str(base_dir), "base_weights": model_state(base_dir),
+              "examples": [file_sha256(p) for p in list_parts(examples_dir)],
+              "coldstart": cfg.coldstart.model_dump(mode="json", exclude={"openrlhf_flags"})}
+    if tc.backend == "openrlhf":
+        from trainer.openrlhf_sft import world_size
+
+        inputs["openrlhf"] = {"flags": cfg.coldstart.openrlhf_flags, "world": world_size(cfg),
+                              "zero_stage": tc.zero_stage, "micro": tc.micro_batch_size}
+    return fingerprint(inputs)
+
+
 def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Path, cfg: Config,
               progress: bool = True) -> dict[str, Any]:
     """SFT of the model at `base_dir` on the examples; returns (and saves) the metrics."""
+    if cfg.train.backend == "openrlhf":
+        from trainer.openrlhf_sft import train_sft as train
+
+        return train(base_dir, examples_dir, out_dir, cfg, progress=progress)
     base_dir, examples_dir, out_dir = Path(base_dir), Path(examples_dir), Path(out_dir)
     c = cfg.coldstart
-    fp = fingerprint({"base": str(base_dir), "base_weights": model_state(base_dir),
-                      "examples": [file_sha256(p) for p in list_parts(examples_dir)],
-                      "coldstart": c.model_dump(mode="json")})
+    fp = sft_fingerprint(base_dir, examples_dir, cfg)
     if (out_dir / SUCCESS).exists():
         done = json.loads((out_dir / SUCCESS).read_text())
         if done.get("fingerprint") == fp:

@@ -66,14 +66,29 @@ def make_plan(cfg: Config, shape: ModelShape, gpu_gb: float = 80.0) -> dict[str,
     if rc.executor == "ray" and rc.gpus_per_worker == 0:
         problems.append("sampling: runner.executor=ray with runner.gpus_per_worker=0 puts the "
                         "engines on no GPU (set runner.gpus_per_worker=1)")
-    # `tapo coldstart`'s SFT is the local trainer on one device: fp32 weights, gradients and
-    # AdamW moments (16 bytes a parameter) before any activation
-    coldstart_states = 16 * shape.parameters
+    # `tapo coldstart`'s SFT: with openrlhf, OpenRLHF's train_sft on the training ranks (its
+    # longest example: a prompt, a kept wrong prefix and a construction); locally, one device
+    # with fp32 weights, gradients and AdamW moments (16 bytes a parameter)
     notes = []
-    if coldstart_states > HEADROOM * gpu:
-        notes.append(f"tapo coldstart: its SFT runs on one GPU and needs "
-                     f"{coldstart_states / 1e9:.0f} GB for the model states alone: give it a "
-                     f"cold-start model trained elsewhere (policy.coldstart) at this size")
+    sft_tokens = PROMPT_TOKENS + cfg.coldstart.max_tokens + cfg.construction.max_tokens
+    if tc.backend == "openrlhf":
+        sft_checkpointing = ("--model.gradient_checkpointing_enable"
+                             in shlex.split(cfg.coldstart.openrlhf_flags))
+        coldstart_peak = train_rank_bytes(shape, sft_tokens * tc.micro_batch_size, world, zero,
+                                          sft_checkpointing, dtype_bytes)
+        if coldstart_peak > HEADROOM * gpu:
+            problems.append(
+                f"cold-start SFT: {coldstart_peak / 1e9:.0f} GB a rank > {HEADROOM:.0%} of "
+                f"{gpu_gb:.0f} GB " + ("(add --model.gradient_checkpointing_enable to "
+                                      "coldstart.openrlhf_flags)" if not sft_checkpointing
+                                      else "(raise train.zero_stage)"))
+    else:
+        coldstart_peak = 16 * shape.parameters
+        if coldstart_peak > HEADROOM * gpu:
+            notes.append(f"tapo coldstart: its SFT runs on one GPU and needs "
+                         f"{coldstart_peak / 1e9:.0f} GB for the model states alone: set "
+                         "train.backend=openrlhf, or give a cold-start model trained elsewhere "
+                         "(policy.coldstart)")
     rows = cfg.rollout.problems_per_round * cfg.rollout.group_size
     ds_state = (dtype_bytes + 12) * shape.parameters  # weights, fp32 master and two moments
     disk = {"checkpoint_gb": dtype_bytes * shape.parameters / 1e9,
@@ -94,7 +109,8 @@ def make_plan(cfg: Config, shape: ModelShape, gpu_gb: float = 80.0) -> dict[str,
                      "peak_gb_per_rank": round(train_peak / 1e9, 1),
                      "reference_gb_per_rank": round(reference / 1e9, 1)},
         "disk_per_round": {k: round(v, 1) for k, v in disk.items()},
-        "coldstart_states_gb": round(coldstart_states / 1e9, 1),
+        "coldstart": {"backend": tc.backend, "tokens_per_example_at_most": sft_tokens,
+                      "peak_gb_per_rank": round(coldstart_peak / 1e9, 1)},
         "gpu_gb": gpu_gb, "problems": problems, "notes": notes}
 
 
@@ -119,6 +135,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"{d['deepspeed_state_gb']} GB (the last round's only), shards <= "
         f"{d['shards_gb_at_most']} GB",
     ]
+    c = plan["coldstart"]
+    lines.append(f"cold-start SFT: {c['backend']}, examples up to "
+                 f"{c['tokens_per_example_at_most']} tokens: ~{c['peak_gb_per_rank']} GB a rank")
     lines += [f"note: {n}" for n in plan["notes"]]
     if plan["problems"]:
         lines += ["does not fit:"] + [f"  - {p}" for p in plan["problems"]]
