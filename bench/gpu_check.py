@@ -199,7 +199,7 @@ def response_nll(model_dir: Path, examples: Path) -> float:
 
 def coldstart_sft(out: Path, on_gpu: bool) -> dict:
     from pipeline.flows.testbed import build_base
-    from trainer.sft import train_sft
+    from trainer.backends import train_sft
 
     cfg = _small_testbed(out, on_gpu, "coldstart.batch_size=16", "coldstart.epochs=4",
                          "train.micro_batch_size=8", "train.save_every=1000")

@@ -59,7 +59,7 @@ def measure(shape: str, tokens: int, checkpointing: bool, path: str, device: str
     if path == "chunked":
         head = LogProbHead.install(model)
     else:
-        from trainer.openrlhf_shard import stub_flash_attn
+        from trainer.openrlhf_compat import stub_flash_attn
 
         stub_flash_attn()
         from openrlhf.models import Actor

@@ -7,9 +7,8 @@ hashes: run before and after a refactor that must not change results, then compa
 On the small testbed (configs/testbed-small.yaml, its shipped base), the hf engine, one
 worker and one thread, so the figures are exact on one machine. The manifest holds every
 parquet part (kept and excluded rows) and every weight and optimizer file under the three run
-directories, by path; metadata (timings, logs) is left out. A path component that names
-excluded rows or a stage's statistics is compared under its present name (`_excluded`), so a
-renamed metadata file is no difference.
+directories, by path; metadata (timings, logs) is left out. A directory of excluded rows is
+compared under its present name (`__excluded`, was `excluded`), so the move is no difference.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from pathlib import Path
 
 CONFIG = "configs/testbed-small.yaml"
 HASHED = ("*.parquet", "*.safetensors", "optimizer.pt")
-RENAMED = {"excluded": "_excluded"}  # earlier names of a path component
+RENAMED = {"excluded": "__excluded"}  # earlier names of a path component
 
 
 ROOT = Path(__file__).resolve().parent.parent

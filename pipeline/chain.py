@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.runner import Stage, StageResult, run_stage
+from pipeline.runner import StageResult, run_stage
+from pipeline.stage import Stage
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ stage, round, coldstart, iterate, eval and compare take `--executor ray [--addre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
 from pipeline.grader import GraderError
-from pipeline.runner import StageFailed
+from pipeline.stage import StageFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,10 +221,17 @@ def _engine_log(args: argparse.Namespace, run_dir: Path) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from pipeline.runner import load_stage_class, run_stage
+    from pipeline.flows.round import resolve_policy
+    from pipeline.runner import run_stage
+    from pipeline.stage import load_stage_class
     from stages import REGISTRY
 
     cfg = load_config(args.config, args.overrides)
+    if not cfg.policy.path:  # the run's initial policy, when there is one (never built here)
+        with contextlib.suppress(FileNotFoundError):
+            policy = resolve_policy(args.out_dir.parent, 1, cfg)
+            cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(
+                update={"path": str(policy)})})
     _engine_log(args, args.out_dir.parent)
     stage_cls = load_stage_class(args.name, REGISTRY)
     side = {}

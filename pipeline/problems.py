@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from pipeline.io import part_name, write_table_atomic
-from pipeline.runner import STATS, SUCCESS
+from pipeline.stage import EXCLUDED, LEGACY, META, STATS, SUCCESS
 from pipeline.util import file_sha256, fingerprint, write_json_atomic
 
 
@@ -89,7 +90,7 @@ def write_problems(pool_path: Path, out_dir: Path, start: int, count: int | None
                    shard_size: int) -> dict[str, int]:
     """Positions start .. start+count-1 (wrapping; count None: all) of a seeded permutation of
     the pool's valid problems, in shards of `shard_size`, into the stage directory `out_dir`;
-    rejected rows into `out_dir/excluded/` (reason, detail, line, raw). A no-op when done.
+    rejected rows into `out_dir/__excluded/` (reason, detail, line, raw). A no-op when done.
     Returns its stats: rows in the file, problems out, dropped_bad_problem."""
     fp = fingerprint({"pool": file_sha256(pool_path), "start": start, "count": count,
                       "seed": seed, "shard_size": shard_size})
@@ -105,12 +106,12 @@ def write_problems(pool_path: Path, out_dir: Path, start: int, count: int | None
     count = len(pool) if count is None else min(count, len(pool))
     table = pool.iloc[[order[(start + i) % len(order)] for i in range(count)]]
     table = table.reset_index(drop=True)
-    for old in list(out_dir.glob("part-*.parquet")) + list(out_dir.glob("excluded/part-*")):
-        old.unlink()
+    for old in [*out_dir.glob("part-*.parquet"), *(out_dir / n for n in (META, EXCLUDED, *LEGACY))]:
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     for i, lo in enumerate(range(0, len(table), shard_size)):
         write_table_atomic(table.iloc[lo : lo + shard_size], out_dir / part_name(i))
     if rejected:
-        write_table_atomic(pd.DataFrame(rejected), out_dir / "excluded" / part_name(0))
+        write_table_atomic(pd.DataFrame(rejected), out_dir / EXCLUDED / part_name(0))
     stats = {"rows_in": len(pool) + len(rejected), "rows_out": len(table),
              **({"dropped_bad_problem": len(rejected)} if rejected else {})}
     write_json_atomic(out_dir / STATS, stats)

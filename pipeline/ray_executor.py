@@ -1,4 +1,4 @@
-"""`runner.executor: ray`: a stage's shards run on Ray actors (the runner's other half).
+"""`runner.executor: ray` (pipeline/executors.py's RayExecutor): a stage's units on Ray actors.
 
 The driver (runner.run_stage) keeps the plan and the finishing: the fingerprint, which shards
 are pending, the stats and `_SUCCESS`. This module only processes pending shards: each on an
@@ -6,7 +6,7 @@ actor that builds the stage once per stage run (the engine inside is the actor p
 engine, engines.kept_engine, so it lives across stages and rounds), at most `runner.workers`
 shards in flight. An actor of a stage that runs a model asks Ray for `runner.gpus_per_worker`
 GPUs; the others for one CPU. A shard writes its part files atomically and its marker last
-(runner._process_unit), so a worker that dies mid-shard is restarted and the shard retried
+(stage.process_unit), so a worker that dies mid-shard is restarted and the shard retried
 (`runner.retries` times) with no row lost or duplicated.
 
 Actors are kept in this process between stage runs, one pool per resource shape;
@@ -29,13 +29,14 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.engines import release_engine
-from pipeline.runner import (
+from pipeline.stage import (
     MARKERS,
     Stage,
     StageFailed,
-    _make_stage,
-    _process_unit,
+    StageJob,
     load_stage_class,
+    make_stage,
+    process_unit,
     stage_ref,
 )
 
@@ -65,10 +66,10 @@ class ShardWorker:
         key = f"{ref} {fp}"
         if self.key != key:
             self.close()
-            self.stage = _make_stage(load_stage_class(ref), Config.model_validate(config),
-                                     side_dirs)
+            self.stage = make_stage(load_stage_class(ref), Config.model_validate(config),
+                                    side_dirs)
             self.key = key
-        _process_unit(self.stage, paths, out_dir, index, fp)
+        process_unit(self.stage, paths, out_dir, index, fp)
         return index
 
     def close(self) -> None:
@@ -83,16 +84,17 @@ class ShardWorker:
         return os.getpid()
 
 
-def run_units(stage_cls: type[Stage], config: Config, side_dirs: dict[str, Path],
-              units: list[tuple[list[Path], int]], out_dir: Path, fp: str, workers: int,
+def run_units(job: StageJob, pending: list[int], workers: int,
               on_done: Callable[[], Any]) -> None:
-    """Processes `units` ((input paths, shard index) pairs) on Ray actors into `out_dir`;
-    calls `on_done()` after each. Raises the stage's own error (StageFailed, ...) as it is."""
+    """Processes units `pending` of `job` on at most `workers` Ray actors; calls `on_done()`
+    after each. Raises the stage's own error (StageFailed, ...) as it is."""
+    stage_cls, config, out_dir, fp = job.stage_cls, job.config, job.out_dir, job.fingerprint
+    units = [(job.units[i], i) for i in pending]
     ray = _connect(config.runner.address)
     gpus = config.runner.gpus_per_worker if stage_cls.runs_model(config) else 0.0
     actors = _actors(ray, min(workers, len(units)), gpus, config.runner.retries)
     _check_visible(ray, actors, out_dir, units[0][0][0])
-    args = (stage_ref(stage_cls), config.model_dump(mode="json"), side_dirs)
+    args = (stage_ref(stage_cls), config.model_dump(mode="json"), job.side_dirs)
     queue, in_flight, idle = list(units), {}, list(actors)
     try:
         while queue or in_flight:

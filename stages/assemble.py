@@ -13,7 +13,7 @@ A trajectory whose tokens do not decode back to its text is dropped as `tokeniza
 
 from __future__ import annotations
 
-from pipeline.runner import Stage, StageOutput
+from pipeline.stage import Stage, StageOutput
 from stages import schema
 from stages.common import load_tokenizer, policy_path
 
@@ -21,7 +21,7 @@ from stages.common import load_tokenizer, policy_path
 class Assemble(Stage):
     name = "assemble"
     version = "2"
-    sections = ("testbed", "policy")
+    sections = ("policy",)
     input_schema = schema.CLASSIFIED
     output_schema = schema.TRAINING
     side_inputs = ("trajectories",)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 from pipeline.grader import Grader
-from pipeline.runner import Stage, StageOutput
+from pipeline.stage import Stage, StageOutput
 from stages import schema
 from stages.common import valid_unique
 from stages.tasks import task_of

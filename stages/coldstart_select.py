@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from pipeline.runner import Stage, StageOutput
+from pipeline.stage import Stage, StageOutput
 from stages import schema
 from stages.select import REPAIRABLE, candidate_row, choose_reference, choose_repair
 

@@ -11,13 +11,15 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.engines import Engine, Prompt, SamplingParams, kept_engine
-from pipeline.layout import testbed_model
 from stages.tasks.base import Step, task_of
 
 
 def policy_path(cfg: Config) -> Path:
-    """The model being trained: `policy.path`, or the testbed base model when empty."""
-    return Path(cfg.policy.path) if cfg.policy.path else testbed_model(cfg.testbed.base_dir)
+    """The model being trained: `policy.path` (a round sets it to the round's policy)."""
+    if not cfg.policy.path:
+        raise ValueError("policy.path is empty: give the model directory (tapo round and "
+                         "iterate set it to the round's policy)")
+    return Path(cfg.policy.path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -25,8 +27,8 @@ def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"no model directory at {path} (build the testbed base with "
-                                "`make base`, or set policy.path)")
+        raise FileNotFoundError(f"no model directory at {path} (the testbed base: `tapo base`; "
+                                "or set policy.path)")
     return AutoTokenizer.from_pretrained(path)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 
 from pipeline.grader import Grader
-from pipeline.runner import Stage, StageOutput
+from pipeline.stage import Stage, StageOutput
 from pipeline.util import model_state
 from stages import schema
 from stages.common import (
@@ -70,7 +70,7 @@ _GRADE_REJECTION = {"incorrect": "wrong_final_answer", "no_answer": "no_final_an
 
 class Construct(Stage):
     name = "construct"
-    sections = ("task", "testbed", "policy", "construction", "engine", "grader", "run")
+    sections = ("task", "policy", "construction", "engine", "grader", "run")
     input_schema = schema.LOCATED
     output_schema = schema.TRAJECTORIES
 

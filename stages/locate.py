@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 
-from pipeline.runner import Stage, StageOutput
+from pipeline.stage import Stage, StageOutput
 from pipeline.util import model_state
 from stages import schema
 from stages.common import (
@@ -60,7 +60,7 @@ _STEP_PHRASE = re.compile(r"\bstep\s+(?:is\s+)?\[?(\d{1,6})\]?(?!\s*[-+*/=\d])",
 class Locate(Stage):
     name = "locate"
     version = "3"
-    sections = ("task", "testbed", "policy", "locate", "engine", "run")
+    sections = ("task", "policy", "locate", "engine", "run")
     input_schema = schema.CANDIDATES
     output_schema = schema.LOCATED
 

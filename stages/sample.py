@@ -11,7 +11,7 @@ row without an id or text is dropped as `bad_problem`, a repeated id as `duplica
 from __future__ import annotations
 
 from pipeline.engines import SamplingParams, render_prompt
-from pipeline.runner import Stage, StageOutput
+from pipeline.stage import Stage, StageOutput
 from pipeline.util import model_state
 from stages import schema
 from stages.common import (
@@ -27,7 +27,7 @@ from stages.tasks import task_of
 class Sample(Stage):
     name = "sample"
     version = "2"
-    sections = ("run", "task", "testbed", "policy", "rollout", "engine")
+    sections = ("run", "task", "policy", "rollout", "engine")
     input_schema = schema.PROBLEMS
     output_schema = schema.ROLLOUTS
 

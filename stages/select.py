@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 
-from pipeline.runner import Stage, StageOutput
+from pipeline.stage import Stage, StageOutput
 from stages import schema
 from stages.common import tiebreak
 

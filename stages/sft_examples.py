@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 
 from pipeline.engines import render_prompt
-from pipeline.runner import Stage, StageOutput
+from pipeline.stage import Stage, StageOutput
 from stages import schema
 from stages.common import instruction_prompt, load_tokenizer, policy_path, valid_unique
 from stages.construct import TRANSITION, construct_instruction
@@ -42,7 +42,7 @@ SFT, DIRECT, IF = "sft", "direct", "if"
 class SftExamples(Stage):
     name = "sft_examples"
     version = "2"
-    sections = ("task", "coldstart", "policy", "testbed")
+    sections = ("task", "coldstart", "policy")
     input_schema = schema.TRAJECTORIES
     output_schema = schema.SFT_EXAMPLES
     whole_input = True

@@ -42,7 +42,7 @@ def small_base(tmp_path_factory):
     from pipeline.flows.testbed import build_base
 
     base = tmp_path_factory.mktemp("small") / "base"
-    overrides = [f"testbed.base_dir={base}", "engine.backend=hf",
+    overrides = [f"testbed.base_dir={base}", "engine.backend=hf", f"policy.path={base / 'model'}",
                  f"policy.coldstart={base.parent / 'no-coldstart'}"]
     build_base(load_config(SMALL_CONFIG, overrides).testbed, base)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.runner import Stage, StageOutput
+from pipeline.stage import Stage, StageOutput
 
 SCHEMA_IN = pa.schema([("id", pa.int64()), ("x", pa.int64())])
 

@@ -84,3 +84,51 @@ def test_no_task_branch_outside_the_tasks():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in SOURCES if "tasks" not in p.parts
             for i, line in enumerate(p.read_text().splitlines(), 1) if branch.search(line)]
     assert not hits, hits
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (the longest known prefix of each
+    imported name: `from trainer.sft import x` -> trainer.sft)."""
+    modules = {module_of(p): p for p in SOURCES}
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    return {m: {k for _, name in imports(p) if (k := known(name)) and k != m}
+            for m, p in modules.items()}
+
+
+def a_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle of `graph` (its modules in order), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = 2
+        path.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_no_import_circle():
+    """No module imports, directly or through others, one that imports it (function-level
+    imports included): the runner and its executors, the trainers and their dispatcher."""
+    assert a_cycle(import_graph()) is None, " -> ".join(a_cycle(import_graph()))
+
+
+def test_the_circle_finder_finds_one():
+    assert a_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert a_cycle({"a": {"b"}, "b": set()}) is None

@@ -41,7 +41,7 @@ def test_the_command_scores_every_candidate_of_a_round(small_run, capsys):
     assert (scores["truth"].to_numpy() == truth[scores["wrong_rollout_id"]].to_numpy()).all()
     # every candidate the model located or failed to is counted once, none dropped silently
     llm = read_pandas(check / "llm")
-    excluded = check / "llm" / "excluded"
+    excluded = check / "llm" / "__excluded"
     dropped = read_pandas(excluded) if excluded.is_dir() else llm.iloc[:0]
     assert len(llm) + len(dropped) == len(read_pandas(small_run / "iter_0002" / "select"))
     assert result["no_step_reasons"] == dropped["reason"].value_counts().to_dict()

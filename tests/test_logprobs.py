@@ -39,7 +39,7 @@ def test_chunked_head_equals_openrlhf_actor(tied, chunk):
     """In chunks with recomputation, and (chunk=None: a 4,096 vocabulary fits 37,984 positions
     in one chunk) in one pass."""
     pytest.importorskip("openrlhf")
-    from trainer.openrlhf_shard import stub_flash_attn
+    from trainer.openrlhf_compat import stub_flash_attn
 
     stub_flash_attn()
     from openrlhf.models import Actor

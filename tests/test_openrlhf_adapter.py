@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trainer.openrlhf_shard import stub_flash_attn  # noqa: E402
+from trainer.openrlhf_compat import stub_flash_attn  # noqa: E402
 
 if importlib.util.find_spec("openrlhf") is None:  # (a GPU-less install without the adapter)
     pytest.skip("openrlhf is not installed", allow_module_level=True)

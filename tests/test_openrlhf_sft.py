@@ -19,8 +19,8 @@ from pipeline.config import write_resolved  # noqa: E402
 from pipeline.io import part_name, write_table_atomic  # noqa: E402
 from stages import schema  # noqa: E402
 from trainer import openrlhf_rank, openrlhf_sft  # noqa: E402
-from trainer.openrlhf_shard import stub_flash_attn, write_args  # noqa: E402
-from trainer.sft import train_sft  # noqa: E402
+from trainer.backends import train_sft  # noqa: E402
+from trainer.openrlhf_compat import stub_flash_attn, write_args  # noqa: E402
 
 ROOT = openrlhf_sft.Path(__file__).resolve().parent.parent
 
@@ -137,7 +137,7 @@ def test_openrlhf_sft_trains_the_token_mean_and_resumes(small_base, tmp_path):
 
     config = write_resolved(cfg, tmp_path / "config.yaml")
     out = tmp_path / "killed" / "model"
-    run = (f"from pipeline.config import load_config; from trainer.sft import train_sft; "
+    run = (f"from pipeline.config import load_config; from trainer.backends import train_sft; "
            f"train_sft({str(base)!r}, {str(examples)!r}, {str(out)!r}, "
            f"load_config({str(config)!r}), progress=False)")
     kill_after_saved_step([sys.executable, "-c", run], out.with_name(".model.tmp") / "_ds" /

@@ -22,6 +22,7 @@ from pipeline.io import read_pandas  # noqa: E402
 from trainer import openrlhf_rank, openrlhf_shard  # noqa: E402
 from trainer.backends import train_round  # noqa: E402
 from trainer.objective import loss_mask  # noqa: E402
+from trainer.openrlhf_compat import stub_flash_attn  # noqa: E402
 from trainer.rl import build_batch, objective_config, old_logprobs  # noqa: E402
 
 ROOT = openrlhf_shard.ROOT
@@ -31,7 +32,7 @@ def test_experiences_carry_the_local_advantages_and_loss_mask(shard):
     """In the trainer's own Experiences (OpenRLHF's Actor computing the old log-probs), every
     response token has the local trainer's advantage and the local trainer's loss mask,
     OOD-suppressed corrective tokens included."""
-    openrlhf_shard.stub_flash_attn()
+    stub_flash_attn()
     cfg, policy, shard_dir = shard
     obj = objective_config(cfg)
     rows = read_pandas(shard_dir)
@@ -67,7 +68,7 @@ def test_openrlhf_flags_are_honoured_or_refused(shard, tmp_path):
     """`train.openrlhf_flags` reach each rank through the driver's parsed arguments:
     gradient checkpointing is switched on in the trained Actor (not parsed and dropped), and a
     flag the shard trainer does not implement (sample packing) is an error, not ignored."""
-    openrlhf_shard.stub_flash_attn()
+    stub_flash_attn()
     cfg, policy, _ = shard
 
     def rank_args(flags):
@@ -93,7 +94,8 @@ def test_driver_parses_openrlhfs_arguments_without_ray(shard, tmp_path):
     code = ("import json, sys\n"
             "{block}"
             "from pipeline.config import load_config\n"
-            "from trainer.openrlhf_shard import openrlhf_args, stub_flash_attn\n"
+            "from trainer.openrlhf_compat import stub_flash_attn\n"
+            "from trainer.openrlhf_shard import openrlhf_args\n"
             "stub_flash_attn()\n"
             f"args = openrlhf_args(load_config({str(config)!r}), {str(policy)!r})\n"
             "print(json.dumps(args, default=vars))\n")
@@ -103,7 +105,9 @@ def test_driver_parses_openrlhfs_arguments_without_ray(shard, tmp_path):
                              capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert out.returncode == 0, out.stderr[-2000:]
-        parsed.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        args = json.loads(out.stdout.strip().splitlines()[-1])
+        del args["logger"]["wandb"]["run_name"]  # (OpenRLHF's default: the minute it parsed)
+        parsed.append(args)
     assert parsed[0] == parsed[1] and parsed[1]["actor"]["adam"]["lr"] == cfg.train.lr
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.io import list_parts
-from pipeline.runner import EXCLUDED, MARKERS, StageFailed, run_stage
+from pipeline.runner import run_stage
+from pipeline.stage import EXCLUDED, MARKERS, StageFailed
 from tests.fixture_stages import AlwaysDies, DiesOnce, NeedsModel, Square, Total
 
 ray = pytest.importorskip("ray")
@@ -73,7 +74,8 @@ def test_cli_runs_a_stage_on_ray(shards, tmp_path):
     src = shards()
     assert main(["stage", "tests.fixture_stages:Square", "--in", str(src), "--out",
                  str(tmp_path / "out"), "--executor", "ray", "--workers", "2"]) == 0
-    assert json.loads((tmp_path / "out" / "_SUCCESS").read_text())["executor"] == "ray"
+    manifest = tmp_path / "out" / "__stage" / "SUCCESS.json"
+    assert json.loads(manifest.read_text())["executor"] == "ray"
     run_stage(Square, load_config(None), src, tmp_path / "local", progress=False)
     assert files(tmp_path / "out") == files(tmp_path / "local")
 
@@ -97,7 +99,7 @@ def test_worker_that_keeps_dying_fails_the_stage(shards, tmp_path):
     with pytest.raises(StageFailed, match="died 2 times"):
         run_stage(AlwaysDies, config("runner.retries=1"), shards(), tmp_path / "out",
                   progress=False)
-    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    assert not (tmp_path / "out" / "__stage" / "SUCCESS.json").exists()
 
 
 def test_stage_errors_keep_their_type(shards, tmp_path):

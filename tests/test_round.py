@@ -45,7 +45,7 @@ def test_round_end_to_end_and_resume(small_base, tmp_path):
     here = tmp_path / "run" / "iter_0001"
     assert summary["reused"] == [] and summary["rollouts"] == 24 * 4
     for name in STAGES:
-        assert (here / name / "_SUCCESS").exists()
+        assert (here / name / "__stage" / "SUCCESS.json").exists()
     assert summary["candidates"] > 0 and summary["accepted"] == summary["candidates"]
     _check_accounting(here, summary)
     training = read_pandas(here / "assemble")
@@ -57,7 +57,7 @@ def test_round_end_to_end_and_resume(small_base, tmp_path):
 
     again = run_round(tmp_path / "run", 1, cfg, progress=False)  # complete: a no-op
     assert again["reused"] == STAGES and again["stats"] == summary["stats"]
-    (here / "construct" / "_SUCCESS").unlink()  # as if killed inside construct
+    (here / "construct" / "__stage" / "SUCCESS.json").unlink()  # as if killed inside construct
     resumed = run_round(tmp_path / "run", 1, cfg, progress=False)
     assert resumed["reused"] == STAGES[:5] + ["assemble"]
     pd.testing.assert_frame_equal(read_pandas(here / "assemble"), training)
@@ -89,12 +89,12 @@ def test_llm_locator_and_constructor_live_with_the_testbed_model(small_base, tmp
     rejected = (stats["locate"]["rows_in"] - stats["locate"]["rows_out"]
                 + stats["construct"]["rows_in"] - stats["construct"]["rows_out"])
     assert rejected > 0
-    excluded = pd.read_parquet(tmp_path / "run/iter_0001/locate/excluded/part-00000.parquet")
+    excluded = pd.read_parquet(tmp_path / "run/iter_0001/locate/__excluded/part-00000.parquet")
     assert set(excluded["reason"]) <= {"locator_unparseable", "locator_out_of_range"}
 
 
 def test_cli_round_and_status(small_base, tmp_path, capsys):
-    cfg = small_base()
+    cfg = small_base("policy.path=")  # round 1 from the testbed base, which is there
     run = tmp_path / "run"
     argv = ["round", str(run), "--iteration", "1", "--config", str(cfg_path := tmp_path / "c.yaml")]
     from pipeline.config import write_resolved
@@ -111,6 +111,36 @@ def test_cli_round_and_status(small_base, tmp_path, capsys):
     assert main(["round", str(run), "--iteration", "1", "--model", base]) == 0
     assert "policy " + base in capsys.readouterr().out
     assert yaml.safe_load((run / "config.yaml").read_text())["policy"]["path"] == ""
+
+
+def test_a_round_never_builds_a_model(small_base, tmp_path):
+    """With no policy, no cold-start model and no testbed base, round 1 is an error that names
+    the command; iterate (and make iterate) build the base first."""
+    from pipeline.flows.round import resolve_policy
+
+    cfg = small_base("policy.path=", f"testbed.base_dir={tmp_path / 'no-base'}")
+    with pytest.raises(FileNotFoundError, match="`tapo base` installs it"):
+        resolve_policy(tmp_path / "run", 1, cfg)
+    assert not (tmp_path / "no-base").exists()
+
+
+def test_testbed_settings_are_in_no_stage_fingerprint_of_a_math_run(small_base, tmp_path):
+    """Under configs/math.yaml (a policy given by path), changing the testbed's settings
+    changes no stage's fingerprint: nothing would re-run."""
+    from pipeline.config import load_config
+    from pipeline.runner import stage_fingerprint
+    from pipeline.stage import load_stage_class
+    from stages import REGISTRY
+
+    model = small_base().policy.path
+    math = [f"policy.path={model}", "rollout.problems=data/aime2024.jsonl"]
+    before = load_config("configs/math.yaml", math)
+    after = load_config("configs/math.yaml", [*math, "testbed.steps=7", "testbed.lr=0.5",
+                                              f"testbed.base_dir={tmp_path}"])
+    for name in REGISTRY:
+        stage = load_stage_class(name, REGISTRY)
+        assert stage_fingerprint(stage, before, {}, {}) == \
+            stage_fingerprint(stage, after, {}, {}), name
 
 
 def test_problem_files_name_the_place_and_exclude_bad_rows(small_base, tmp_path, capsys):
@@ -133,7 +163,7 @@ def test_problem_files_name_the_place_and_exclude_bad_rows(small_base, tmp_path,
                                 '"answer": "6"}']))
     stats = write_problems(mixed, tmp_path / "p3", 0, None, 0, 8)
     assert stats == {"rows_in": 6, "rows_out": 2, "dropped_bad_problem": 4}
-    excluded = read_pandas(tmp_path / "p3" / "excluded")
+    excluded = read_pandas(tmp_path / "p3" / "__excluded")
     assert list(excluded["line"]) == [2, 4, 5, 6]  # the file's own line numbers
     assert set(excluded["reason"]) == {"bad_problem"}
     assert excluded["detail"][0] == "mixed.jsonl line 2: no answer"
@@ -162,7 +192,7 @@ def test_a_model_that_cannot_load_fails_the_stage(small_base, tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "rows of a shard raised the same error" in err and "nonexistent" in err
-    assert not (tmp_path / "s" / "_SUCCESS").exists()
+    assert not (tmp_path / "s" / "__stage" / "SUCCESS.json").exists()
     assert main(["round", str(tmp_path / "r"), "--iteration", "1", "--config", str(cfg),
                  f"policy.path={tmp_path / 'nonexistent'}"]) == 1
     assert "policy.path: no model directory at" in capsys.readouterr().err
@@ -294,3 +324,46 @@ def test_another_task_without_problems_is_an_error_not_the_testbed(tmp_path):
     assert not (tmp_path / "tb").exists()  # no arithmetic generated for it
     given = load_config(Path("configs/math.yaml"), ["rollout.problems=data/aime2024.jsonl"])
     assert problem_pool(given) == Path("data/aime2024.jsonl")
+
+
+class RecordingConfig:
+    """A Config that records the sections read from it (a stage's `config.<section>`)."""
+
+    def __init__(self, cfg, read: set[str]) -> None:
+        self._cfg, self._read = cfg, read
+
+    def __getattr__(self, name):
+        from pipeline.config import Config
+
+        if name in Config.model_fields:
+            self._read.add(name)
+        return getattr(self._cfg, name)
+
+
+@pytest.mark.parametrize("chain", ["round", "coldstart"])
+def test_every_stage_fingerprints_the_sections_it_reads(small_base, tmp_path, chain):
+    """Each stage of a TAPO round and of the cold start, built and run on real rows with a
+    config that records what is read: every section it reads (building, processing, naming
+    its models) is in its `sections`, so a change there re-runs it."""
+    from pipeline.chain import run_chain_in_memory
+    from pipeline.flows.chains import COLDSTART, ROUND
+    from pipeline.flows.round import write_round_problems
+    from pipeline.io import read_pandas
+
+    cfg = small_base("select.p_high=1")
+    write_round_problems(cfg, 1, tmp_path / "problems")
+    problems = read_pandas(tmp_path / "problems").to_dict("records")
+    steps = ROUND["tapo"] if chain == "round" else COLDSTART
+    read = {step.out: set() for step in steps}
+    built = {step.out: step.stage(RecordingConfig(cfg, read[step.out])) for step in steps}
+    try:
+        rows = run_chain_in_memory(steps, cfg, {"problems": problems}, stages=built)
+    finally:
+        for stage in built.values():
+            stage.close()
+    assert rows[steps[-1].out], "the chain produced no rows: nothing was exercised"
+    for step in steps:
+        step.stage.models_state(RecordingConfig(cfg, read[step.out]))
+        step.stage.runs_model(RecordingConfig(cfg, read[step.out]))
+        missing = read[step.out] - set(step.stage.sections)
+        assert not missing, f"{step.stage.name} reads {sorted(missing)}, not in its sections"

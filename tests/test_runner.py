@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.io import read_pandas, write_table_atomic
-from pipeline.runner import load_stage_class, run_stage
+from pipeline.runner import run_stage
+from pipeline.stage import load_stage_class
 from pipeline.status import render_status
 from tests.fixture_stages import SCHEMA_IN, AddSide, GroupSum, Square, Total
 
@@ -25,17 +26,46 @@ def test_excluded_accounting_and_bad_row(shards, tmp_path):
     kept = read_pandas(out)
     assert sorted(kept["id"]) == EXPECTED_IDS
     assert (kept["y"] == kept["x"] ** 2).all()
-    excluded = read_pandas(out / "excluded")
+    excluded = read_pandas(out / "__excluded")
     assert sorted(excluded["id"]) == [0, 1, 2, 16]
     reasons = dict(zip(excluded["id"], excluded["reason"]))
     assert reasons == {0: "negative", 1: "negative", 2: "negative", 16: "error"}
     assert "unlucky row 16" in excluded.set_index("id").loc[16, "detail"]
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads((out / "__stage" / "stats.json").read_text())
     assert stats == {"rows_in": 30, "rows_out": 26, "dropped_error": 1, "dropped_negative": 3}
-    manifest = json.loads((out / "_SUCCESS").read_text())
+    manifest = json.loads((out / "__stage" / "SUCCESS.json").read_text())
     assert manifest["rows"] == stats and manifest["stage"] == "square"
     assert {"fingerprint", "inputs", "versions", "git_commit", "config"} <= set(manifest)
     assert manifest["versions"]["pyarrow"]
+
+
+def test_a_stage_directory_reads_as_a_dataset_of_its_kept_rows(shards, tmp_path):
+    """The one call every pandas (or datasets) user tries first gives exactly the kept rows:
+    the excluded rows and the metadata are under `__` directories, which both skip."""
+    import datasets
+
+    out = tmp_path / "out"
+    run_stage(Square, CFG, shards(), out, progress=False)
+    assert (out / "__excluded").is_dir() and (out / "__stage" / "SUCCESS.json").exists()
+    assert sorted(pd.read_parquet(out)["id"]) == EXPECTED_IDS
+    ds = datasets.load_dataset("parquet", data_dir=str(out), split="train")
+    assert sorted(ds["id"]) == EXPECTED_IDS and "reason" not in ds.column_names
+
+
+def test_a_directory_of_the_layout_before_is_rebuilt_without_its_files(shards, tmp_path):
+    """A stage directory written before the dataset layout (`_SUCCESS`, `stats.json`,
+    `_shards/`, `excluded/` beside the parts) is recomputed, and none of those stays."""
+    out, inp = tmp_path / "out", shards()
+    run_stage(Square, CFG, inp, out, progress=False)
+    kept = read_pandas(out)
+    (out / "__stage").rename(out / "_shards")  # (any old metadata: removed, all recomputed)
+    (out / "__excluded").rename(out / "excluded")
+    for name in ("_SUCCESS", "stats.json"):
+        (out / name).write_text("{}")
+    assert not run_stage(Square, CFG, inp, out, progress=False).skipped
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == \
+        ["__excluded", "__stage"]
+    pd.testing.assert_frame_equal(read_pandas(out), kept)
 
 
 def test_rerun_is_noop_and_changes_rerun(shards, tmp_path):
@@ -66,6 +96,23 @@ def test_workers_give_identical_output(shards, tmp_path):
     pd.testing.assert_frame_equal(read_pandas(tmp_path / "one"), read_pandas(tmp_path / "two"))
 
 
+def test_runner_executor_picks_one_executor_interface():
+    """`local`: serial with one worker, a process pool with more; `ray`: Ray actors; each is
+    an Executor (`run(job, pending, on_done)`)."""
+    from pipeline.executors import (
+        ProcessPoolExecutor,
+        RayExecutor,
+        SerialExecutor,
+        executor_for,
+    )
+
+    assert isinstance(executor_for(CFG, 1), SerialExecutor)
+    pool = executor_for(CFG, 3)
+    assert isinstance(pool, ProcessPoolExecutor) and pool.workers == 3
+    ray = executor_for(load_config(None, ["runner.executor=ray"]), 2)
+    assert isinstance(ray, RayExecutor) and ray.workers == 2
+
+
 def test_whole_input_stage(shards, tmp_path):
     run_stage(Total, CFG, shards(), tmp_path / "t", progress=False)
     assert read_pandas(tmp_path / "t").to_dict("records") == [{"n": 30, "sum": sum(range(-3, 27))}]
@@ -76,7 +123,7 @@ def test_side_input_read_whole_and_fingerprinted(shards, tmp_path):
     side = shards(n_shards=2, rows=2, where=tmp_path / "side")  # x = -3, -2, -1, 0
     with pytest.raises(FileNotFoundError, match="not a complete stage directory"):
         run_stage(AddSide, CFG, inp, tmp_path / "out", side={"extra": side}, progress=False)
-    run_stage(Total, CFG, side, tmp_path / "total", progress=False)  # complete: has _SUCCESS
+    run_stage(Total, CFG, side, tmp_path / "total", progress=False)  # complete: has its manifest
     side_dir = tmp_path / "total"
     with pytest.raises(ValueError, match="no side input"):
         run_stage(AddSide, CFG, inp, tmp_path / "out", side={"other": side_dir}, progress=False)
@@ -125,12 +172,12 @@ def test_resume_after_sigkill(shards, tmp_path):
     env = {**os.environ, "SQUARE_SLEEP": "0.7"}
     proc = subprocess.Popen(_cli("stage", stage, "--in", str(inp), "--out", str(out)), env=env)
     deadline = time.time() + 60
-    while len(list((out / "_shards").glob("*.json"))) < 2 and time.time() < deadline:
+    while len(list((out / "__stage" / "shards").glob("*.json"))) < 2 and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = sorted(p.name for p in (out / "_shards").glob("*.json"))
-    assert 2 <= len(done_before) < 6 and not (out / "_SUCCESS").exists()
+    done_before = sorted(p.name for p in (out / "__stage" / "shards").glob("*.json"))
+    assert 2 <= len(done_before) < 6 and not (out / "__stage" / "SUCCESS.json").exists()
     kept_mtime = (out / "part-00000.parquet").stat().st_mtime_ns
 
     r = subprocess.run(_cli("stage", stage, "--in", str(inp), "--out", str(out)),
@@ -140,9 +187,9 @@ def test_resume_after_sigkill(shards, tmp_path):
     got, want = read_pandas(out), read_pandas(ref)
     pd.testing.assert_frame_equal(got, want)
     assert got["id"].is_unique
-    pd.testing.assert_frame_equal(read_pandas(out / "excluded"), read_pandas(ref / "excluded"))
-    assert json.loads((out / "stats.json").read_text()) == json.loads(
-        (ref / "stats.json").read_text())
+    pd.testing.assert_frame_equal(read_pandas(out / "__excluded"), read_pandas(ref / "__excluded"))
+    assert json.loads((out / "__stage" / "stats.json").read_text()) == json.loads(
+        (ref / "__stage" / "stats.json").read_text())
     assert not list(out.glob(".*.tmp"))
 
 
@@ -177,9 +224,9 @@ def test_load_stage_class_rejects_non_stage():
 
 
 def test_same_error_on_every_row_fails_the_stage(shards, tmp_path):
-    """A model that cannot load is not a bad row: the stage fails, with the error, no _SUCCESS
+    """A model that cannot load is not a bad row: the stage fails, with the error, no manifest
     and no part file (before the fix every row was dropped as `error` and the stage passed)."""
-    from pipeline.runner import StageFailed
+    from pipeline.stage import StageFailed
     from tests.fixture_stages import NeedsModel
 
     out = tmp_path / "out"
@@ -187,7 +234,7 @@ def test_same_error_on_every_row_fails_the_stage(shards, tmp_path):
     with pytest.raises(StageFailed, match="all 5 rows of a shard raised the same error.*"
                                           "missing-model"):
         run_stage(NeedsModel, cfg, shards(), out, progress=False)
-    assert not (out / "_SUCCESS").exists()
+    assert not (out / "__stage" / "SUCCESS.json").exists()
     assert not list(out.glob("part-*.parquet"))
     (tmp_path / "missing-model").write_text("weights")  # fixed: the same call now succeeds
     assert run_stage(NeedsModel, cfg, shards(), out, progress=False).stats["rows_out"] == 30
@@ -195,11 +242,11 @@ def test_same_error_on_every_row_fails_the_stage(shards, tmp_path):
 
 def test_error_share_above_the_limit_fails_the_stage(shards, tmp_path):
     """One row in 30 raises (3.3%): fine under the default 10%, a failure under 2%."""
-    from pipeline.runner import StageFailed
+    from pipeline.stage import StageFailed
 
     strict = load_config(None, ["runner.max_error_share=0.02"])
     with pytest.raises(StageFailed, match=r"1 of 30 rows raised errors.*0\.02.*unlucky row 16"):
         run_stage(Square, strict, shards(), tmp_path / "strict", progress=False)
-    assert not (tmp_path / "strict" / "_SUCCESS").exists()
+    assert not (tmp_path / "strict" / "__stage" / "SUCCESS.json").exists()
     assert run_stage(Square, CFG, shards(), tmp_path / "ok", progress=False).stats[
         "dropped_error"] == 1

@@ -144,8 +144,8 @@ def test_iterate_two_rounds_tapo_and_grpo_and_resume(small_base, tmp_path):
     assert trained == [base, str(run / "models" / "iter_0001")]
 
     # killed between stages of round 2: its construct and everything after it re-run
-    for path in ("iter_0002/construct/_SUCCESS", "iter_0002/assemble/_SUCCESS",
-                 "models/iter_0002/_SUCCESS"):
+    for path in ("iter_0002/construct/__stage/SUCCESS.json",
+                 "iter_0002/assemble/__stage/SUCCESS.json", "models/iter_0002/_SUCCESS"):
         (run / path).unlink()
     shown.clear()
     again = iterate(run, 2, cfg, progress=False, on_round=shown.append)

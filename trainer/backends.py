@@ -17,20 +17,6 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.layout import DS_STATE
 
-OPENRLHF_VERSION = "0.11.2"  # the version the OpenRLHF trainer and adapter are written against
-
-
-def require_openrlhf() -> None:
-    """Raises ImportError unless the installed OpenRLHF is OPENRLHF_VERSION (its internals,
-    which both OpenRLHF modules use, change between versions)."""
-    import importlib.metadata
-
-    found = importlib.metadata.version("openrlhf")
-    if found != OPENRLHF_VERSION:
-        raise ImportError(f"tapo's OpenRLHF trainer is written against openrlhf=="
-                          f"{OPENRLHF_VERSION}, found {found}: pip install "
-                          f"openrlhf=={OPENRLHF_VERSION}")
-
 
 def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Path, cfg: Config,
                 progress: bool = True, reference: str | Path | None = None) -> dict[str, Any]:
@@ -39,6 +25,17 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     else:
         from trainer.rl import train_round as train
     return train(policy_dir, shard_dir, out_dir, cfg, progress=progress, reference=reference)
+
+
+def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Path, cfg: Config,
+               progress: bool = True) -> dict[str, Any]:
+    """The cold-start SFT (`local`: trainer/sft.py; `openrlhf`: trainer/openrlhf_sft.py, OpenRLHF's
+    train_sft); both write the HF model, `sft_log.jsonl` and `_SUCCESS` with the metrics."""
+    if cfg.train.backend == "openrlhf":
+        from trainer.openrlhf_sft import train_sft as train
+    else:
+        from trainer.sft import train_sft as train
+    return train(base_dir, examples_dir, out_dir, cfg, progress=progress)
 
 
 def prune_optimizer_state(checkpoint: str | Path) -> None:

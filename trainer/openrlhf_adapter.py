@@ -39,9 +39,8 @@ from collections.abc import Sequence
 import torch
 
 from pipeline.config import Config, load_config
-from trainer.backends import require_openrlhf
 from trainer.objective import ObjectiveConfig, group_advantages, ood_suppressed
-from trainer.openrlhf_shard import stub_flash_attn
+from trainer.openrlhf_compat import require_openrlhf, stub_flash_attn
 
 require_openrlhf()
 stub_flash_attn()  # (a no-op where flash-attn is installed; make setup-gpu leaves it out)
@@ -210,7 +209,7 @@ def with_tapo_config(runtime_env: dict | None, cfg: Config) -> dict:
     env["env_vars"] = {**env.get("env_vars", {}), CONFIG_ENV: cfg.model_dump_json()}
     # every worker imports OpenRLHF, whose modules import flash-attn (make setup-gpu leaves it
     # out: tapo never packs samples): the stand-in goes in first, as in this process
-    env.setdefault("worker_process_setup_hook", "trainer.openrlhf_shard.stub_flash_attn")
+    env.setdefault("worker_process_setup_hook", "trainer.openrlhf_compat.stub_flash_attn")
     return env
 
 

@@ -45,12 +45,14 @@ from types import SimpleNamespace
 
 import torch
 
+from pipeline.completion import mark_complete
 from pipeline.config import Config, load_config
 from pipeline.io import read_pandas
 from pipeline.util import read_json, write_json_atomic
 from trainer.logprobs import LogProbHead, sequence_logprobs
 from trainer.objective import loss_mask
-from trainer.openrlhf_shard import DS_DIR, LOG, SUCCESS, stub_flash_attn
+from trainer.openrlhf_compat import stub_flash_attn
+from trainer.openrlhf_shard import DS_DIR, LOG
 from trainer.rl import build_batch, mini_batches, objective_config, round_metrics, truncate_log
 
 UNSUPPORTED = {  # OpenRLHF flags this trainer does not implement: (the off value, what)
@@ -438,8 +440,7 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
                 shutil.rmtree(old_tag)
         metrics = {**round_metrics(out_dir / LOG, rows, t0), "backend": "openrlhf",
                    "world_size": world}
-        write_json_atomic(out_dir / SUCCESS, {"fingerprint": fp, "policy": str(policy_dir),
-                                              "shard": str(shard_dir), "metrics": metrics})
+        mark_complete(out_dir, fp, policy=str(policy_dir), shard=str(shard_dir), metrics=metrics)
     _barrier()
 
 

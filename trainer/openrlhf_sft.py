@@ -39,11 +39,12 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.completion import completed, mark_complete
 from pipeline.config import Config
 from pipeline.io import read_pandas, write_table_atomic
 from pipeline.util import read_json, write_json_atomic
 
-SUCCESS, LOG, DS_DIR, LAUNCH = "_SUCCESS", "sft_log.jsonl", "_ds", "sft.sh"
+LOG, DS_DIR, LAUNCH = "sft_log.jsonl", "_ds", "sft.sh"
 ARGS, EXAMPLES, FINGERPRINT = "openrlhf_args.json", "sft_examples.parquet", "fingerprint.json"
 RANK_MODULE = "trainer.openrlhf_sft"
 UNSUPPORTED = {  # OpenRLHF flags the chunked Actor does not implement: (the off value, what)
@@ -54,14 +55,6 @@ UNSUPPORTED = {  # OpenRLHF flags the chunked Actor does not implement: (the off
     ("ds", "tensor_parallel_size"): (1, "tensor parallelism"),
     ("model", "aux_loss_coef"): (0, "the MoE balancing loss"),
 }
-
-
-def world_size(cfg: Config) -> int:
-    """Training processes in all: the hostfile's slots, or `train.num_gpus` on this machine."""
-    from trainer.openrlhf_shard import hostfile_hosts
-
-    tc = cfg.train
-    return sum(s for _, s in hostfile_hosts(tc.hostfile)) if tc.hostfile else tc.num_gpus
 
 
 def planned_steps(examples: int, world: int, micro: int, batch: int, epochs: int) -> int:
@@ -98,7 +91,7 @@ def write_examples(examples_dir: Path, base_dir: Path, path: Path) -> dict[str, 
 
 def sft_args(cfg: Config, base_dir: Path, tmp: Path, max_len: int):
     """OpenRLHF's `train_sft` arguments for this cold start (its own parser)."""
-    from trainer.openrlhf_shard import parse_openrlhf
+    from trainer.openrlhf_compat import parse_openrlhf
 
     c, tc = cfg.coldstart, cfg.train
     flags = ["--model.model_name_or_path", str(base_dir), "--data.dataset", str(tmp / EXAMPLES),
@@ -118,15 +111,15 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
               progress: bool = True) -> dict[str, Any]:
     """The cold-start SFT of `base_dir` on the examples with OpenRLHF (see the module
     docstring); returns (and saves) the metrics. A no-op when `out_dir` is complete."""
-    from trainer.backends import require_openrlhf
-    from trainer.openrlhf_shard import run_launched, stub_flash_attn, write_args
+    from trainer.openrlhf_compat import require_openrlhf, stub_flash_attn, write_args
+    from trainer.openrlhf_shard import run_launched, world_size
     from trainer.sft import sft_fingerprint
 
     base_dir, examples_dir, out_dir = Path(base_dir), Path(examples_dir), Path(out_dir)
     c, tc = cfg.coldstart, cfg.train
     fp = sft_fingerprint(base_dir, examples_dir, cfg)
-    done = read_json(out_dir / SUCCESS)
-    if done is not None and done.get("fingerprint") == fp:
+    done = completed(out_dir, fp)
+    if done is not None:
         return done["metrics"]
     require_openrlhf()
     world = world_size(cfg)
@@ -170,8 +163,7 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
     shutil.rmtree(tmp / DS_DIR, ignore_errors=True)
     for name in (EXAMPLES, FINGERPRINT):
         (tmp / name).unlink()
-    write_json_atomic(tmp / SUCCESS, {"fingerprint": fp, "base": str(base_dir),
-                                      "examples": str(examples_dir), "metrics": metrics})
+    mark_complete(tmp, fp, base=str(base_dir), examples=str(examples_dir), metrics=metrics)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return metrics
@@ -235,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     """The launched process: `python -m trainer.openrlhf_sft --args A --log L`."""
     import torch
 
+    from trainer.openrlhf_compat import stub_flash_attn
     from trainer.openrlhf_rank import cpu_aware_strategy, load_args
-    from trainer.openrlhf_shard import stub_flash_attn
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--args", type=Path, required=True, help="OpenRLHF's arguments, JSON")

@@ -23,8 +23,6 @@ probabilities inside the loss and is not offered (as in the online adapter).
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import shlex
 import socket
@@ -33,13 +31,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.completion import completed
 from pipeline.config import Config, TrainConfig, write_resolved
 from pipeline.layout import DS_STATE, OPTIMIZER, TRAIN_LOG
-from pipeline.util import read_json
-from trainer.backends import require_openrlhf
+from trainer.openrlhf_compat import parse_openrlhf, require_openrlhf, stub_flash_attn, write_args
 from trainer.rl import objective_config, train_fingerprint
 
-SUCCESS, LOG, DS_DIR, LAUNCH = "_SUCCESS", TRAIN_LOG, DS_STATE, "train.sh"
+LOG, DS_DIR, LAUNCH = TRAIN_LOG, DS_STATE, "train.sh"
 ARGS = "openrlhf_args.json"  # OpenRLHF's parsed arguments, read by each rank
 RANK_MODULE = "trainer.openrlhf_rank"
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,8 +87,8 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
                          "offers mask and off (train.backend=local has shaping)")
     reference = Path(reference or policy_dir) if obj.kl_coef > 0 else None
     fp = train_fingerprint(policy_dir, shard_dir, reference, cfg)
-    done = read_json(out_dir / SUCCESS)
-    if done is not None and done.get("fingerprint") == fp:
+    done = completed(out_dir, fp)
+    if done is not None:
         return done["metrics"]
     require_openrlhf()  # here, not in the launched processes, whose error would be in their log
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -107,8 +105,8 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     script = shard_dir.parent / LAUNCH
     returncode = run_launched(RANK_MODULE, module_args, cfg.train, script,
                               "the round's training", progress)
-    done = read_json(out_dir / SUCCESS)
-    if returncode != 0 or done is None or done.get("fingerprint") != fp:
+    done = completed(out_dir, fp)
+    if returncode != 0 or done is None:
         raise RuntimeError(f"the OpenRLHF trainer failed (exit {returncode}; its output "
                            f"is above); re-run to resume from {out_dir / DS_DIR}, or run "
                            f"{script} by hand")
@@ -142,6 +140,12 @@ def hostfile_hosts(path: str) -> list[tuple[str, int]]:
     return hosts
 
 
+def world_size(cfg: Config) -> int:
+    """Training processes in all: the hostfile's slots, or `train.num_gpus` on this machine."""
+    tc = cfg.train
+    return sum(s for _, s in hostfile_hosts(tc.hostfile)) if tc.hostfile else tc.num_gpus
+
+
 FREE_PORT = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
 
 
@@ -166,31 +170,6 @@ def master_port(hostfile: str) -> int:
     return int(out.stdout.strip())
 
 
-def stub_flash_attn() -> None:
-    """Lets OpenRLHF import where flash-attn cannot be installed (a machine without CUDA): its
-    models import `flash_attn.bert_padding` at module level but call it only when packing
-    samples, which the shard trainer never does. A no-op where flash-attn is installed."""
-    import importlib.machinery
-    import importlib.util
-    import types
-
-    if importlib.util.find_spec("flash_attn") is not None:
-        return
-
-    def unavailable(*args, **kwargs):
-        raise RuntimeError("flash-attn is not installed: sample packing needs it")
-
-    for name in ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils",
-                 "flash_attn.utils.distributed"):
-        module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-        module.__path__ = []
-        sys.modules.setdefault(name, module)
-    for attr in ("pad_input", "unpad_input", "index_first_axis", "rearrange"):
-        setattr(sys.modules["flash_attn.bert_padding"], attr, unavailable)
-    sys.modules["flash_attn.utils.distributed"].all_gather = unavailable
-
-
 def openrlhf_args(cfg: Config, policy_dir: Path):
     """OpenRLHF's own arguments (its `train_ppo_ray` parser, so every default is upstream's),
     set from the tapo config: the optimizer, clip range, batch sizes and KL of the local
@@ -212,71 +191,3 @@ def openrlhf_args(cfg: Config, policy_dir: Path):
     return parse_openrlhf("openrlhf.cli.train_ppo_ray", flags)
 
 
-def parse_openrlhf(module: str, flags: list[str]):
-    """`flags` parsed by the parser OpenRLHF builds in `module`'s entry point (run as __main__
-    and stopped right after parsing), nested by OpenRLHF's `hierarchize`."""
-    import argparse as _argparse
-    import runpy
-
-    from openrlhf.utils.config import hierarchize
-
-    class Parsed(Exception):
-        pass
-
-    original = _argparse.ArgumentParser.parse_args
-
-    def parse(self, args=None, namespace=None):
-        raise Parsed(original(self, flags))
-
-    _argparse.ArgumentParser.parse_args = parse
-    try:
-        with _without_ray():
-            runpy.run_module(module, run_name="__main__")
-    except Parsed as parsed:
-        return hierarchize(parsed.args[0])
-    finally:
-        _argparse.ArgumentParser.parse_args = original
-    raise RuntimeError(f"{module} returned without parsing its arguments")
-
-
-def write_args(args, path: Path) -> None:
-    """OpenRLHF's parsed arguments as the JSON each launched process reads (`load_args`)."""
-    path.write_text(json.dumps(args, default=vars, indent=1))
-
-
-RAY_SIDE = ("ray", "ray.util", "ray.util.placement_group", "openrlhf.trainer.ray",
-            "openrlhf.trainer.ray.launcher", "openrlhf.trainer.ray.ppo_actor",
-            "openrlhf.trainer.ray.ppo_critic")
-
-
-@contextlib.contextmanager
-def _without_ray():
-    """Where Ray is not installed (a GPU node with the training stack only): placeholder
-    modules stand in for Ray and OpenRLHF's Ray/vLLM side while `train_ppo_ray`'s module
-    imports them; its parser, all we run of it, uses none of them. A no-op where Ray is."""
-    import types
-
-    try:
-        import ray.util.placement_group  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        yield
-        return
-
-    def placeholder(name):
-        module = types.ModuleType(name)
-        module.__path__ = []
-        module.__getattr__ = lambda attr: None  # any name it imports: a placeholder
-        return module
-
-    saved = {name: sys.modules.get(name) for name in RAY_SIDE}
-    sys.modules.update({name: placeholder(name) for name in RAY_SIDE})
-    try:
-        yield
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module

@@ -29,10 +29,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.completion import completed, mark_complete
 from pipeline.config import Config
 from pipeline.io import read_pandas
 from pipeline.layout import OPTIMIZER, TRAIN_LOG
-from pipeline.util import file_sha256, fingerprint, read_json, write_json_atomic
+from pipeline.util import file_sha256, fingerprint
 from trainer.lm import accelerator, mixed_precision
 from trainer.objective import (
     ObjectiveConfig,
@@ -42,7 +43,7 @@ from trainer.objective import (
     segment_masks,
 )
 
-SUCCESS, STATE, LOG = "_SUCCESS", "_state.pt", TRAIN_LOG
+STATE, LOG = "_state.pt", TRAIN_LOG
 OPENRLHF_ONLY = ("launcher", "num_gpus", "hostfile", "zero_stage", "openrlhf_flags")
 
 
@@ -178,8 +179,8 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     tc, obj = cfg.train, objective_config(cfg)
     reference = Path(reference or policy_dir) if obj.kl_coef > 0 else None
     fp = train_fingerprint(policy_dir, shard_dir, reference, cfg)
-    done = read_json(out_dir / SUCCESS)
-    if done is not None and done.get("fingerprint") == fp:
+    done = completed(out_dir, fp)
+    if done is not None:
         return done["metrics"]
     t0 = time.time()
     torch.manual_seed(tc.seed)
@@ -231,8 +232,7 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     tokenizer.save_pretrained(out_dir)
     torch.save(optimizer.state_dict(), out_dir / OPTIMIZER)
     metrics = round_metrics(out_dir / LOG, rows, t0)
-    write_json_atomic(out_dir / SUCCESS, {"fingerprint": fp, "policy": str(policy_dir),
-                                          "shard": str(shard_dir), "metrics": metrics})
+    mark_complete(out_dir, fp, policy=str(policy_dir), shard=str(shard_dir), metrics=metrics)
     (out_dir / STATE).unlink(missing_ok=True)
     return metrics
 

@@ -9,7 +9,7 @@ and tokenizer, `optimizer.pt` (the moments RL continues), `sft_log.jsonl` (loss 
 leaves no half checkpoint and starts again from the base). A complete `out_dir` with the same
 fingerprint (base, examples, `coldstart` config) is a no-op. An example longer than the model's
 context is left out and counted (`too_long`). With `train.backend: openrlhf` the same examples
-go to OpenRLHF's train_sft under DeepSpeed (trainer/openrlhf_sft.py; `train_sft` chooses).
+go to OpenRLHF's train_sft under DeepSpeed (trainer/openrlhf_sft.py; trainer/backends.py chooses).
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.completion import completed, mark_complete
 from pipeline.config import Config
 from pipeline.io import list_parts, read_pandas
 from pipeline.layout import OPTIMIZER
-from pipeline.util import file_sha256, fingerprint, model_state, write_json_atomic
+from pipeline.util import file_sha256, fingerprint, model_state
 from trainer.lm import LMExample, TrainSchedule, train_lm
 
-SUCCESS, LOG = "_SUCCESS", "sft_log.jsonl"
+LOG = "sft_log.jsonl"
 
 
 def sft_fingerprint(base_dir: Path, examples_dir: Path, cfg: Config) -> str:
@@ -41,7 +42,7 @@ def sft_fingerprint(base_dir: Path, examples_dir: Path, cfg: Config) -> str:
               "examples": [file_sha256(p) for p in list_parts(examples_dir)],
               "coldstart": cfg.coldstart.model_dump(mode="json", exclude={"openrlhf_flags"})}
     if tc.backend == "openrlhf":
-        from trainer.openrlhf_sft import world_size
+        from trainer.openrlhf_shard import world_size
 
         inputs["openrlhf"] = {"flags": cfg.coldstart.openrlhf_flags, "world": world_size(cfg),
                               "zero_stage": tc.zero_stage, "micro": tc.micro_batch_size}
@@ -51,17 +52,12 @@ def sft_fingerprint(base_dir: Path, examples_dir: Path, cfg: Config) -> str:
 def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Path, cfg: Config,
               progress: bool = True) -> dict[str, Any]:
     """SFT of the model at `base_dir` on the examples; returns (and saves) the metrics."""
-    if cfg.train.backend == "openrlhf":
-        from trainer.openrlhf_sft import train_sft as train
-
-        return train(base_dir, examples_dir, out_dir, cfg, progress=progress)
     base_dir, examples_dir, out_dir = Path(base_dir), Path(examples_dir), Path(out_dir)
     c = cfg.coldstart
     fp = sft_fingerprint(base_dir, examples_dir, cfg)
-    if (out_dir / SUCCESS).exists():
-        done = json.loads((out_dir / SUCCESS).read_text())
-        if done.get("fingerprint") == fp:
-            return done["metrics"]
+    done = completed(out_dir, fp)
+    if done is not None:
+        return done["metrics"]
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
@@ -96,8 +92,7 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
                "by_source": rows["source"].value_counts().to_dict(), "steps": steps,
                "loss_first": losses[0], "loss_last": sum(tail) / len(tail),
                "seconds": round(time.time() - t0, 2)}
-    write_json_atomic(tmp / SUCCESS, {"fingerprint": fp, "base": str(base_dir),
-                                      "examples": str(examples_dir), "metrics": metrics})
+    mark_complete(tmp, fp, base=str(base_dir), examples=str(examples_dir), metrics=metrics)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return metrics

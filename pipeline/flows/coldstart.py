@@ -5,7 +5,8 @@
 Writes under RUN_DIR (default: the parent of `policy.coldstart`, i.e. runs/coldstart):
 
     problems/ sample/ classify/ select/ locate/ construct/ examples/   stage directories
-    model/           the cold-start checkpoint (trainer/sft.py); `make iterate` starts from it
+    model/           the cold-start checkpoint (trainer/backends.py train_sft); `make iterate`
+                     starts from it
     probe/           held-out wrong prefixes: problems/ sample/ classify/ select/ locate/
     coldstart.json   counts per source, rejections by reason, SFT metrics, and the reflection
                      rate of the base and the cold-start model on the held-out wrong prefixes
@@ -36,11 +37,11 @@ from pipeline.flows.evaluate import format_cell
 from pipeline.flows.round import problem_file, testbed_base
 from pipeline.io import read_pandas
 from pipeline.problems import write_problems
-from pipeline.runner import EXCLUDED
+from pipeline.stage import EXCLUDED
 from pipeline.util import write_json_atomic
 from stages.common import EngineHolder
 from stages.tasks.base import reflects
-from trainer.sft import train_sft
+from trainer.backends import train_sft
 
 
 def coldstart_dir(cfg: Config) -> Path:
@@ -51,7 +52,7 @@ def base_model(cfg: Config) -> Path:
     """The model the cold start samples and fine-tunes: `policy.path`, else the testbed base."""
     if cfg.policy.path:
         return Path(cfg.policy.path)
-    return testbed_base(cfg)
+    return testbed_base(cfg, build=True)
 
 
 def sampling_config(cfg: Config, base: Path) -> Config:

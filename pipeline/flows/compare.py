@@ -72,7 +72,7 @@ def compare(out_dir: str | Path, variants: list[str], seeds: list[int], rounds: 
     """Runs, evaluates and reports (see the module docstring); returns the table of evaluated
     checkpoints."""
     out_dir = Path(out_dir)
-    start = resolve_policy(out_dir, 1, cfg)
+    start = resolve_policy(out_dir, 1, cfg, build_base=True)
     rows = [{"variant": "start", "seed": None, "rounds": 0, "eval": "start",
              **evaluate_bench(start, "testbed", cfg, out_dir / "eval" / "start", progress)}]
     curves = []

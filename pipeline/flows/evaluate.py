@@ -109,8 +109,8 @@ def evaluate_bench(model: str | Path, bench: str, cfg: Config, out_dir: Path,
     responses = read_pandas(out_dir / "classify",
                             columns=["problem_id", "label", "response", "response_len"])
     if responses.empty:
-        raise ValueError(f"{bench}: no response was graded; see {out_dir}/sample/excluded and "
-                         f"{out_dir}/classify/excluded for why")
+        raise ValueError(f"{bench}: no response was graded; see {out_dir}/sample/__excluded and "
+                         f"{out_dir}/classify/__excluded for why")
     dropped = sum(v for run in runs.values() for k, v in run.result.stats.items()
                   if k.startswith("dropped_"))
     return {"model": str(model), "bench": bench, "benchmark_problems": problems["rows_out"],

@@ -24,13 +24,13 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.completion import DONE
 from pipeline.config import Config, write_resolved
 from pipeline.engines import release_engine
-from pipeline.flows.round import run_round
+from pipeline.flows.round import resolve_policy, run_round
 from pipeline.flows.tracking import Trackers
 from pipeline.layout import CONFIG, METRICS, checkpoint_dir, iter_dir, round_summary
 from pipeline.ray_executor import release_workers
-from pipeline.runner import SUCCESS
 from trainer.backends import prune_optimizer_state, train_round
 
 STAGE_SECONDS = ("sample", "classify", "select", "locate", "construct", "assemble", "train")
@@ -42,6 +42,7 @@ def iterate(run_dir: str | Path, rounds: int, cfg: Config, progress: bool = True
     `on_round(row)` is called after each round (the CLI prints it)."""
     run_dir = Path(run_dir)
     write_resolved(cfg, run_dir / CONFIG)
+    resolve_policy(run_dir, 1, cfg, build_base=True)  # (the testbed base, when it is the start)
     with Trackers(run_dir, cfg) as trackers:
         for k in range(1, rounds + 1):
             summary = run_round(run_dir, k, cfg, progress=progress)
@@ -74,7 +75,7 @@ def free_gpus_for_training(cfg: Config) -> None:
 def metrics_row(run_dir: Path, k: int) -> dict[str, Any] | None:
     """Round k's row, from its round.json and its checkpoint's _SUCCESS; None if incomplete."""
     round_file = round_summary(run_dir, k)
-    train_file = checkpoint_dir(run_dir, k) / SUCCESS
+    train_file = checkpoint_dir(run_dir, k) / DONE
     if not (round_file.exists() and train_file.exists()):
         return None
     summary = json.loads(round_file.read_text())

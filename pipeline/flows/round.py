@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.chain import run_chain
+from pipeline.completion import is_done
 from pipeline.config import Config
 from pipeline.flows.chains import ROUND
 from pipeline.io import read_pandas
@@ -29,7 +30,6 @@ from pipeline.layout import (
     iter_dir,
 )
 from pipeline.problems import write_problems
-from pipeline.runner import SUCCESS
 from pipeline.util import write_json_atomic
 from stages.tasks.base import reflects, task_of
 
@@ -37,17 +37,18 @@ log = logging.getLogger(__name__)
 
 
 def resolve_policy(run_dir: str | Path, iteration: int, cfg: Config,
-                   model: str | Path | None = None) -> Path:
+                   model: str | Path | None = None, build_base: bool = False) -> Path:
     """The checkpoint round K samples from and trains: `model` when given (`tapo round
     --model`); for round K > 1 the previous round's checkpoint (RUN_DIR/models/iter_K-1, which
     must be complete); for round 1 the run's initial policy: `policy.path` when set, else the
-    cold-start checkpoint (`policy.coldstart`) when complete, else the testbed base model
-    (built when missing)."""
+    cold-start checkpoint (`policy.coldstart`) when complete, else the testbed base model. A
+    round never builds a model: the base is built only with `build_base` (iterate, compare and
+    the cold start ask for it), else its absence is an error naming the command."""
     if model:
         return _existing(Path(model), "--model")
     if iteration > 1:
         previous = checkpoint_dir(run_dir, iteration - 1)
-        if not (previous / SUCCESS).exists():
+        if not is_done(previous):
             raise FileNotFoundError(f"round {iteration} samples from {previous}, which is not a "
                                     f"complete checkpoint: train round {iteration - 1} first, "
                                     "or give the policy with --model")
@@ -55,17 +56,23 @@ def resolve_policy(run_dir: str | Path, iteration: int, cfg: Config,
     if cfg.policy.path:
         return _existing(Path(cfg.policy.path), "policy.path")
     coldstart = Path(cfg.policy.coldstart)
-    if (coldstart / SUCCESS).exists():
+    if is_done(coldstart):
         return coldstart
-    return testbed_base(cfg)
+    return testbed_base(cfg, build=build_base)
 
 
-def testbed_base(cfg: Config) -> Path:
-    """The testbed base model, built first when it is missing or out of date (said in the log:
-    no policy was given, so the run starts from the testbed's own model)."""
+def testbed_base(cfg: Config, build: bool) -> Path:
+    """The testbed base model; when it is missing or out of date, built first with `build`
+    (said in the log: no policy was given, so the run starts from the testbed's own model),
+    else a FileNotFoundError that names the command."""
     from pipeline.flows.testbed import base_is_current, build_base
 
     if not base_is_current(cfg.testbed, cfg.testbed.base_dir):
+        if not build:
+            raise FileNotFoundError(
+                f"no policy: policy.path is empty, no complete cold-start model at "
+                f"{cfg.policy.coldstart}, and no testbed base at {cfg.testbed.base_dir}: "
+                "`tapo base` installs it (make iterate does first), or set policy.path")
         log.warning("no policy.path and no cold-start model: building the testbed base into %s "
                     "(`tapo base`)", cfg.testbed.base_dir)
     return build_base(cfg.testbed, cfg.testbed.base_dir)

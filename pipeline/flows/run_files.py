@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.completion import is_done
 from pipeline.io import read_pandas
 from pipeline.layout import TRAIN_LOG, checkpoint_dir, iter_dir, round_summary
-from pipeline.runner import EXCLUDED, SUCCESS
+from pipeline.stage import EXCLUDED
 
 # (label, stage directory) of the funnel, in pipeline order; a GRPO round has no augmentation.
 FUNNEL = [("problems", "problems"), ("rollouts", "sample"), ("graded", "classify"),
@@ -63,7 +64,7 @@ def step_log(run_dir: str | Path) -> pd.DataFrame:
     rows, total = [], 0
     for k in rounds(run_dir):
         model = checkpoint_dir(run_dir, k)
-        if not (model / SUCCESS).exists():
+        if not is_done(model):
             break
         for line in (model / TRAIN_LOG).read_text().splitlines():
             total += 1

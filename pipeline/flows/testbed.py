@@ -38,12 +38,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from pipeline.completion import DONE, mark_complete
 from pipeline.config import TestbedConfig
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
 from pipeline.io import write_table_atomic
 from pipeline.layout import OPTIMIZER, testbed_model, testbed_split
-from pipeline.runner import SUCCESS
 from pipeline.util import fingerprint, weights_sha256, write_json_atomic
 from stages.tasks import arith
 from trainer.lm import LMExample, TrainSchedule, train_lm
@@ -179,7 +179,7 @@ def base_fingerprint(cfg: TestbedConfig) -> str:
 def base_is_current(cfg: TestbedConfig, base_dir: str | Path) -> bool:
     """Whether base_dir holds a complete build of this config (with its Adam moments: a build
     from before they were saved is rebuilt)."""
-    done = Path(base_dir) / SUCCESS
+    done = Path(base_dir) / DONE
     return (done.exists() and (testbed_model(base_dir) / OPTIMIZER).exists()
             and json.loads(done.read_text()).get("fingerprint") == base_fingerprint(cfg))
 
@@ -258,7 +258,7 @@ def install_base(cfg: TestbedConfig, base_dir: Path, shipped: Path) -> Path:
     build["installed_from"] = str(shipped)
     build["seconds"]["install"] = round(time.time() - t0, 1)
     write_json_atomic(base_dir / BUILD, build)
-    write_json_atomic(base_dir / SUCCESS, {"fingerprint": build["fingerprint"]})
+    mark_complete(base_dir, build["fingerprint"])
     return testbed_model(base_dir)
 
 
@@ -324,7 +324,7 @@ def train_base(cfg: TestbedConfig, base_dir: Path) -> Path:
             "loss_last": sum(losses[-20:]) / len(losses[-20:]),
         },
     )
-    write_json_atomic(base_dir / SUCCESS, {"fingerprint": fp})
+    mark_complete(base_dir, fp)
     return testbed_model(base_dir)
 
 
