@@ -54,7 +54,7 @@ test-slow:  ## the slow tests (the shipped base measured again, 10 GRPO rounds o
 	$(BIN)/python -m pytest -m "slow" -q
 
 lint:  ## ruff
-	$(BIN)/ruff check pipeline stages trainer tests bench
+	$(BIN)/ruff check pipeline stages trainer testbed tapo tests bench
 
 base:  ## install the shipped testbed base into runs/base, rebuild it into runs/base-rebuild and compare
 	$(BIN)/tapo base --rebuild --config $(CONFIG)
@@ -74,7 +74,7 @@ bench-scale:  ## the cold-start set at 4.5k and 45k examples (configs/testbed-sc
 	$(BIN)/python -m bench.coldstart --config configs/testbed-scale.yaml --sizes 4500,45000
 
 check-grader:  ## grade every bundled reference solution against its own reference answer
-	$(BIN)/python -m pipeline.flows.grader_check
+	$(BIN)/python -m tapo.flows.grader_check
 
 iterate:  ## N rounds (N=10) of stages + training into runs/$(RUN)/; ALGO=grpo for plain GRPO; TRAINER=openrlhf
 	$(BIN)/tapo iterate runs/$(RUN) --rounds $(N) --config $(CONFIG) algo.name=$(ALGO) $(if $(TRAINER),train.backend=$(TRAINER)) $(ARGS)

@@ -26,12 +26,12 @@ from pathlib import Path
 from pipeline.chain import run_chain
 from pipeline.config import load_config
 from pipeline.engines import release_engine
-from pipeline.flows.chains import COLDSTART
-from pipeline.flows.coldstart import base_model, sampling_config, source_counts
-from pipeline.flows.testbed import build_base, problem_rows
 from pipeline.io import write_table_atomic
 from pipeline.problems import write_problems
 from stages.tasks import arith
+from tapo.flows.chains import COLDSTART
+from tapo.flows.coldstart import base_model, sampling_config, source_counts
+from testbed.base import build_base, problem_rows
 
 
 def build_one(size: int, config: str | None, overrides: list[str], out: Path) -> dict:

@@ -47,7 +47,7 @@ def _log(path: Path) -> list[dict]:
 
 
 def _pipeline(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tapo", *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, **kwargs)
 
 
@@ -75,7 +75,7 @@ def kill_after_saved_step(command: list[str], state: Path, step: int | None,
 
 
 def zero2_round(out: Path, on_gpu: bool) -> dict:
-    from pipeline.flows.round import run_round
+    from tapo.flows.round import run_round
     from trainer.backends import train_round
 
     cfg = _small_testbed(out, on_gpu, "rollout.problems_per_round=64", "train.zero_stage=2")
@@ -102,7 +102,7 @@ def zero2_round(out: Path, on_gpu: bool) -> dict:
 
 
 def zero3_kl(out: Path, on_gpu: bool) -> dict:
-    from pipeline.flows.iterate import iterate
+    from tapo.flows.iterate import iterate
 
     cfg = _small_testbed(out, on_gpu, "rollout.problems_per_round=32", "train.zero_stage=3",
                          "algo.kl_coef=0.05")
@@ -134,7 +134,7 @@ def resume(out: Path, on_gpu: bool) -> dict:
              "train.save_every=1"]
 
     def command(d: str) -> list[str]:
-        return [sys.executable, "-m", "pipeline", "train", "--policy", policy, "--shard",
+        return [sys.executable, "-m", "tapo", "train", "--policy", policy, "--shard",
                 str(shard), "--out", str(out / d), "--config", str(config), *flags]
 
     subprocess.run(command("whole"), capture_output=True, check=True)
@@ -158,11 +158,11 @@ def solution_examples(cfg, out_dir: Path, n: int) -> Path:
     import pandas as pd
 
     from pipeline.engines.base import render_prompt
-    from pipeline.flows.testbed import testbed_problems
     from pipeline.io import part_name, write_table_atomic
     from stages import schema
     from stages.common import load_tokenizer, policy_path
     from stages.tasks.base import get_task
+    from testbed.base import testbed_problems
 
     problems = pd.read_parquet(testbed_problems(cfg.testbed, "train")).head(n)
     task, tokenizer = get_task(cfg.task), load_tokenizer(str(policy_path(cfg)))
@@ -198,7 +198,7 @@ def response_nll(model_dir: Path, examples: Path) -> float:
 
 
 def coldstart_sft(out: Path, on_gpu: bool) -> dict:
-    from pipeline.flows.testbed import build_base
+    from testbed.base import build_base
     from trainer.backends import train_sft
 
     cfg = _small_testbed(out, on_gpu, "coldstart.batch_size=16", "coldstart.epochs=4",

@@ -17,9 +17,9 @@ import json
 import re
 import time
 
-from pipeline.flows.grader_check import DATA, load_jsonl
 from pipeline.grader import Grader
 from stages.tasks import get_task
+from tapo.flows.grader_check import DATA, load_jsonl
 
 MATH = get_task("math")
 

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def tapo(*args: str) -> None:
-    """One `tapo` command of this checkout (`python -m pipeline` in its root), one thread."""
-    command = [sys.executable, "-m", "pipeline", *args]
+    """One `tapo` command of this checkout (`python -m tapo` in its root), one thread."""
+    command = [sys.executable, "-m", "tapo", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:

@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
-from pipeline.flows.testbed import build_base, greedy_accuracy
 from pipeline.layout import testbed_split
 from stages.tasks import arith
+from testbed.base import build_base, greedy_accuracy
 from trainer.lm import LMExample, collate, lm_loss
 
 SIGN_STEPS = (1e-5, 1e-4, 3e-4)

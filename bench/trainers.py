@@ -27,8 +27,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import load_config
-from pipeline.flows.round import run_round
 from pipeline.io import read_pandas
+from tapo.flows.round import run_round
 from trainer.backends import train_round
 from trainer.objective import ObjectiveConfig, loss_mask
 from trainer.rl import _update, build_batch, objective_config, old_logprobs

@@ -2,12 +2,12 @@
 
     RUN_DIR/config.yaml              the resolved config of the run
     RUN_DIR/iter_KKKK/<stage>/       round K's stage directories (pipeline/runner.py)
-    RUN_DIR/iter_KKKK/round.json     round K's summary (pipeline/flows/round.py)
+    RUN_DIR/iter_KKKK/round.json     round K's summary (tapo/flows/round.py)
     RUN_DIR/models/iter_KKKK/        the checkpoint round K trains (trainer/), with
                                      train_log.jsonl: one line per optimizer step
-    RUN_DIR/metrics.csv              one row per complete round (pipeline/flows/iterate.py)
+    RUN_DIR/metrics.csv              one row per complete round (tapo/flows/iterate.py)
     RUN_DIR/steps.csv                one row per optimizer step of every complete round
-    RUN_DIR/tensorboard/, wandb/     the trackers' files (run.trackers; pipeline/flows/tracking.py)
+    RUN_DIR/tensorboard/, wandb/     the trackers' files (run.trackers; tapo/flows/tracking.py)
     RUN_DIR/tracking.json            the last round each tracker was sent
 
     TESTBED/data/<split>.parquet     the testbed's problems: pretrain, train, heldout

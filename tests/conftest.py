@@ -39,7 +39,7 @@ def shards(tmp_path):
 def small_base(tmp_path_factory):
     """The small testbed (configs/testbed-small.yaml) built once per session (about 20 s):
     returns a function giving its config with extra overrides."""
-    from pipeline.flows.testbed import build_base
+    from testbed.base import build_base
 
     base = tmp_path_factory.mktemp("small") / "base"
     overrides = [f"testbed.base_dir={base}", "engine.backend=hf", f"policy.path={base / 'model'}",
@@ -56,7 +56,7 @@ def small_base(tmp_path_factory):
 def shard(small_base, tmp_path_factory):
     """(config, policy, assembled shard dir) of one TAPO round on the small testbed, with
     augmented trajectories; shared by the trainer tests of both backends."""
-    from pipeline.flows.round import run_round
+    from tapo.flows.round import run_round
 
     cfg = small_base("select.p_high=1", "rollout.problems_per_round=24")
     run = tmp_path_factory.mktemp("shard")
@@ -69,7 +69,7 @@ def shard(small_base, tmp_path_factory):
 def small_run(small_base, tmp_path_factory):
     """A two-round TAPO run on the small testbed (every candidate selected, so each round has
     trajectories and drops), for the viewer and the report; read it, do not change it."""
-    from pipeline.flows.iterate import iterate
+    from tapo.flows.iterate import iterate
 
     run = tmp_path_factory.mktemp("small_run") / "run"
     iterate(run, 2, small_base("select.p_high=1", "select.budget_fraction=0.2"), progress=False)

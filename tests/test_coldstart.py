@@ -8,9 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.flows.round import resolve_policy
 from pipeline.io import part_name, read_pandas, write_table_atomic
 from pipeline.problems import load_problems
 from stages import schema
@@ -19,6 +17,8 @@ from stages.common import load_tokenizer, policy_path
 from stages.construct import CONSTRUCT_INSTRUCTION
 from stages.sft_examples import SftExamples, direct_example, if_example, sft_example
 from stages.tasks.base import reflects
+from tapo.cli import main
+from tapo.flows.round import resolve_policy
 from tests.conftest import SMALL_CONFIG
 from tests.test_stages import reasons, rollout
 from trainer.sft import train_sft

@@ -149,3 +149,12 @@ def test_the_paper_config_trains_gently_and_saves_once_a_round():
     r = cfg.rollout
     rows = r.problems_per_round * r.group_size * (1 + cfg.select.budget_fraction)
     assert cfg.train.save_every >= math.ceil(rows / cfg.train.mini_batch_size)
+
+
+def test_the_configuration_reference_is_current():
+    """docs/configuration.md is generated from the config's own field descriptions."""
+    from tapo.flows.config_reference import DOC, reference
+
+    assert DOC.read_text() == reference(), \
+        "docs/configuration.md is stale: run python -m tapo.flows.config_reference"
+    assert "| `train.backend` |" in reference() and "## `coldstart`" in reference()

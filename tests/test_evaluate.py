@@ -8,9 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.flows.compare import (
+from pipeline.io import read_pandas
+from stages.tasks.base import REFLECTION_RE
+from tapo.cli import main
+from tapo.flows.compare import (
     VARIANTS,
     evaluated_rounds,
     heldout_curves,
@@ -18,9 +20,7 @@ from pipeline.flows.compare import (
     summary_rows,
     variant_config,
 )
-from pipeline.flows.evaluate import ks, pass_at_k, response_metrics
-from pipeline.io import read_pandas
-from stages.tasks.base import REFLECTION_RE
+from tapo.flows.evaluate import ks, pass_at_k, response_metrics
 from tests.browser import render
 from tests.conftest import SMALL_CONFIG
 
@@ -207,10 +207,10 @@ def test_a_model_retrained_at_the_same_path_is_sampled_again(small_base, tmp_pat
     import os
     import shutil
 
-    from pipeline.flows.evaluate import bench_config
     from pipeline.problems import write_problems
     from pipeline.runner import run_stage
     from stages.sample import Sample
+    from tapo.flows.evaluate import bench_config
 
     cfg = small_base("eval.n=2", "eval.max_tokens=8")
     model = tmp_path / "model"

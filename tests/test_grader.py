@@ -88,7 +88,7 @@ def test_extract_boxed_is_linear_on_huge_input():
 def test_reference_solutions_grade_correct_on_real_data():
     """MATH-500 and GSM8K reference solutions against their own answers (50 of each), and AIME /
     HMMT answers round-tripping: the grader check's agreement target is 99%."""
-    from pipeline.flows.grader_check import run_check
+    from tapo.flows.grader_check import run_check
 
     report = run_check(limit=50)
     assert report["total"] == 50 * 2 + 30 * 3
@@ -98,7 +98,7 @@ def test_reference_solutions_grade_correct_on_real_data():
 
 
 def test_gsm8k_final_line_becomes_boxed():
-    from pipeline.flows.grader_check import gsm8k_response
+    from tapo.flows.grader_check import gsm8k_response
 
     assert gsm8k_response("She has 3.\n#### 1,234") == "She has 3.\n\\boxed{1234}"
 

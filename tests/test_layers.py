@@ -1,5 +1,8 @@
-"""The packages import one way (README, "Layout"): framework <- tasks <- stages; framework <-
-trainer; everything <- flows <- cli. Walks every import statement (function-level ones too)."""
+"""The packages import one way (README, "Layout"): each folder is a layer and imports only the
+layers below it: framework (pipeline/) <- tasks (stages/tasks/) <- stages (stages/);
+framework <- trainer (trainer/); framework, tasks, trainer <- testbed (testbed/); everything
+<- orchestration (tapo/: flows, CLI, views of a run). Walks every import statement
+(function-level ones too), and checks that no import circle exists."""
 
 import ast
 from pathlib import Path
@@ -7,30 +10,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {  # folder -> its layer (the longest folder that holds a module decides)
+    "pipeline": "framework",
+    "stages/tasks": "tasks",
+    "stages": "stages",
+    "trainer": "trainer",
+    "testbed": "testbed",
+    "tapo": "orchestration",
+}
 ALLOWED = {  # layer -> the layers it may import
     "framework": {"framework"},
     "tasks": {"framework", "tasks"},
     "stages": {"framework", "tasks", "stages"},
     "trainer": {"framework", "trainer"},
-    "flows": {"framework", "tasks", "stages", "trainer", "flows"},
-    "cli": {"framework", "tasks", "stages", "trainer", "flows", "cli"},
+    "testbed": {"framework", "tasks", "trainer", "testbed"},
+    "orchestration": {"framework", "tasks", "stages", "trainer", "testbed", "orchestration"},
 }
 
 
 def layer(module: str) -> str | None:
-    """The layer of a project module (dotted name); None for anything else."""
-    if module in ("pipeline.cli", "pipeline.__main__"):
-        return "cli"
-    if module.startswith("pipeline.flows"):
-        return "flows"
-    if module == "pipeline" or module.startswith("pipeline."):
-        return "framework"
-    if module.startswith("stages.tasks"):
-        return "tasks"
-    if module == "stages" or module.startswith("stages."):
-        return "stages"
-    if module == "trainer" or module.startswith("trainer."):
-        return "trainer"
+    """The layer of a project module (dotted name): its folder's; None for anything else."""
+    folder = module.replace(".", "/")
+    for prefix in sorted(FOLDERS, key=len, reverse=True):
+        if folder == prefix or folder.startswith(prefix + "/"):
+            return FOLDERS[prefix]
     return None
 
 
@@ -41,9 +44,10 @@ def imports(path: Path) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             out += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append((node.lineno, node.module))  # (and `from pipeline import flows`:)
+            out.append((node.lineno, node.module))  # (and `from tapo import flows`:)
             out += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names
-                    if layer(f"{node.module}.{alias.name}") == "flows"]
+                    if (ROOT / node.module.replace(".", "/") / alias.name).is_dir()
+                    or (ROOT / node.module.replace(".", "/") / f"{alias.name}.py").is_file()]
     return out
 
 
@@ -52,8 +56,8 @@ def module_of(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-SOURCES = sorted(p for package in ("pipeline", "stages", "trainer")
-                 for p in (ROOT / package).rglob("*.py"))
+SOURCES = sorted(p for folder in FOLDERS if "/" not in folder
+                 for p in (ROOT / folder).rglob("*.py"))
 
 
 def test_every_module_has_a_layer():

@@ -5,9 +5,9 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.cli import main
-from pipeline.flows.locator_check import score, summarize
 from pipeline.io import read_pandas
+from tapo.cli import main
+from tapo.flows.locator_check import score, summarize
 
 
 def test_outcomes_against_the_checker():

@@ -19,10 +19,10 @@ if importlib.util.find_spec("openrlhf") is None:  # (a GPU-less install without 
 stub_flash_attn()
 from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController  # noqa: E402
 
-import pipeline.flows.online as online  # noqa: E402
+import tapo.flows.online as online  # noqa: E402
 import trainer.openrlhf_adapter as adapter  # noqa: E402  (installed: an import error fails)
-from pipeline.flows.round import run_round  # noqa: E402
 from pipeline.io import read_pandas  # noqa: E402
+from tapo.flows.round import run_round  # noqa: E402
 from trainer.objective import loss_mask  # noqa: E402
 from trainer.rl import build_batch, objective_config, old_logprobs  # noqa: E402
 
@@ -192,7 +192,7 @@ MATH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "math.yaml"
 
 
 def test_reward_fn_grades_with_our_grader(monkeypatch):
-    from pipeline.flows.reward_fn import reward_func
+    from tapo.flows.reward_fn import reward_func
 
     monkeypatch.setenv("TAPO_CONFIG", str(MATH_CONFIG))  # the run's task grades
 
@@ -239,7 +239,7 @@ def readme_launch_commands() -> list[tuple[str, list[str]]]:
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             for marker, module in (("openrlhf.cli.train_sft", "openrlhf.cli.train_sft"),
-                                   ("pipeline.flows.online", "openrlhf.cli.train_ppo_ray")):
+                                   ("tapo.flows.online", "openrlhf.cli.train_ppo_ray")):
                 if marker in words:
                     commands.append((module, words[words.index(marker) + 1 :]))
     return commands

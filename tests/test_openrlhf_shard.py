@@ -208,7 +208,7 @@ def test_killed_trainer_resumes_from_its_deepspeed_checkpoint(shard, tmp_path):
     cfg_path = write_resolved(cfg, tmp_path / "cfg.yaml")
 
     def command(out):
-        return [sys.executable, "-m", "pipeline", "train", "--policy", str(policy), "--shard",
+        return [sys.executable, "-m", "tapo", "train", "--policy", str(policy), "--shard",
                 str(shard_dir), "--out", str(out), "--config", str(cfg_path), *overrides]
 
     assert subprocess.run(command(tmp_path / "whole"), capture_output=True).returncode == 0
@@ -229,7 +229,7 @@ def test_killed_trainer_resumes_from_its_deepspeed_checkpoint(shard, tmp_path):
 def test_iterate_two_rounds_with_openrlhf(small_base, tmp_path):
     """`make iterate TRAINER=openrlhf` on the small config: two rounds, each trained by
     OpenRLHF under DeepSpeed; round 2 samples from round 1's HF checkpoint."""
-    from pipeline.flows.iterate import iterate
+    from tapo.flows.iterate import iterate
 
     cfg = small_base("train.backend=openrlhf", "rollout.problems_per_round=8")
     table = iterate(tmp_path / "run", 2, cfg, progress=False)

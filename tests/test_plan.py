@@ -7,9 +7,9 @@ import json
 import pytest
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.flows.plan import make_plan
+from tapo.cli import main
+from tapo.flows.plan import make_plan
 from trainer.memory import ModelShape, train_rank_bytes
 
 QWEN3_8B = "configs/shapes/qwen3-8b.json"

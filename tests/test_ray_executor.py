@@ -69,7 +69,7 @@ def test_release_returns_once_the_workers_are_gone(shards, tmp_path):
 def test_cli_runs_a_stage_on_ray(shards, tmp_path):
     import json
 
-    from pipeline.cli import main
+    from tapo.cli import main
 
     src = shards()
     assert main(["stage", "tests.fixture_stages:Square", "--in", str(src), "--out",
@@ -125,7 +125,7 @@ def test_output_a_worker_cannot_see_fails_with_the_reason(shards, tmp_path):
 
 
 def test_testbed_round_on_ray_matches_local(small_base, tmp_path):
-    from pipeline.flows.round import run_round
+    from tapo.flows.round import run_round
 
     extra = ("select.p_high=1", "rollout.problems_per_round=24", "rollout.shard_size=8")
     run_round(tmp_path / "local", 1, small_base(*extra), progress=False)

@@ -8,11 +8,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
-from pipeline.flows.round import run_round
 from pipeline.io import read_pandas
+from tapo.cli import main
+from tapo.flows.round import run_round
 
 STAGES = ["sample", "classify", "select", "locate", "pick_repair", "construct", "assemble"]
 
@@ -116,7 +116,7 @@ def test_cli_round_and_status(small_base, tmp_path, capsys):
 def test_a_round_never_builds_a_model(small_base, tmp_path):
     """With no policy, no cold-start model and no testbed base, round 1 is an error that names
     the command; iterate (and make iterate) build the base first."""
-    from pipeline.flows.round import resolve_policy
+    from tapo.flows.round import resolve_policy
 
     cfg = small_base("policy.path=", f"testbed.base_dir={tmp_path / 'no-base'}")
     with pytest.raises(FileNotFoundError, match="`tapo base` installs it"):
@@ -204,7 +204,7 @@ def _tapo_vllm(args, small_base, tmp_path, timeout):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "pipeline", *args, "--config",
+    done = subprocess.run([sys.executable, "-m", "tapo", *args, "--config",
                            str(_cfg(small_base, tmp_path)), "engine.backend=vllm"],
                           capture_output=True, text=True, timeout=timeout)
     console = done.stdout + done.stderr
@@ -243,7 +243,7 @@ def test_a_seeded_round_samples_the_same_in_another_process_with_one_thread(smal
     kept_engine(cfg.engine, cfg.testbed.base_dir + "/model", seed=cfg.run.seed).generate(
         ["Q: 1 + 1\nA:\n"], 3, SamplingParams(temperature=1.0, max_tokens=8))
     run_round(tmp_path / "here", 1, cfg, progress=False)
-    done = subprocess.run([sys.executable, "-m", "pipeline", "round", str(tmp_path / "there"),
+    done = subprocess.run([sys.executable, "-m", "tapo", "round", str(tmp_path / "there"),
                            "--iteration", "1", "--config", str(_cfg(small_base, tmp_path)),
                            "engine.backend=vllm"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -282,9 +282,9 @@ def test_in_memory_chain_gives_the_rounds_rows(small_base, tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.chain import run_chain_in_memory
-    from pipeline.flows.chains import ONLINE
     from pipeline.io import list_parts
     from stages.schema import TRAINING
+    from tapo.flows.chains import ONLINE
 
     cfg = small_base("rollout.problems_per_round=24", "select.p_high=0.75")
     summary = run_round(tmp_path / "run", 1, cfg, progress=False)
@@ -315,7 +315,7 @@ def test_iterate_with_vllm_loads_each_checkpoint_into_one_engine(small_base, tmp
 def test_another_task_without_problems_is_an_error_not_the_testbed(tmp_path):
     """configs/math.yaml with `rollout.problems` left empty: a clear error before anything runs
     (before: the testbed's arithmetic, sampled from a math model)."""
-    from pipeline.flows.round import problem_file, problem_pool
+    from tapo.flows.round import problem_file, problem_pool
 
     cfg = load_config(Path("configs/math.yaml"), [f"testbed.base_dir={tmp_path / 'tb'}"])
     with pytest.raises(ValueError, match="rollout.problems is empty: the 'math' task needs"):
@@ -346,9 +346,9 @@ def test_every_stage_fingerprints_the_sections_it_reads(small_base, tmp_path, ch
     config that records what is read: every section it reads (building, processing, naming
     its models) is in its `sections`, so a change there re-runs it."""
     from pipeline.chain import run_chain_in_memory
-    from pipeline.flows.chains import COLDSTART, ROUND
-    from pipeline.flows.round import write_round_problems
     from pipeline.io import read_pandas
+    from tapo.flows.chains import COLDSTART, ROUND
+    from tapo.flows.round import write_round_problems
 
     cfg = small_base("select.p_high=1")
     write_round_problems(cfg, 1, tmp_path / "problems")

@@ -12,7 +12,7 @@ from pipeline.config import load_config
 from pipeline.io import read_pandas, write_table_atomic
 from pipeline.runner import run_stage
 from pipeline.stage import load_stage_class
-from pipeline.status import render_status
+from tapo.status import render_status
 from tests.fixture_stages import SCHEMA_IN, AddSide, GroupSum, Square, Total
 
 CFG = load_config()
@@ -158,7 +158,7 @@ def test_input_schema_checked(tmp_path):
 
 
 def _cli(*args, env=None):
-    return [sys.executable, "-m", "pipeline", *args]
+    return [sys.executable, "-m", "tapo", *args]
 
 
 def test_resume_after_sigkill(shards, tmp_path):

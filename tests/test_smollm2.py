@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.flows.import_model import import_gguf, packaged_gguf
 from pipeline.util import weights_sha256
+from tapo.flows.import_model import import_gguf, packaged_gguf
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2.yaml"
 
@@ -54,9 +54,9 @@ def test_one_round_and_one_openrlhf_step(smollm2, tmp_path):
 
     from pipeline.engines import SamplingParams, kept_engine
     from pipeline.engines.hf import HFEngine
-    from pipeline.flows.round import run_round
     from pipeline.io import read_pandas
     from stages.tasks.base import get_task
+    from tapo.flows.round import run_round
     from trainer.backends import train_round
 
     model_dir, _ = smollm2

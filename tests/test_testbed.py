@@ -13,7 +13,10 @@ from bench.reflection_timing import reflection_timing
 from pipeline.config import load_config
 from pipeline.engines.base import SamplingParams
 from pipeline.engines.hf import HFEngine
-from pipeline.flows.testbed import (
+from pipeline.io import read_pandas
+from pipeline.util import read_json, weights_sha256
+from stages.tasks import arith
+from testbed.base import (
     SHIPPED_BASE,
     base_fingerprint,
     build_base,
@@ -24,9 +27,6 @@ from pipeline.flows.testbed import (
     rebuild_base,
     shipped_base,
 )
-from pipeline.io import read_pandas
-from pipeline.util import read_json, weights_sha256
-from stages.tasks import arith
 from tests.conftest import SMALL_CONFIG
 from trainer.objective import loss_mask
 from trainer.rl import _update, build_batch, objective_config, old_logprobs
@@ -36,7 +36,7 @@ import json, sys
 import pandas as pd, torch
 torch.set_num_threads(1)
 from pipeline.engines.hf import HFEngine
-from pipeline.flows.testbed import measure_base
+from testbed.base import measure_base
 base = sys.argv[1]
 heldout = pd.read_parquet(f"{base}/data/heldout.parquet")
 print(json.dumps(measure_base(HFEngine(f"{base}/model", batch_size=200), heldout)))
@@ -267,7 +267,7 @@ def test_the_shipped_base_reproduces_its_figures_here_and_grpo_learns(tmp_path):
     assert json.loads(one_thread.stdout) == build["heldout"], one_thread.stderr
 
     # one TAPO round on the default testbed, with the default engine (vllm when installed)
-    from pipeline.flows.round import run_round
+    from tapo.flows.round import run_round
 
     cfg = load_config(None, [f"testbed.base_dir={tmp_path / 'base'}"])
     summary = run_round(tmp_path / "run", 1, cfg, progress=False)
@@ -276,8 +276,8 @@ def test_the_shipped_base_reproduces_its_figures_here_and_grpo_learns(tmp_path):
     assert summary["training_rows"] == 64 * 8 + summary["accepted"]
 
     # `make iterate N=10 ALGO=grpo` learns: held-out pass@1 (T = 0.6, n = 8) and misreadings
-    from pipeline.flows.evaluate import evaluate
-    from pipeline.flows.iterate import iterate
+    from tapo.flows.evaluate import evaluate
+    from tapo.flows.iterate import iterate
 
     grpo = load_config(None, [f"testbed.base_dir={tmp_path / 'base'}", "algo.name=grpo"])
     iterate(tmp_path / "grpo", 10, grpo, progress=False)
@@ -364,8 +364,8 @@ def test_reflection_timing_on_hand_written_answers():
 def test_testbed_problems_are_generated_without_a_model(tmp_path):
     """A run of another model on the arith task (configs/smollm2.yaml) needs the splits, not the
     testbed's base: they are generated on first use, and kept after."""
-    from pipeline.flows.round import problem_pool
-    from pipeline.flows.testbed import testbed_problems
+    from tapo.flows.round import problem_pool
+    from testbed.base import testbed_problems
 
     cfg = load_config(SMALL_CONFIG, [f"testbed.base_dir={tmp_path / 'arith'}",
                                      "testbed.arith.max_steps=2", "testbed.n_train=50"])

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from pipeline.flows.iterate import iterate
-from pipeline.flows.tracking import STEP_NAMES, step_scalars
+from tapo.flows.iterate import iterate
+from tapo.flows.tracking import STEP_NAMES, step_scalars
 
 
 def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:

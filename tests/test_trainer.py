@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import write_resolved
-from pipeline.flows.iterate import iterate, read_metrics
-from pipeline.flows.round import run_round
 from pipeline.io import read_pandas
+from tapo.flows.iterate import iterate, read_metrics
+from tapo.flows.round import run_round
 from trainer.objective import policy_loss
 from trainer.rl import _update, build_batch, objective_config, old_logprobs, response_logprobs
 
@@ -98,7 +98,7 @@ def test_resume_after_kill_inside_training(shard, tmp_path):
     overrides = ["train.mini_batch_size=8", "train.micro_batch_size=2", "train.save_every=3"]
     whole = _train(cfg, policy, shard_dir, tmp_path / "whole", *overrides)
     cfg_path = tmp_path / "cfg.yaml"
-    cmd = [sys.executable, "-m", "pipeline", "train", "--policy", str(policy), "--shard",
+    cmd = [sys.executable, "-m", "tapo", "train", "--policy", str(policy), "--shard",
            str(shard_dir), "--out", str(tmp_path / "killed"), "--config", str(cfg_path),
            *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

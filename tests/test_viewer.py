@@ -8,11 +8,11 @@ import re
 import pytest
 from rich.console import Console
 
-from pipeline.cli import main
-from pipeline.flows.report import write_report
-from pipeline.flows.run_files import funnel, rejections, trajectories
-from pipeline.flows.show import show
 from pipeline.io import read_pandas
+from tapo.cli import main
+from tapo.flows.report import write_report
+from tapo.flows.run_files import funnel, rejections, trajectories
+from tapo.flows.show import show
 from tests.browser import ink, render
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

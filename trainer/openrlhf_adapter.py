@@ -1,7 +1,7 @@
 """TAPO's objective inside OpenRLHF 0.11.2 (Ray + DeepSpeed, multi-GPU and multi-node). The
 trainer side of the online loop (the only trainer module that imports OpenRLHF); it subclasses,
 never forks (see ../shared/OPENRLHF.md). It knows training rows (stages/schema.TRAINING
-columns) and Experiences, not how trajectories are made: that is pipeline/flows/online.py,
+columns) and Experiences, not how trajectories are made: that is tapo/flows/online.py,
 whose trainer subclass fills `TapoPPOTrainer.augment` with our stages.
 
 Each PPO step of OpenRLHF's trainer samples G rollouts per prompt with its vLLM engines and
@@ -22,7 +22,7 @@ OpenRLHF's clipped loss on an augmented token equals our capped ratio, because e
 advantage is positive (the lower clip only binds when A < 0). `algo.ood=shaping` needs the
 current policy's probabilities inside the actor's loss and is not offered here.
 
-Launch: `python -m pipeline.flows.online` (see there). The augmented count per step varies,
+Launch: `python -m tapo.flows.online` (see there). The augmented count per step varies,
 so keep `--train.dynamic_batch_enable` off (it would silently drop the extra samples); the
 synchronous trainer only (no `--train.async_enable`).
 """
@@ -265,7 +265,7 @@ class TapoExperienceMaker(RemoteExperienceMaker):
 
 class TapoPPOTrainer(PPOTrainer.__ray_actor_class__):
     """OpenRLHF's PPO trainer whose steps add the trajectories `augment` returns (none here:
-    pipeline/flows/online.py's subclass makes them). A Ray actor class; `main` registers it."""
+    tapo/flows/online.py's subclass makes them). A Ray actor class; `main` registers it."""
 
     def __init__(self, pretrain, *args, **kwargs):
         super().__init__(pretrain, *args, **kwargs)

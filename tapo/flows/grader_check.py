@@ -2,7 +2,7 @@
 own reference answer (MATH-500; GSM8K, whose `#### x` line is read as the final answer), and
 AIME / HMMT reference answers must round-trip (`\\boxed{answer}` grades correct).
 
-    python -m pipeline.flows.grader_check [--limit N] [--out report.md]
+    python -m tapo.flows.grader_check [--limit N] [--out report.md]
 
 Reads data/*.jsonl; prints (and optionally writes) the agreement and every disagreement.
 """

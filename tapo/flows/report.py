@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.flows.compare import last_checkpoints, plot_heldout, plot_per_round, summary_rows
-from pipeline.flows.evaluate import format_cell, metric_columns, new_plot, plot_pass_at_k
-from pipeline.flows.run_files import funnel, rounds, step_log, summary, trajectories
-from pipeline.flows.show import segment_lines
 from pipeline.layout import CONFIG, METRICS
+from tapo.flows.compare import last_checkpoints, plot_heldout, plot_per_round, summary_rows
+from tapo.flows.evaluate import format_cell, metric_columns, new_plot, plot_pass_at_k
+from tapo.flows.run_files import funnel, rounds, step_log, summary, trajectories
+from tapo.flows.show import segment_lines
 
 REPORT = "report.html"
 STAGE_COLOURS = {"sample": "#4c72b0", "classify": "#dd8452", "select": "#55a868",

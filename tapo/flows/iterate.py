@@ -27,10 +27,10 @@ import pandas as pd
 from pipeline.completion import DONE
 from pipeline.config import Config, write_resolved
 from pipeline.engines import release_engine
-from pipeline.flows.round import resolve_policy, run_round
-from pipeline.flows.tracking import Trackers
 from pipeline.layout import CONFIG, METRICS, checkpoint_dir, iter_dir, round_summary
 from pipeline.ray_executor import release_workers
+from tapo.flows.round import resolve_policy, run_round
+from tapo.flows.tracking import Trackers
 from trainer.backends import prune_optimizer_state, train_round
 
 STAGE_SECONDS = ("sample", "classify", "select", "locate", "construct", "assemble", "train")

@@ -1,4 +1,4 @@
-"""OpenRLHF's reward hook (`--reward.remote_url pipeline/flows/reward_fn.py`): reward 1.0 when
+"""OpenRLHF's reward hook (`--reward.remote_url tapo/flows/reward_fn.py`): reward 1.0 when
 the response's last \\boxed{} answer grades correct against the label by the task of the run's
 tapo config ($TAPO_CONFIG; math: the fast exact path, then math-verify under a hard timeout),
 else 0.0."""

@@ -21,13 +21,13 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.flows.run_files import summary as round_summary_of
 from pipeline.io import read_pandas
 from pipeline.layout import iter_dir
 from pipeline.runner import run_stage
 from pipeline.stage import EXCLUDED
 from pipeline.util import write_json_atomic
 from stages.locate import Locate
+from tapo.flows.run_files import summary as round_summary_of
 
 KEY = "wrong_rollout_id"
 

@@ -1,4 +1,4 @@
-"""The `tapo` command line (also `python -m pipeline`).
+"""The `tapo` command line (also `python -m tapo`).
 
     tapo stage NAME --in DIR --out DIR [--side NAME=DIR] [--config C] [--workers N] [key=value ...]
     tapo round RUN_DIR --iteration K [--algo tapo|grpo] [--model PATH] [--config C] [key=value ...]
@@ -221,10 +221,10 @@ def _engine_log(args: argparse.Namespace, run_dir: Path) -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from pipeline.flows.round import resolve_policy
     from pipeline.runner import run_stage
     from pipeline.stage import load_stage_class
     from stages import REGISTRY
+    from tapo.flows.round import resolve_policy
 
     cfg = load_config(args.config, args.overrides)
     if not cfg.policy.path:  # the run's initial policy, when there is one (never built here)
@@ -249,8 +249,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_round(args: argparse.Namespace) -> int:
     from pipeline.config import write_resolved
-    from pipeline.flows.round import render_round, run_round
     from pipeline.layout import CONFIG
+    from tapo.flows.round import render_round, run_round
 
     saved = args.run_dir / CONFIG
     cfg = load_config(args.config or (saved if saved.exists() else None), args.overrides)
@@ -264,7 +264,7 @@ def cmd_round(args: argparse.Namespace) -> int:
 
 
 def cmd_coldstart(args: argparse.Namespace) -> int:
-    from pipeline.flows.coldstart import coldstart_dir, render_coldstart, run_coldstart
+    from tapo.flows.coldstart import coldstart_dir, render_coldstart, run_coldstart
 
     cfg = load_config(args.config, args.overrides)
     _engine_log(args, args.run_dir or coldstart_dir(cfg))
@@ -273,7 +273,7 @@ def cmd_coldstart(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.flows.evaluate import evaluate, markdown_table
+    from tapo.flows.evaluate import evaluate, markdown_table
 
     cfg = load_config(args.config, args.overrides)
     if not args.model.is_dir():
@@ -287,7 +287,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.flows.compare import compare
+    from tapo.flows.compare import compare
 
     cfg = load_config(args.config, args.overrides)
     _engine_log(args, args.out_dir)
@@ -298,7 +298,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_iterate(args: argparse.Namespace) -> int:
-    from pipeline.flows.iterate import iterate
+    from tapo.flows.iterate import iterate
 
     cfg = load_config(args.config, args.overrides)
     if args.algo:
@@ -330,14 +330,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.status import render_status
+    from tapo.status import render_status
 
     print(render_status(args.run_dir))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from pipeline.flows.show import show
+    from tapo.flows.show import show
 
     if not args.run_dir.is_dir():
         raise FileNotFoundError(f"no such run directory: {args.run_dir}")
@@ -346,16 +346,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from pipeline.flows.report import write_report
+    from tapo.flows.report import write_report
 
     print(f"written: {write_report(args.run_dir, args.out)}")
     return 0
 
 
 def cmd_locator_check(args: argparse.Namespace) -> int:
-    from pipeline.flows.locator_check import locator_check, render
-    from pipeline.flows.run_files import last_round
     from pipeline.layout import CONFIG
+    from tapo.flows.locator_check import locator_check, render
+    from tapo.flows.run_files import last_round
 
     saved = args.run_dir / CONFIG
     cfg = load_config(args.config or (saved if saved.exists() else None), args.overrides)
@@ -366,7 +366,7 @@ def cmd_locator_check(args: argparse.Namespace) -> int:
 
 
 def cmd_base(args: argparse.Namespace) -> int:
-    from pipeline.flows.testbed import build_base, rebuild_base, shipped_base
+    from testbed.base import build_base, rebuild_base, shipped_base
 
     cfg = load_config(args.config, args.overrides)
     model_dir = build_base(cfg.testbed, cfg.testbed.base_dir)
@@ -387,7 +387,7 @@ def cmd_base(args: argparse.Namespace) -> int:
 
 
 def cmd_import_model(args: argparse.Namespace) -> int:
-    from pipeline.flows.import_model import DEFAULT_OUT, import_gguf, packaged_gguf
+    from tapo.flows.import_model import DEFAULT_OUT, import_gguf, packaged_gguf
 
     out = args.out or DEFAULT_OUT
     record = import_gguf(args.gguf or packaged_gguf(), out, force=args.force)
@@ -397,7 +397,7 @@ def cmd_import_model(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.flows.plan import format_plan, make_plan, model_shape
+    from tapo.flows.plan import format_plan, make_plan, model_shape
 
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg, model_shape(cfg, args.shape), gpu_gb=args.gpu_gb)

@@ -17,7 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.flows.run_files import (
+from tapo.flows.run_files import (
     REJECTING,
     Trajectory,
     last_round,

@@ -28,9 +28,9 @@ import pandas as pd
 
 from pipeline.chain import run_chain
 from pipeline.config import Config
-from pipeline.flows.chains import EVAL
 from pipeline.io import read_pandas
 from pipeline.problems import write_problems
+from tapo.flows.chains import EVAL
 
 DATA = Path(__file__).resolve().parents[2] / "data"
 BENCHMARKS = {  # name -> (file, task); `testbed`: the testbed's held-out split
@@ -94,7 +94,7 @@ def bench_file(cfg: Config, bench: str) -> Path:
     path = BENCHMARKS[bench][0]
     if path is not None:
         return path
-    from pipeline.flows.testbed import testbed_problems
+    from testbed.base import testbed_problems
 
     return testbed_problems(cfg.testbed, "heldout")
 

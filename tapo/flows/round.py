@@ -3,7 +3,7 @@
 
     run_round(run_dir, iteration=1, cfg=cfg)
 
-Writes `RUN_DIR/iter_KKKK/<stage>/` for each step of the round's chain (pipeline/flows/
+Writes `RUN_DIR/iter_KKKK/<stage>/` for each step of the round's chain (tapo/flows/
 chains.py; the layout: pipeline/layout.py, pipeline/runner.py) and `RUN_DIR/iter_KKKK/round.json`:
 the policy, seconds and stats per stage, and the share of candidates that became accepted
 trajectories. Every stage is resumable and a no-op when complete, so a killed round re-run
@@ -22,7 +22,6 @@ from typing import Any
 from pipeline.chain import run_chain
 from pipeline.completion import is_done
 from pipeline.config import Config
-from pipeline.flows.chains import ROUND
 from pipeline.io import read_pandas
 from pipeline.layout import (
     ROUND_SUMMARY,
@@ -32,6 +31,7 @@ from pipeline.layout import (
 from pipeline.problems import write_problems
 from pipeline.util import write_json_atomic
 from stages.tasks.base import reflects, task_of
+from tapo.flows.chains import ROUND
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def testbed_base(cfg: Config, build: bool) -> Path:
     """The testbed base model; when it is missing or out of date, built first with `build`
     (said in the log: no policy was given, so the run starts from the testbed's own model),
     else a FileNotFoundError that names the command."""
-    from pipeline.flows.testbed import base_is_current, build_base
+    from testbed.base import base_is_current, build_base
 
     if not base_is_current(cfg.testbed, cfg.testbed.base_dir):
         if not build:
@@ -95,7 +95,7 @@ def problem_file(cfg: Config, key: str, split: str, required: bool = True) -> Pa
     """The problems file the config's `key` names, else, for a task whose problems are generated
     (arith), the testbed's `split` (generated on first use). Another task without one: an error
     when `required`, else None; never the testbed's arithmetic."""
-    from pipeline.flows.testbed import testbed_problems
+    from testbed.base import testbed_problems
 
     section, field = key.split(".")
     given = getattr(getattr(cfg, section), field)

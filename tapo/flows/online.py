@@ -1,17 +1,17 @@
 """Online TAPO: OpenRLHF's own loop (vLLM sampling, Ray, DeepSpeed) with our stages inside
-each PPO step. OpenRLHF samples G rollouts per prompt and rewards them (pipeline/flows/
+each PPO step. OpenRLHF samples G rollouts per prompt and rewards them (tapo/flows/
 reward_fn.py); `OnlineTapoTrainer.augment` runs the ONLINE chain (select -> locate ->
-pick_repair -> construct -> assemble, pipeline/flows/chains.py) on them in memory, the same
+pick_repair -> construct -> assemble, tapo/flows/chains.py) on them in memory, the same
 stages as `tapo round` (llm locators and constructors use the configured `engine`), and hands
 the accepted trajectories to trainer/openrlhf_adapter.py as Experiences.
 
 Launch (GPU cluster, `pip install -e '.[gpu]'`; TAPO settings from a tapo config file):
 
-    TAPO_CONFIG=configs/my-run.yaml python -m pipeline.flows.online \\
+    TAPO_CONFIG=configs/my-run.yaml python -m tapo.flows.online \\
         --actor.model_name_or_path /models/Qwen3-8B --data.prompt_dataset data/train.parquet \\
         --data.input_key prompt --data.label_key answer --rollout.n_samples_per_prompt 8 \\
         --algo.advantage.estimator group_norm --actor.eps_clip_low_high 0.2 0.28 \\
-        --algo.kl.init_coef 0 --reward.remote_url pipeline/flows/reward_fn.py ...
+        --algo.kl.init_coef 0 --reward.remote_url tapo/flows/reward_fn.py ...
 
 (every flag is OpenRLHF's own `train_ppo_ray` flag).
 """
@@ -24,8 +24,8 @@ import torch
 
 from pipeline.chain import run_chain_in_memory
 from pipeline.config import Config
-from pipeline.flows.chains import ONLINE
 from stages.tasks import task_of
+from tapo.flows.chains import ONLINE
 from trainer import openrlhf_adapter as adapter
 
 

@@ -32,15 +32,15 @@ import pandas as pd
 from pipeline.chain import run_chain
 from pipeline.config import Config, write_resolved
 from pipeline.engines import SamplingParams
-from pipeline.flows.chains import COLDSTART
-from pipeline.flows.evaluate import format_cell
-from pipeline.flows.round import problem_file, testbed_base
 from pipeline.io import read_pandas
 from pipeline.problems import write_problems
 from pipeline.stage import EXCLUDED
 from pipeline.util import write_json_atomic
 from stages.common import EngineHolder
 from stages.tasks.base import reflects
+from tapo.flows.chains import COLDSTART
+from tapo.flows.evaluate import format_cell
+from tapo.flows.round import problem_file, testbed_base
 from trainer.backends import train_sft
 
 

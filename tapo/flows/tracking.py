@@ -31,9 +31,9 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config, ConfigError
-from pipeline.flows.run_files import step_log
 from pipeline.layout import STEPS, TRACKING
 from pipeline.util import read_json, write_json_atomic
+from tapo.flows.run_files import step_log
 
 # the trainers' step log -> OpenRLHF's names (its PPO actor's status keys, logged as train/<key>)
 STEP_NAMES = {"clip_fraction": "ppo_clip_ratio", "entropy": "entropy_loss",

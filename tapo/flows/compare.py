@@ -3,10 +3,10 @@
     report = compare(out_dir, ["tapo", "grpo"], seeds=[0, 1, 2], rounds=10, cfg=cfg)
 
 Every (variant, seed) run starts from the same checkpoint (the cold-start model when complete,
-else the testbed base: pipeline/flows/round.py resolve_policy) and runs `rounds` rounds of
+else the testbed base: tapo/flows/round.py resolve_policy) and runs `rounds` rounds of
 `make iterate` into OUT/<variant>-s<seed>/ with run.seed = train.seed = seed. The start and
 each run's last checkpoint (and, with `eval_every` K, its checkpoints of rounds K, 2K, ...) are
-evaluated on the testbed's held-out set (pipeline/flows/evaluate.py) into OUT/eval/. Then
+evaluated on the testbed's held-out set (tapo/flows/evaluate.py) into OUT/eval/. Then
 OUT/compare.parquet (a row per evaluated checkpoint: `rounds` is its round, 0 for the start),
 OUT/per_round.parquet (each run's training pass rate per round: the rate on that round's fresh
 problems; its augmented and OOD-suppressed shares), OUT/by_difficulty.parquet (held-out pass@1
@@ -25,7 +25,10 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import Config, apply_override, validate
-from pipeline.flows.evaluate import (
+from pipeline.io import read_pandas
+from pipeline.layout import checkpoint_dir
+from stages.tasks import Task, get_task
+from tapo.flows.evaluate import (
     BENCHMARKS,
     evaluate_bench,
     format_cell,
@@ -34,11 +37,8 @@ from pipeline.flows.evaluate import (
     plot_pass_at_k,
     save_plot,
 )
-from pipeline.flows.iterate import iterate, read_metrics
-from pipeline.flows.round import resolve_policy
-from pipeline.io import read_pandas
-from pipeline.layout import checkpoint_dir
-from stages.tasks import Task, get_task
+from tapo.flows.iterate import iterate, read_metrics
+from tapo.flows.round import resolve_policy
 
 VARIANTS: dict[str, list[str]] = {  # name -> config overrides over the given config
     "tapo": [],

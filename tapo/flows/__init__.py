@@ -1,0 +1,1 @@
+"""The flows: what a command runs, over stages and trainers."""
