@@ -262,7 +262,7 @@ class GraderConfig(Section):
 
 
 class RunnerConfig(Section):
-    """How the runner runs a stage's shards: local processes or Ray actors (README: Cluster)."""
+    """How the runner runs a stage's shards: local processes or Ray actors (docs/cluster.md)."""
 
     executor: typing.Literal["local", "ray"] = Field(
         "local", description="local: processes on this machine; ray: actors on a Ray cluster")

@@ -4,7 +4,7 @@ Reads problems (`problem_id`, `problem`, `answer`); writes one row per rollout (
 with `rollout_id = problem_id/k`, the token ids as sampled and the prompt's ids as the engine fed
 them (the trainer trains on exactly those). Sample k of a problem is seeded by (run.seed,
 problem_id, k) where the engine takes per-request seeds (vLLM, an OpenAI-compatible server);
-the hf engine seeds per batch (README: Engines). A problem
+the hf engine seeds per batch (docs/engines.md). A problem
 row without an id or text is dropped as `bad_problem`, a repeated id as `duplicate_problem`.
 """
 

@@ -1,4 +1,4 @@
-"""The shard schemas of the TAPO stages, in pipeline order. The README documents each column.
+"""The shard schemas of the TAPO stages, in pipeline order. docs/stages.md documents each column.
 
 Ids: `problem_id`; `rollout_id = problem_id/k` (k = sample index); `trajectory_id =
 rollout_id/tapo` (or `/full` in the full-reconstruction ablation), naming the repaired rollout.

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--algo", choices=("tapo", "grpo"), default=None, help="sets algo.name")
     p.add_argument("--model", default=None,
                    help="this round's policy checkpoint, not saved in the run's config "
-                        "(default: see README)")
+                        "(default: docs/stages.md, the round's policy)")
     _config_args(p)
     _executor_args(p)
 

@@ -117,7 +117,8 @@ def test_every_config_key_says_what_it_is():
 
 
 def test_every_config_key_the_readme_names_exists():
-    """The README and the config cannot drift apart: each `section.key` it names is a key."""
+    """The docs and the config cannot drift apart: each `section.key` the README, docs/ or the
+    changelog name is a key."""
     import re
     from pathlib import Path
 
@@ -125,7 +126,9 @@ def test_every_config_key_the_readme_names_exists():
 
     keys = {key for key, _ in _leaves(Config)}
     sections = "|".join(Config.model_fields)
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    root = Path(__file__).resolve().parent.parent
+    readme = "\n".join(p.read_text() for p in [root / "README.md", root / "CHANGELOG.md",
+                                                 *sorted((root / "docs").glob("*.md"))])
     found = re.findall(rf"(?<![\w/.-])((?:{sections})\.[a-z_]+(?:\.[a-z_]+)*)(?![\w(])", readme)
     files = ("json", "yaml", "parquet", "log", "jsonl", "csv", "md", "png")
     named = {n for n in found if n.rsplit(".", 1)[1] not in files}  # (not `coldstart.json`)

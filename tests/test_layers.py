@@ -1,4 +1,4 @@
-"""The packages import one way (README, "Layout"): each folder is a layer and imports only the
+"""The packages import one way (docs/architecture.md): each folder is a layer and imports only the
 layers below it: framework (pipeline/) <- tasks (stages/tasks/) <- stages (stages/);
 framework <- trainer (trainer/); framework, tasks, trainer <- testbed (testbed/); everything
 <- orchestration (tapo/: flows, CLI, views of a run). Walks every import statement

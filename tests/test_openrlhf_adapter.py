@@ -228,12 +228,14 @@ def test_openrlhf_kl_must_be_tapos(tapo_kl, flags, ok):
 
 
 def readme_launch_commands() -> list[tuple[str, list[str]]]:
-    """(OpenRLHF module, its arguments) of every launch command in the README's bash blocks."""
+    """(OpenRLHF module, its arguments) of every launch command in the docs' bash blocks."""
     import re
     import shlex
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    root = Path(__file__).resolve().parent.parent
+    readme = "\n".join(p.read_text() for p in [root / "README.md",
+                                                 *sorted((root / "docs").glob("*.md"))])
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", readme, re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
@@ -246,7 +248,7 @@ def readme_launch_commands() -> list[tuple[str, list[str]]]:
 
 
 def test_readme_launch_commands_parse_with_openrlhfs_own_parser(monkeypatch):
-    """Each OpenRLHF command in the README goes through the argparse parser OpenRLHF builds in
+    """Each OpenRLHF command in the docs goes through the argparse parser OpenRLHF builds in
     its entry point (run as __main__, stopped right after parsing): a flag it does not have
     (such as --ds.bf16 in 0.11.2) fails here."""
     import argparse

@@ -94,7 +94,7 @@ def reflection_rate(cfg: Config, model: Path, prompts: list[str]) -> float:
 
 
 def source_counts(stats: dict[str, dict[str, int]], examples_dir: Path) -> dict[str, Any]:
-    """What the README's cold-start table shows: the funnel, rejections, and per source
+    """What docs/coldstart.md's table shows: the funnel, rejections, and per source
     (sft, direct, if) the examples available, dropped by reason, and kept."""
     classified = read_pandas(examples_dir.parent / "classify", columns=["label"])
     kept = read_pandas(examples_dir, columns=["source"])["source"].value_counts()
