@@ -302,8 +302,8 @@ class AlgoConfig(Section):
 
 class TrainConfig(Section):
     """The policy update on a round's training shard: one pass (or `epochs`), by the local
-    trainer (trainer/rl.py) or by OpenRLHF's machinery under DeepSpeed (trainer/
-    openrlhf_shard.py), with the same objective and the same mini-batches."""
+    trainer (trainer/rl.py) or by OpenRLHF's machinery under DeepSpeed
+    (trainer/openrlhf_shard.py), with the same objective and the same mini-batches."""
 
     backend: typing.Literal["local", "openrlhf"] = Field(
         "local", description="local: one process, CPU or one GPU; openrlhf: OpenRLHF's actor, "

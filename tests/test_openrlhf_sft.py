@@ -21,6 +21,7 @@ from stages import schema  # noqa: E402
 from trainer import openrlhf_rank, openrlhf_sft  # noqa: E402
 from trainer.backends import train_sft  # noqa: E402
 from trainer.openrlhf_compat import stub_flash_attn, write_args  # noqa: E402
+from trainer.openrlhf_shard import shm_buffers  # noqa: E402
 
 ROOT = openrlhf_sft.Path(__file__).resolve().parent.parent
 
@@ -137,6 +138,7 @@ def test_openrlhf_sft_trains_the_token_mean_and_resumes(small_base, tmp_path):
 
     config = write_resolved(cfg, tmp_path / "config.yaml")
     out = tmp_path / "killed" / "model"
+    buffers = set(shm_buffers())
     run = (f"from pipeline.config import load_config; from trainer.backends import train_sft; "
            f"train_sft({str(base)!r}, {str(examples)!r}, {str(out)!r}, "
            f"load_config({str(config)!r}), progress=False)")
@@ -150,3 +152,5 @@ def test_openrlhf_sft_trains_the_token_mean_and_resumes(small_base, tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "sft_log.jsonl").read_text()
              .splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+    for left in set(shm_buffers()) - buffers:  # the killed launch's (its driver never cleaned)
+        left.unlink()

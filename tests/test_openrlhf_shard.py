@@ -111,6 +111,17 @@ def test_driver_parses_openrlhfs_arguments_without_ray(shard, tmp_path):
     assert parsed[0] == parsed[1] and parsed[1]["actor"]["adam"]["lr"] == cfg.train.lr
 
 
+def test_shaping_is_refused_before_anything_runs(tmp_path):
+    """algo.ood=shaping needs the current policy inside the loss, which OpenRLHF's PolicyLoss
+    does not take: the driver says so before reading a model or launching."""
+    from pipeline.config import load_config
+
+    cfg = load_config(None, ["train.backend=openrlhf", "algo.ood=shaping"])
+    with pytest.raises(ValueError, match="shaping needs pi inside the loss"):
+        openrlhf_shard.train_round(tmp_path / "none", tmp_path / "none", tmp_path / "out", cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_master_port_is_picked_on_the_hostfiles_first_host(tmp_path):
     """With a hostfile the rendezvous port is free on its first host (rank 0's), not on the
     driver: a local first host binds here, a remote one is asked over ssh (an unreachable one
@@ -212,8 +223,11 @@ def test_killed_trainer_resumes_from_its_deepspeed_checkpoint(shard, tmp_path):
                 str(shard_dir), "--out", str(out), "--config", str(cfg_path), *overrides]
 
     assert subprocess.run(command(tmp_path / "whole"), capture_output=True).returncode == 0
+    buffers = set(openrlhf_shard.shm_buffers())
     kill_after_saved_step(command(tmp_path / "killed"),
                           tmp_path / "killed" / "_ds" / "state.json", 2, timeout_s=600)
+    for left in set(openrlhf_shard.shm_buffers()) - buffers:  # the killed launch's
+        left.unlink()
     assert not (tmp_path / "killed" / "_SUCCESS").exists()
     assert subprocess.run(command(tmp_path / "killed"), capture_output=True).returncode == 0
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()

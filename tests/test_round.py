@@ -354,8 +354,8 @@ def test_every_stage_fingerprints_the_sections_it_reads(small_base, tmp_path, ch
     write_round_problems(cfg, 1, tmp_path / "problems")
     problems = read_pandas(tmp_path / "problems").to_dict("records")
     steps = ROUND["tapo"] if chain == "round" else COLDSTART
-    read = {step.out: set() for step in steps}
-    built = {step.out: step.stage(RecordingConfig(cfg, read[step.out])) for step in steps}
+    read = {link.out: set() for link in steps}
+    built = {link.out: link.stage(RecordingConfig(cfg, read[link.out])) for link in steps}
     try:
         rows = run_chain_in_memory(steps, cfg, {"problems": problems}, stages=built)
     finally:

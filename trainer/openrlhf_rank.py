@@ -47,13 +47,19 @@ import torch
 
 from pipeline.completion import mark_complete
 from pipeline.config import Config, load_config
-from pipeline.io import read_pandas
 from pipeline.util import read_json, write_json_atomic
 from trainer.logprobs import LogProbHead, sequence_logprobs
 from trainer.objective import loss_mask
 from trainer.openrlhf_compat import stub_flash_attn
 from trainer.openrlhf_shard import DS_DIR, LOG
-from trainer.rl import build_batch, mini_batches, objective_config, round_metrics, truncate_log
+from trainer.rl import (
+    build_batch,
+    mini_batches,
+    objective_config,
+    read_shard,
+    round_metrics,
+    truncate_log,
+)
 
 UNSUPPORTED = {  # OpenRLHF flags this trainer does not implement: (the off value, what)
     ("ds", "packing_samples"): (False, "sample packing"),
@@ -327,9 +333,7 @@ def _train(args, cfg: Config, policy_dir: Path, shard_dir: Path, out_dir: Path,
     rank, world = torch.distributed.get_rank(), strategy.world_size
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     tc, obj = cfg.train, objective_config(cfg)
-    rows = read_pandas(shard_dir)
-    if len(rows) == 0:
-        raise ValueError(f"{shard_dir}: the training shard is empty")
+    rows = read_shard(shard_dir)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     batch = build_batch(rows, tokenizer.pad_token_id, obj)  # advantages, segments: as local
     steps = mini_batches(len(rows), tc)  # the local trainer's, in its order

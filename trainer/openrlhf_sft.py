@@ -39,13 +39,12 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.completion import completed, mark_complete
+from pipeline.completion import completed, publish, staging_dir
 from pipeline.config import Config
 from pipeline.io import read_pandas, write_table_atomic
-from pipeline.util import read_json, write_json_atomic
 
 LOG, DS_DIR, LAUNCH = "sft_log.jsonl", "_ds", "sft.sh"
-ARGS, EXAMPLES, FINGERPRINT = "openrlhf_args.json", "sft_examples.parquet", "fingerprint.json"
+ARGS, EXAMPLES = "openrlhf_args.json", "sft_examples.parquet"
 RANK_MODULE = "trainer.openrlhf_sft"
 UNSUPPORTED = {  # OpenRLHF flags the chunked Actor does not implement: (the off value, what)
     ("ds", "packing_samples"): (False, "sample packing"),
@@ -130,11 +129,7 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
         raise ValueError(f"coldstart.batch_size={c.batch_size} must be a multiple of "
                          f"train.micro_batch_size x processes = {tc.micro_batch_size} x {world}")
     t0 = time.time()
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if (read_json(tmp / FINGERPRINT) or {}).get("fingerprint") != fp:  # else: resume
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_json_atomic(tmp / FINGERPRINT, {"fingerprint": fp})
+    tmp = staging_dir(out_dir, fp, resume=True)  # (the same fingerprint: resume in it)
     counts = write_examples(examples_dir, base_dir, tmp / EXAMPLES)
     steps = planned_steps(counts["examples"], world, tc.micro_batch_size, c.batch_size,
                           int(c.epochs))
@@ -161,11 +156,8 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
                "seconds": round(time.time() - t0, 2), "backend": "openrlhf",
                "world_size": world}
     shutil.rmtree(tmp / DS_DIR, ignore_errors=True)
-    for name in (EXAMPLES, FINGERPRINT):
-        (tmp / name).unlink()
-    mark_complete(tmp, fp, base=str(base_dir), examples=str(examples_dir), metrics=metrics)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    (tmp / EXAMPLES).unlink()
+    publish(tmp, out_dir, fp, base=str(base_dir), examples=str(examples_dir), metrics=metrics)
     return metrics
 
 

@@ -35,7 +35,7 @@ from pipeline.completion import completed
 from pipeline.config import Config, TrainConfig, write_resolved
 from pipeline.layout import DS_STATE, OPTIMIZER, TRAIN_LOG
 from trainer.openrlhf_compat import parse_openrlhf, require_openrlhf, stub_flash_attn, write_args
-from trainer.rl import objective_config, train_fingerprint
+from trainer.rl import round_start
 
 LOG, DS_DIR, LAUNCH = TRAIN_LOG, DS_STATE, "train.sh"
 ARGS = "openrlhf_args.json"  # OpenRLHF's parsed arguments, read by each rank
@@ -81,15 +81,12 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     """Trains the shard with OpenRLHF in launched processes (see the module docstring); returns
     the round's metrics. A no-op when `out_dir` is complete for the same inputs."""
     policy_dir, shard_dir, out_dir = Path(policy_dir), Path(shard_dir), Path(out_dir)
-    obj = objective_config(cfg)
-    if obj.ood == "shaping":
+    if cfg.algo.ood == "shaping":
         raise ValueError("algo.ood=shaping needs pi inside the loss: train.backend=openrlhf "
                          "offers mask and off (train.backend=local has shaping)")
-    reference = Path(reference or policy_dir) if obj.kl_coef > 0 else None
-    fp = train_fingerprint(policy_dir, shard_dir, reference, cfg)
-    done = completed(out_dir, fp)
+    reference, fp, done = round_start(policy_dir, shard_dir, out_dir, cfg, reference)
     if done is not None:
-        return done["metrics"]
+        return done
     require_openrlhf()  # here, not in the launched processes, whose error would be in their log
     out_dir.mkdir(parents=True, exist_ok=True)
     config_file = write_resolved(cfg, out_dir / "train_config.yaml")

@@ -169,6 +169,25 @@ def round_metrics(log: Path, rows, t0: float) -> dict[str, Any]:
     return metrics
 
 
+def round_start(policy_dir: Path, shard_dir: Path, out_dir: Path, cfg: Config,
+                reference: str | Path | None) -> tuple[Path | None, str, dict[str, Any] | None]:
+    """What both trainers decide before training a round: the KL reference (`reference`,
+    default the policy; None without a KL term), the round's fingerprint, and the metrics of
+    `out_dir` when it is already complete for it (None: train)."""
+    reference = Path(reference or policy_dir) if objective_config(cfg).kl_coef > 0 else None
+    fp = train_fingerprint(policy_dir, shard_dir, reference, cfg)
+    done = completed(out_dir, fp)
+    return reference, fp, None if done is None else done["metrics"]
+
+
+def read_shard(shard_dir: Path):
+    """The round's training rows (a DataFrame); an empty shard is an error."""
+    rows = read_pandas(shard_dir)
+    if len(rows) == 0:
+        raise ValueError(f"{shard_dir}: the training shard is empty")
+    return rows
+
+
 def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Path, cfg: Config,
                 progress: bool = True, reference: str | Path | None = None) -> dict[str, Any]:
     """Updates the policy at `policy_dir` on the shard; writes the next checkpoint to
@@ -177,19 +196,15 @@ def train_round(policy_dir: str | Path, shard_dir: str | Path, out_dir: str | Pa
     initial policy; default: `policy_dir`)."""
     policy_dir, shard_dir, out_dir = Path(policy_dir), Path(shard_dir), Path(out_dir)
     tc, obj = cfg.train, objective_config(cfg)
-    reference = Path(reference or policy_dir) if obj.kl_coef > 0 else None
-    fp = train_fingerprint(policy_dir, shard_dir, reference, cfg)
-    done = completed(out_dir, fp)
+    reference, fp, done = round_start(policy_dir, shard_dir, out_dir, cfg, reference)
     if done is not None:
-        return done["metrics"]
+        return done
     t0 = time.time()
     torch.manual_seed(tc.seed)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
     device = accelerator()  # (a GPU: fp32 weights and Adam, bf16 autocast)
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).to(device)
-    rows = read_pandas(shard_dir)
-    if len(rows) == 0:
-        raise ValueError(f"{shard_dir}: the training shard is empty")
+    rows = read_shard(shard_dir)
     batch = build_batch(rows, tokenizer.pad_token_id, obj).to(device)
     old = old_logprobs(model, batch, tc.micro_batch_size)
     ref = None

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.completion import completed, mark_complete
+from pipeline.completion import completed, publish, staging_dir
 from pipeline.config import Config
 from pipeline.io import list_parts, read_pandas
 from pipeline.layout import OPTIMIZER
@@ -77,9 +76,7 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
     steps = math.ceil(c.epochs * len(examples) / c.batch_size)
     sched = TrainSchedule(steps=steps, batch_size=c.batch_size, lr=c.lr,
                           warmup_steps=min(20, max(1, steps // 10)), seed=c.seed)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir, fp)
     losses = train_lm(model, examples, sched, tokenizer.pad_token_id, desc="coldstart sft",
                       progress=progress, optimizer_in=base_dir / OPTIMIZER,
                       optimizer_out=tmp / OPTIMIZER)
@@ -92,8 +89,6 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
                "by_source": rows["source"].value_counts().to_dict(), "steps": steps,
                "loss_first": losses[0], "loss_last": sum(tail) / len(tail),
                "seconds": round(time.time() - t0, 2)}
-    mark_complete(tmp, fp, base=str(base_dir), examples=str(examples_dir), metrics=metrics)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    publish(tmp, out_dir, fp, base=str(base_dir), examples=str(examples_dir), metrics=metrics)
     return metrics
 

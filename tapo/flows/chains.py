@@ -4,7 +4,7 @@ ONLINE is OpenRLHF's graded rollouts."""
 
 from __future__ import annotations
 
-from pipeline.chain import Step
+from pipeline.chain import Link
 from stages.assemble import Assemble
 from stages.classify import Classify
 from stages.coldstart_select import ColdstartSelect
@@ -15,15 +15,15 @@ from stages.sample import Sample
 from stages.select import Select
 from stages.sft_examples import SftExamples
 
-SAMPLE = [Step("sample", Sample, "problems"), Step("classify", Classify, "sample")]
+SAMPLE = [Link("sample", Sample, "problems"), Link("classify", Classify, "sample")]
 AUGMENT = [
-    Step("select", Select, "classify"),
-    Step("locate", Locate, "select"),
-    Step("pick_repair", PickRepair, "locate"),
-    Step("construct", Construct, "pick_repair"),
+    Link("select", Select, "classify"),
+    Link("locate", Locate, "select"),
+    Link("pick_repair", PickRepair, "locate"),
+    Link("construct", Construct, "pick_repair"),
 ]
-ASSEMBLE_TAPO = Step("assemble", Assemble, "classify", {"trajectories": "construct"})
-ASSEMBLE_GRPO = Step("assemble", Assemble, "classify")
+ASSEMBLE_TAPO = Link("assemble", Assemble, "classify", {"trajectories": "construct"})
+ASSEMBLE_GRPO = Link("assemble", Assemble, "classify")
 
 ROUND = {"tapo": [*SAMPLE, *AUGMENT, ASSEMBLE_TAPO],  # algo.name -> a round's chain
          "grpo": [*SAMPLE, ASSEMBLE_GRPO]}
@@ -31,8 +31,8 @@ ONLINE = [*AUGMENT, ASSEMBLE_TAPO]  # on rollouts OpenRLHF sampled and graded
 EVAL = SAMPLE
 COLDSTART = [
     *SAMPLE,
-    Step("select", ColdstartSelect, "classify", {"problems": "problems"}),
-    Step("locate", Locate, "select"),
-    Step("construct", Construct, "locate"),
-    Step("examples", SftExamples, "construct", {"located": "locate"}),
+    Link("select", ColdstartSelect, "classify", {"problems": "problems"}),
+    Link("locate", Locate, "select"),
+    Link("construct", Construct, "locate"),
+    Link("examples", SftExamples, "construct", {"located": "locate"}),
 ]
