@@ -12,12 +12,12 @@ The driver writes, in `.OUT.tmp/` beside `out_dir`:
 - `openrlhf_args.json`: OpenRLHF's arguments, parsed by `train_sft`'s own parser (every
   default is upstream's) from `coldstart.lr`, `batch_size`, `epochs` and `seed`,
   `train.micro_batch_size`, `zero_stage` and `save_every`, plus `coldstart.openrlhf_flags`;
-and `ROUND_DIR/sft.sh` (the exact launch command), then runs it. A killed SFT resumes from
+and `sft.sh` beside `out_dir` (the exact launch command), then runs it. A killed SFT resumes from
 the DeepSpeed checkpoint OpenRLHF saves every `train.save_every` steps (`.OUT.tmp/_ds/`). The
 finished directory is renamed to `out_dir` with the HF model, `sft_log.jsonl` (the step's
 token-mean loss on all ranks) and `_SUCCESS`; the DeepSpeed state is removed (RL starts Adam
 afresh). OpenRLHF's trainer steps only on full batches: `not_trained` counts the example
-visits its last, partial batch of each pass leaves out (fewer than `coldstart.batch_size`).
+visits its samplers' remainders and its last, partial batch leave out.
 
 Each launched process runs `openrlhf.cli.train_sft.train(args)` with three of its module's
 names replaced: `get_strategy` (trainer/openrlhf_rank.py's strategy: CPU seams, torch's AdamW),
