@@ -52,18 +52,27 @@ def _pipeline(*args: str, env: dict | None = None, **kwargs) -> subprocess.Compl
 
 
 def _small_testbed(out: Path, on_gpu: bool, *overrides: str):
-    """The small testbed with its base under OUT, sampled by the hf engine (bf16 on a GPU),
-    every candidate selected, trained by the openrlhf backend; plus `overrides`."""
-    return load_config(SMALL, [f"testbed.base_dir={out / 'base'}", "engine.backend=hf",
-                               *(["engine.dtype=bfloat16"] if on_gpu else []),
-                               "select.p_high=1", "train.backend=openrlhf", *overrides])
+    """The small testbed with its base installed under OUT (a round never builds it), sampled
+    by the hf engine (bf16 on a GPU), every candidate selected, trained by the openrlhf
+    backend; plus `overrides`."""
+    from testbed.base import build_base
+
+    cfg = load_config(SMALL, [f"testbed.base_dir={out / 'base'}", "engine.backend=hf",
+                              *(["engine.dtype=bfloat16"] if on_gpu else []),
+                              "select.p_high=1", "train.backend=openrlhf", *overrides])
+    build_base(cfg.testbed, cfg.testbed.base_dir)
+    return cfg
 
 
 def kill_after_saved_step(command: list[str], state: Path, step: int | None,
                           timeout_s: float) -> None:
     """Starts `command` (a training of the openrlhf backend) in its own process group and
     SIGKILLs the group once its DeepSpeed state (`state`, `_ds/state.json`) names `step` or a
-    later one, or with `step` None once `state` exists (or after `timeout_s`)."""
+    later one, or with `step` None once `state` exists (or after `timeout_s`); then removes the
+    /dev/shm all-reduce buffer the killed launch leaves (its driver never gets to)."""
+    from trainer.openrlhf_shard import shm_buffers
+
+    before = set(shm_buffers())
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + timeout_s
@@ -72,6 +81,8 @@ def kill_after_saved_step(command: list[str], state: Path, step: int | None,
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    for left in set(shm_buffers()) - before:
+        left.unlink(missing_ok=True)
 
 
 def zero2_round(out: Path, on_gpu: bool) -> dict:
@@ -152,20 +163,21 @@ def resume(out: Path, on_gpu: bool) -> dict:
                                        for k in a)}
 
 
-def solution_examples(cfg, out_dir: Path, n: int) -> Path:
+def solution_examples(cfg, model_dir: Path, out_dir: Path, n: int) -> Path:
     """`n` cold-start examples (schema.SFT_EXAMPLES, source `direct`) from the testbed's
-    train split: the task's prompt and the reference solution; a stage directory."""
+    train split: the task's prompt (rendered for the model at `model_dir`) and the reference
+    solution; a stage directory."""
     import pandas as pd
 
     from pipeline.engines.base import render_prompt
     from pipeline.io import part_name, write_table_atomic
     from stages import schema
-    from stages.common import load_tokenizer, policy_path
+    from stages.common import load_tokenizer
     from stages.tasks.base import get_task
     from testbed.base import testbed_problems
 
     problems = pd.read_parquet(testbed_problems(cfg.testbed, "train")).head(n)
-    task, tokenizer = get_task(cfg.task), load_tokenizer(str(policy_path(cfg)))
+    task, tokenizer = get_task(cfg.task), load_tokenizer(str(model_dir))
     write_table_atomic(pd.DataFrame({
         "example_id": problems["problem_id"] + "/direct", "source": "direct",
         "problem_id": problems["problem_id"],
@@ -180,31 +192,26 @@ def response_nll(model_dir: Path, examples: Path) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.io import read_pandas
-    from trainer.lm import LMExample, collate
+    from trainer.lm import collate, lm_loss
+    from trainer.sft import lm_examples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = read_pandas(examples)
-    batch = collate([LMExample(tokenizer(p, add_special_tokens=False)["input_ids"],
-                               tokenizer(r, add_special_tokens=False)["input_ids"]
-                               + [tokenizer.eos_token_id])
-                     for p, r in zip(rows["prompt"], rows["response"])], tokenizer.pad_token_id)
+    batch = collate(lm_examples(rows["prompt"], rows["response"], tokenizer),
+                    tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits
-    return float(torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
-        ignore_index=-100))
+        return float(lm_loss(model, batch))
 
 
 def coldstart_sft(out: Path, on_gpu: bool) -> dict:
-    from testbed.base import build_base
+    from pipeline.layout import testbed_model
     from trainer.backends import train_sft
 
     cfg = _small_testbed(out, on_gpu, "coldstart.batch_size=16", "coldstart.epochs=4",
                          "train.micro_batch_size=8", "train.save_every=1000")
-    base = build_base(cfg.testbed, cfg.testbed.base_dir)
-    examples = solution_examples(cfg, out / "examples", 16)
+    base = testbed_model(cfg.testbed.base_dir)
+    examples = solution_examples(cfg, base, out / "examples", 16)
     t = time.time()
     metrics = train_sft(base, examples, out / "model", cfg, progress=False)
     log = [json.loads(line) for line in (out / "model" / "sft_log.jsonl").read_text()

@@ -1,7 +1,7 @@
 """`runner.executor: ray` (pipeline/executors.py's RayExecutor): a stage's units on Ray actors.
 
 The driver (runner.run_stage) keeps the plan and the finishing: the fingerprint, which shards
-are pending, the stats and `_SUCCESS`. This module only processes pending shards: each on an
+are pending, the stats and the manifest. This module only processes pending shards: each on an
 actor that builds the stage once per stage run (the engine inside is the actor process's kept
 engine, engines.kept_engine, so it lives across stages and rounds), at most `runner.workers`
 shards in flight. An actor of a stage that runs a model asks Ray for `runner.gpus_per_worker`

@@ -21,14 +21,12 @@ or input file changes the fingerprint, and the directory is rebuilt.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
@@ -47,9 +45,17 @@ from pipeline.stage import (
     Stage,
     StageFailed,
     StageJob,
+    is_complete,
     stage_ref,
 )
-from pipeline.util import file_sha256, fingerprint, git_commit, package_versions, write_json_atomic
+from pipeline.util import (
+    file_sha256,
+    fingerprint,
+    git_commit,
+    package_versions,
+    read_json,
+    write_json_atomic,
+)
 
 
 @dataclass(frozen=True)
@@ -95,9 +101,9 @@ def run_stage(
     side_hashes = {name: {p.name: file_sha256(p) for p in list_parts(d)}
                    for name, d in side_dirs.items()}
     fp = stage_fingerprint(stage_cls, config, input_hashes, side_hashes)
-    manifest = _read_json(out_dir / SUCCESS)
+    manifest = read_json(out_dir / SUCCESS)
     if manifest is not None and manifest.get("fingerprint") == fp:
-        return StageResult(out_dir, True, _read_json(out_dir / STATS) or {})
+        return StageResult(out_dir, True, read_json(out_dir / STATS) or {})
     _prepare(out_dir, fp)
 
     units = [[p] for p in inputs] if not stage_cls.whole_input else [inputs]
@@ -143,7 +149,7 @@ def _check_side(stage_cls: type[Stage], side: Mapping[str, str | Path]) -> dict[
         raise ValueError(f"stage {stage_cls.name!r} has no side input {sorted(unknown)}; "
                          f"its side inputs: {', '.join(stage_cls.side_inputs) or '(none)'}")
     for name, d in side.items():
-        if not (Path(d) / SUCCESS).exists():
+        if not is_complete(d):
             raise FileNotFoundError(f"side input {name!r}: {d} is not a complete stage directory "
                                     f"(no {SUCCESS})")
     return {name: Path(d) for name, d in sorted(side.items())}
@@ -154,8 +160,8 @@ def _prepare(out_dir: Path, fp: str) -> None:
     different fingerprint."""
     out_dir.mkdir(parents=True, exist_ok=True)
     legacy = any((out_dir / name).exists() for name in LEGACY)
-    stale = legacy or _read_json(out_dir / SUCCESS) is not None or any(
-        (_read_json(m) or {}).get("fingerprint") != fp for m in (out_dir / MARKERS).glob("*.json")
+    stale = legacy or read_json(out_dir / SUCCESS) is not None or any(
+        (read_json(m) or {}).get("fingerprint") != fp for m in (out_dir / MARKERS).glob("*.json")
     )
     for tmp in list(out_dir.glob(".*.tmp")) + list(out_dir.glob(f"{EXCLUDED}/.*.tmp")):
         tmp.unlink()
@@ -168,7 +174,7 @@ def _prepare(out_dir: Path, fp: str) -> None:
 
 
 def _marker_ok(out_dir: Path, index: int, fp: str) -> bool:
-    marker = _read_json(out_dir / MARKERS / f"{part_name(index)}.json")
+    marker = read_json(out_dir / MARKERS / f"{part_name(index)}.json")
     return (
         marker is not None
         and marker.get("fingerprint") == fp
@@ -191,16 +197,9 @@ def _check_error_share(stage: str, out_dir: Path, stats: dict[str, int], limit: 
 def _aggregate(out_dir: Path, n_units: int, fp: str) -> dict[str, int]:
     total: Counter[str] = Counter()
     for i in range(n_units):
-        marker = _read_json(out_dir / MARKERS / f"{part_name(i)}.json")
+        marker = read_json(out_dir / MARKERS / f"{part_name(i)}.json")
         if marker is None or marker.get("fingerprint") != fp:
             raise RuntimeError(f"{out_dir}: shard {i} has no marker after the run")
         total.update({k: v for k, v in marker.items() if k != "fingerprint"})
     return {"rows_in": total.pop("rows_in", 0), "rows_out": total.pop("rows_out", 0),
             **dict(sorted(total.items()))}
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None

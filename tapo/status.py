@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.stage import MARKERS, META, STATS, SUCCESS
+from pipeline.stage import MARKERS, META, STATS, is_complete
 
 PIPELINE_ORDER = {name: i for i, name in enumerate(
     ["problems", "sample", "classify", "select", "locate", "pick_repair", "construct",
@@ -15,12 +15,12 @@ PIPELINE_ORDER = {name: i for i, name in enumerate(
 def stage_dirs(run_dir: Path) -> list[Path]:
     """Directories under `run_dir` that a stage has written to (sorted)."""
     found = {p.parent for p in run_dir.rglob(META) if p.is_dir()}
-    found = {d for d in found if (d / SUCCESS).exists() or (d / MARKERS).is_dir()}
+    found = {d for d in found if is_complete(d) or (d / MARKERS).is_dir()}
     return sorted(found, key=lambda d: (str(d.parent), PIPELINE_ORDER.get(d.name, 99), d.name))
 
 
 def stage_row(d: Path) -> dict[str, str]:
-    if (d / SUCCESS).exists():
+    if is_complete(d):
         stats = json.loads((d / STATS).read_text()) if (d / STATS).exists() else {}
         state = "complete"
     else:

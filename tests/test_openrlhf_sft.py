@@ -28,7 +28,7 @@ ROOT = openrlhf_sft.Path(__file__).resolve().parent.parent
 
 def _examples(cfg, tmp_path, n=8):
     """n reference-solution examples and one too long for the small base's context."""
-    solution_examples(cfg, tmp_path / "ex", n)
+    solution_examples(cfg, _base(cfg), tmp_path / "ex", n)
     rows = pd.read_parquet(tmp_path / "ex" / part_name(0))
     long = pd.DataFrame([{"example_id": "long/sft", "source": "sft", "problem_id": "long",
                           "prompt": "9 + " * 3000, "response": "x"}])
@@ -138,12 +138,13 @@ def test_openrlhf_sft_trains_the_token_mean_and_resumes(small_base, tmp_path):
 
     config = write_resolved(cfg, tmp_path / "config.yaml")
     out = tmp_path / "killed" / "model"
-    buffers = set(shm_buffers())
     run = (f"from pipeline.config import load_config; from trainer.backends import train_sft; "
            f"train_sft({str(base)!r}, {str(examples)!r}, {str(out)!r}, "
            f"load_config({str(config)!r}), progress=False)")
+    buffers = set(shm_buffers())
     kill_after_saved_step([sys.executable, "-c", run], out.with_name(".model.tmp") / "_ds" /
                           "latest", None, timeout_s=300)
+    assert set(shm_buffers()) == buffers  # the killed launch's all-reduce buffer: removed
     logged = (out.with_name(".model.tmp") / "sft_log.jsonl").read_text().splitlines()
     assert 1 <= len(logged) < 6 and not out.exists()
     subprocess.run([sys.executable, "-c", run], check=True, cwd=ROOT, capture_output=True)
@@ -152,5 +153,3 @@ def test_openrlhf_sft_trains_the_token_mean_and_resumes(small_base, tmp_path):
     steps = [json.loads(line)["step"] for line in (out / "sft_log.jsonl").read_text()
              .splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
-    for left in set(shm_buffers()) - buffers:  # the killed launch's (its driver never cleaned)
-        left.unlink()

@@ -223,11 +223,8 @@ def test_killed_trainer_resumes_from_its_deepspeed_checkpoint(shard, tmp_path):
                 str(shard_dir), "--out", str(out), "--config", str(cfg_path), *overrides]
 
     assert subprocess.run(command(tmp_path / "whole"), capture_output=True).returncode == 0
-    buffers = set(openrlhf_shard.shm_buffers())
     kill_after_saved_step(command(tmp_path / "killed"),
                           tmp_path / "killed" / "_ds" / "state.json", 2, timeout_s=600)
-    for left in set(openrlhf_shard.shm_buffers()) - buffers:  # the killed launch's
-        left.unlink()
     assert not (tmp_path / "killed" / "_SUCCESS").exists()
     assert subprocess.run(command(tmp_path / "killed"), capture_output=True).returncode == 0
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()

@@ -69,14 +69,15 @@ def write_examples(examples_dir: Path, base_dir: Path, path: Path) -> dict[str, 
     returns their counts (`examples`, `too_long`, `by_source` of all the rows)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from trainer.sft import lm_examples
+
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     limit = AutoConfig.from_pretrained(base_dir).max_position_embeddings
     rows = read_pandas(examples_dir, columns=["source", "prompt", "response"])
-    prompts = tokenizer(list(rows["prompt"]), add_special_tokens=False)["input_ids"]
-    responses = tokenizer(list(rows["response"]), add_special_tokens=False)["input_ids"]
-    # (OpenRLHF's dataset drops a prompt of max_len - 2 tokens or more and truncates the rest)
-    fits = [len(p) + len(r) + 1 <= limit and len(p) < limit - 2
-            for p, r in zip(prompts, responses)]
+    # (the local SFT's rule; OpenRLHF's dataset also drops a prompt of max_len - 2 tokens or
+    # more, and truncates the rest)
+    fits = [len(e.context) + len(e.target) <= limit and len(e.context) < limit - 2
+            for e in lm_examples(rows["prompt"], rows["response"], tokenizer)]
     kept = pd.DataFrame({"prompt": rows["prompt"][fits],
                          "response": rows["response"][fits] + tokenizer.eos_token}
                         ).reset_index(drop=True)

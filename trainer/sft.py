@@ -33,6 +33,16 @@ from trainer.lm import LMExample, TrainSchedule, train_lm
 LOG = "sft_log.jsonl"
 
 
+def lm_examples(prompts, responses, tokenizer) -> list[LMExample]:
+    """What the cold-start SFT trains on each example: the prompt's tokens as context (no
+    loss), the response's and EOS as target."""
+    if len(prompts) == 0:
+        return []
+    contexts = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    targets = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    return [LMExample(c, t + [tokenizer.eos_token_id]) for c, t in zip(contexts, targets)]
+
+
 def sft_fingerprint(base_dir: Path, examples_dir: Path, cfg: Config) -> str:
     """What a cold-start SFT's result depends on: the base, the examples, the `coldstart`
     settings and, with OpenRLHF, the training processes and ZeRO stage."""
@@ -62,15 +72,9 @@ def train_sft(base_dir: str | Path, examples_dir: str | Path, out_dir: str | Pat
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     rows = read_pandas(examples_dir, columns=["source", "prompt", "response"])
     limit = model.config.max_position_embeddings
-    examples, too_long = [], 0
-    for prompt, response in zip(rows["prompt"], rows["response"]):
-        e = LMExample(tokenizer(prompt, add_special_tokens=False)["input_ids"],
-                      tokenizer(response, add_special_tokens=False)["input_ids"]
-                      + [tokenizer.eos_token_id])
-        if len(e.context) + len(e.target) > limit:
-            too_long += 1
-        else:
-            examples.append(e)
+    every = lm_examples(rows["prompt"], rows["response"], tokenizer)
+    examples = [e for e in every if len(e.context) + len(e.target) <= limit]
+    too_long = len(every) - len(examples)
     if not examples:
         raise ValueError(f"{examples_dir}: no example fits the model's context ({limit} tokens)")
     steps = math.ceil(c.epochs * len(examples) / c.batch_size)
