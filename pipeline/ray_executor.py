@@ -118,8 +118,9 @@ def run_units(job: StageJob, pending: list[int], workers: int,
 def release_workers(timeout_s: float = 120.0) -> list[int]:
     """Ends every kept actor and returns their process ids: each first closes its stage and its
     engine (vLLM's shutdown waits for its engine-core processes), then is killed, and this
-    returns once Ray reports each one dead, so a DeepSpeed launch that follows finds the GPUs
-    free (`ray.kill` alone returns before the process, and its GPU memory, is gone)."""
+    returns once Ray reports each one dead and its process has exited, so a DeepSpeed launch
+    that follows finds the GPUs free (`ray.kill` alone returns before the process, and its GPU
+    memory, is gone; Ray reports an actor dead before its process has finished exiting)."""
     if not _pools:
         return []
     import ray
@@ -142,7 +143,19 @@ def release_workers(timeout_s: float = 120.0) -> list[int]:
             except ray.exceptions.GetTimeoutError:
                 continue  # still dying
             time.sleep(0.2)
+    for pid in pids:
+        while time.time() < deadline and _process_running(pid):
+            time.sleep(0.1)
     return pids
+
+
+def _process_running(pid: int) -> bool:
+    """Whether process `pid` is there and not a zombie (Linux's /proc; elsewhere: False, and
+    release_workers trusts Ray)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _connect(address: str):
