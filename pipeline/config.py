@@ -126,6 +126,9 @@ class SelectConfig(Section):
     budget_fraction: float = Field(0.25, ge=0, le=1,
                                    description="max constructions as a share of the round")
     max_constructions: int | None = Field(None, ge=0, description="overrides budget_fraction")
+    order: typing.Literal["hardest", "random"] = Field(
+        "hardest", description="which candidates the budget takes: hardest first (lowest pass "
+                               "rate, PAPER.md) or in a seeded random order within the window")
     repair: typing.Literal["latest_failure", "longest"] = Field(
         "latest_failure", description="the wrong rollout to repair: locate every wrong rollout "
                                       "of a candidate and keep the latest failure (PAPER.md); "
@@ -231,6 +234,14 @@ class TestbedConfig(Section):
         0.0, ge=0, le=1, description="of those misread solutions: the share that catch the "
                                      "error after its first wrong line ('Wait, step k is "
                                      "wrong: ...') and finish correctly")
+    judge_share: float = Field(
+        0.0, ge=0, le=1, description="of the pretraining problems: the share that also teach "
+                                     "the locate and construct prompts, answered by the exact "
+                                     "checker (so the policy can locate and construct itself)")
+    judge_steps: int = Field(400, ge=1, description="with judge_share: steps of the judge "
+                                                    "phase after pretraining (judge examples "
+                                                    "and as many pretraining solutions)")
+    judge_lr: float = Field(1e-3, gt=0, description="the judge phase's peak learning rate")
     batch_size: int = Field(32, ge=1, description="pretraining sequences per step")
     lr: float = Field(3e-3, gt=0, description="pretraining peak learning rate")
     seed: int = Field(0, description="seeds the data, the tokenizer and the weights")
@@ -283,6 +294,9 @@ class AlgoConfig(Section):
     name: typing.Literal["tapo", "grpo"] = Field(
         "tapo", description="tapo; grpo: no augmentation, everything else equal")
     dae: bool = Field(True, description="decoupled advantages; off: the ablation w/o DAE")
+    aug_weight: float = Field(1.0, ge=0, description="scales the augmented trajectories' "
+                                                     "advantages (1: the paper's; the "
+                                                     "dose-response of `make compare`)")
     ood: typing.Literal["mask", "shaping", "off"] = Field("mask", description="OOD suppression")
 
     @field_validator("ood", mode="before")

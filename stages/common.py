@@ -11,7 +11,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.engines import Engine, Prompt, SamplingParams, kept_engine
-from stages.tasks.base import Step, task_of
+from stages.tasks.base import task_of
 
 
 def policy_path(cfg: Config) -> Path:
@@ -131,8 +131,3 @@ def valid_unique(rows: list[dict[str, Any]], key: Callable[[dict], Any],
 def tiebreak(seed: int, key: str) -> int:
     """A seeded, stable pseudo-random rank for `key` (same seed and key, same number)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big")
-
-
-def numbered_steps(steps: list[Step]) -> str:
-    """A response's steps (Task.split_steps), numbered `[1] ...`, one per line."""
-    return "\n".join(f"[{s.index}] {s.text}" for s in steps)

@@ -9,7 +9,8 @@ redoes step k and continues to a boxed answer.
 correction is a whole corrected solution.
 
 Constructors (`construction.method`):
-- `rule` (arith): the diagnosis names the wrong step and its right value; the correction is
+- `rule` (arith): the diagnosis names the wrong step, the kind of error and why
+  (`arith.diagnosis`: "left to right, 48 + 17 comes first, not 29 * 3."); the correction is
   the exact remaining steps. A prefix that itself contains an error (an llm locator pointed too
   late) is dropped as `prefix_has_error`.
 - `llm`: a model (the policy: self-distillation; or a teacher, `construction.model`) gets the
@@ -18,7 +19,8 @@ Constructors (`construction.method`):
 
 Every trajectory is verified; a failure is dropped with its reason: `tags_missing` (llm answer
 without both tags), `prefix_mismatch` (the prefix or its tokens differ from the rollout's),
-`copied_reference` (llm: the correction contains the reference response whole),
+`copied_reference` (llm: the correction contains the reference response whole; not checked for
+a task whose solution is unique, `Task.unique_solutions`: arith),
 `wrong_final_answer` / `no_final_answer` / `grading_failed` (the response does not grade correct).
 """
 
@@ -34,42 +36,20 @@ from stages.common import (
     EngineHolder,
     ask,
     load_tokenizer,
-    numbered_steps,
     policy_path,
     require_rule_task,
 )
-from stages.tasks.base import Rejection, Step, task_of
+from stages.tasks.base import Rejection, task_of
+from stages.tasks.prompts import ANALYSIS, RECONSTRUCTION, construct_instruction
 
 TRANSITION = "Wait, step {k} is wrong: "
 
-CONSTRUCT_INSTRUCTION = """\
-A student's solution to a problem goes wrong at step {k}. Diagnose the mistake and correct it.
-
-Problem:
-{problem}
-
-Student's solution, one numbered step per line:
-{steps}
-
-A correct solution, for reference (use it to check your work; do not copy it):
-{reference}
-
-Reply in exactly this format:
-<analysis>what is wrong with step {k}, and what it should be</analysis>
-<reconstruction>{what}, ending with the final answer in \\boxed{{}}</reconstruction>"""
-
-WHAT = {
-    "prefix": "the corrected reasoning, continuing the student's work from step {k}",
-    "full_reconstruction": "a complete corrected solution, from the beginning",
-}
-
-_ANALYSIS = re.compile(r"<analysis>(.*?)</analysis>", re.DOTALL)
-_RECONSTRUCTION = re.compile(r"<reconstruction>(.*?)</reconstruction>", re.DOTALL)
 _GRADE_REJECTION = {"incorrect": "wrong_final_answer", "no_answer": "no_final_answer"}
 
 
 class Construct(Stage):
     name = "construct"
+    version = "2"
     sections = ("task", "policy", "construction", "engine", "grader", "run")
     input_schema = schema.LOCATED
     output_schema = schema.TRAJECTORIES
@@ -96,7 +76,7 @@ class Construct(Stage):
                 out.drop(row, parts.reason, parts.detail)
                 continue
             rejection = check_prefix(row, parts[0], tokenizer, full)
-            if rejection is None and cfg.method == "llm":
+            if rejection is None and cfg.method == "llm" and not self.task.unique_solutions:
                 rejection = check_not_copied(parts[2], row["reference_response"])
             if rejection is not None:
                 out.drop(row, rejection.reason, rejection.detail)
@@ -124,9 +104,10 @@ class Construct(Stage):
 
     def _llm(self, rows, full: bool):
         cfg = self.config.construction
+        split = self.task.split_steps
         answers = ask(self.engine, [construct_instruction(
-            r["failure_step"], r["problem"], self.task.split_steps(r["wrong_response"]),
-            r["reference_response"], cfg.mode) for r in rows],
+            r["failure_step"], r["problem"], split(r["wrong_response"]),
+            split(r["reference_response"]), cfg.mode) for r in rows],
             cfg.temperature, cfg.max_tokens, self.config.run.seed)
         return [llm_trajectory(r, a, full) for r, a in zip(rows, answers, strict=True)]
 
@@ -141,15 +122,6 @@ class Construct(Stage):
     def close(self):
         self.engine.close()
         self.grader.close()
-
-
-def construct_instruction(k: int, problem: str, steps: list[Step], reference: str,
-                          mode: str) -> str:
-    """CONSTRUCT_INSTRUCTION for a wrong response (cut into `steps`) failing at step k, and a
-    construction mode."""
-    return CONSTRUCT_INSTRUCTION.format(
-        k=k, problem=problem, steps=numbered_steps(steps),
-        reference=reference.strip(), what=WHAT[mode].format(k=k))
 
 
 def _separator(prefix: str) -> str:
@@ -168,7 +140,7 @@ def rule_trajectory(task, row, full: bool):
 def llm_trajectory(row, answer: str, full: bool):
     """(prefix, diagnosis, correction) from a constructor model's tagged answer, or a
     Rejection when either tag is missing or empty."""
-    analysis, reconstruction = _ANALYSIS.search(answer), _RECONSTRUCTION.search(answer)
+    analysis, reconstruction = ANALYSIS.search(answer), RECONSTRUCTION.search(answer)
     if not (analysis and analysis.group(1).strip() and reconstruction
             and reconstruction.group(1).strip()):
         return Rejection("tags_missing", f"need <analysis> and <reconstruction>: {answer[:200]!r}")

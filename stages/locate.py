@@ -10,9 +10,9 @@ the default; false keeps steps 1..k-1, PAPER.md's reading). A response that stop
 Locators (`locate.method`):
 - `rule`: the task's exact step checker (arith only).
 - `llm`: a model (the policy, or `locate.model`) is shown the problem, the numbered steps and the
-  reference, and answers `<step>k</step>` (or, without the tags, "the first wrong step is k").
-  An answer that names no step is dropped as `locator_unparseable`; a k outside 1..n_steps as
-  `locator_out_of_range`.
+  reference's, numbered alike (stages/tasks/prompts.py), and answers `<step>k</step>` (or,
+  without the tags, "the first wrong step is k"). An answer that names no step is dropped as
+  `locator_unparseable`; a k outside 1..n_steps as `locator_out_of_range`.
 Other drops: `no_error_found` (the checker finds the response correct), `token_mismatch` (the
 token ids do not decode to the response text).
 """
@@ -29,29 +29,13 @@ from stages.common import (
     EngineHolder,
     ask,
     load_tokenizer,
-    numbered_steps,
     policy_path,
     prefix_boundary,
     require_rule_task,
 )
 from stages.tasks.base import Rejection, Step, task_of
+from stages.tasks.prompts import STEP_TAG, locate_instruction
 
-LOCATE_INSTRUCTION = """\
-A student solved a problem step by step and got the final answer wrong. Find the first wrong step.
-
-Problem:
-{problem}
-
-Student's solution, one numbered step per line:
-{steps}
-
-A correct solution, for reference:
-{reference}
-
-Which step is the first wrong one? Reply with its number inside <step></step> tags, for \
-example <step>2</step>."""
-
-_STEP_TAG = re.compile(r"<step>\s*(\d{1,6})\s*</step>")
 # Without the tags, a plain "the first wrong step is 2." / "Step 2 is wrong" (what a small
 # instruct model writes); not a number that starts arithmetic ("step is 6 + 6 = 12").
 _STEP_PHRASE = re.compile(r"\bstep\s+(?:is\s+)?\[?(\d{1,6})\]?(?!\s*[-+*/=\d])", re.IGNORECASE)
@@ -59,7 +43,7 @@ _STEP_PHRASE = re.compile(r"\bstep\s+(?:is\s+)?\[?(\d{1,6})\]?(?!\s*[-+*/=\d])",
 
 class Locate(Stage):
     name = "locate"
-    version = "3"
+    version = "4"
     sections = ("task", "policy", "locate", "engine", "run")
     input_schema = schema.CANDIDATES
     output_schema = schema.LOCATED
@@ -98,9 +82,10 @@ class Locate(Stage):
 
     def _llm(self, rows):
         cfg = self.config.locate
-        answers = ask(self.engine, [LOCATE_INSTRUCTION.format(
-            problem=r["problem"], steps=numbered_steps(self.task.split_steps(r["wrong_response"])),
-            reference=r["reference_response"].strip()) for r in rows],
+        split = self.task.split_steps
+        answers = ask(self.engine, [locate_instruction(
+            r["problem"], split(r["wrong_response"]), split(r["reference_response"]))
+            for r in rows],
             cfg.temperature, cfg.max_tokens, self.config.run.seed)
         return [parse_located_step(a, self.task.split_steps(r["wrong_response"]))
                 for r, a in zip(rows, answers)]
@@ -127,7 +112,7 @@ def parse_located_step(answer: str, steps: list[Step]):
     """(failure_step, prefix_chars, detail) from a locator model's answer about a response cut
     into `steps`, or a Rejection when it names no valid step: `<step>k</step>`, else the first
     "step k" phrase (the detail says which form)."""
-    m, form = _STEP_TAG.search(answer), "tag"
+    m, form = STEP_TAG.search(answer), "tag"
     if m is None:
         m, form = _STEP_PHRASE.search(answer), "phrase"
     if m is None:

@@ -15,7 +15,8 @@ problem not selected goes to `excluded/` with its reason:
   ceil(select.budget_fraction x problems in the round).
 
 The rule (PAPER.md, our reading): candidates are taken hardest first (lowest p; equal p in a
-seeded pseudo-random order). `longest`: the rollout to repair is a wrong one with an answer
+seeded pseudo-random order); `select.order=random` takes them in the seeded order alone.
+`longest`: the rollout to repair is a wrong one with an answer
 (`incorrect` before `no_answer`), finished before truncated, then the longest (the most
 reasoning to keep), ties by seed. The reference is the shortest correct rollout, ties by seed.
 Counts in stats.json: `rows_in` rollouts, the drops problems, `rows_out` candidate rows (one
@@ -66,7 +67,7 @@ class Select(Stage):
                 out.drop(summary, "no_repairable_rollout", "wrong rollouts were timeout/error")
             else:
                 candidates.append((p, tiebreak(cfg.seed, pid), summary, group, wrong))
-        candidates.sort(key=lambda t: t[:2])
+        candidates.sort(key=lambda t: t[:2] if cfg.order == "hardest" else t[1])
         budget = (cfg.max_constructions if cfg.max_constructions is not None
                   else math.ceil(cfg.budget_fraction * len(groups)))
         for rank, (_, _, summary, group, wrong) in enumerate(candidates):

@@ -33,15 +33,16 @@ from pipeline.engines import render_prompt
 from pipeline.stage import Stage, StageOutput
 from stages import schema
 from stages.common import instruction_prompt, load_tokenizer, policy_path, valid_unique
-from stages.construct import TRANSITION, construct_instruction
+from stages.construct import TRANSITION
 from stages.tasks.base import split_steps, task_of
+from stages.tasks.prompts import construct_answer, construct_instruction
 
 SFT, DIRECT, IF = "sft", "direct", "if"
 
 
 class SftExamples(Stage):
     name = "sft_examples"
-    version = "2"
+    version = "3"
     sections = ("task", "coldstart", "policy")
     input_schema = schema.TRAJECTORIES
     output_schema = schema.SFT_EXAMPLES
@@ -107,11 +108,10 @@ def if_example(located: dict, t: dict, tokenizer, split=split_steps) -> dict:
     construction, answered in the tags."""
     instruction = render_prompt(instruction_prompt(construct_instruction(
         t["failure_step"], t["problem"], split(located["wrong_response"]),
-        located["reference_response"], t["mode"]), tokenizer), tokenizer)
+        split(located["reference_response"]), t["mode"]), tokenizer), tokenizer)
     transition = TRANSITION.format(k=t["failure_step"]).strip()
     analysis = t["diagnosis"].strip().removeprefix(transition).strip()
-    answer = (f"<analysis>{analysis}</analysis>\n"
-              f"<reconstruction>{t['correction'].strip()}</reconstruction>")
+    answer = construct_answer(analysis, t["correction"])
     return {"example_id": f"{t['trajectory_id']}/{IF}", "source": IF,
             "problem_id": t["problem_id"], "prompt": instruction, "response": answer}
 

@@ -30,6 +30,7 @@ import json
 import random
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,6 +47,15 @@ from pipeline.io import write_table_atomic
 from pipeline.layout import OPTIMIZER, testbed_model, testbed_split
 from pipeline.util import fingerprint, weights_sha256, write_json_atomic
 from stages.tasks import arith
+from stages.tasks.base import split_steps
+from stages.tasks.prompts import (
+    RECONSTRUCTION,
+    STEP_TAG,
+    construct_answer,
+    construct_instruction,
+    locate_answer,
+    locate_instruction,
+)
 from trainer.lm import LMExample, TrainSchedule, train_lm
 
 EOS = "<|endoftext|>"
@@ -57,6 +67,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 SHIPPED_BASE = DATA / "testbed_base"  # configs/testbed.yaml's; testbed_base_small: the small one
 SHIPPED_BASES = tuple(sorted(DATA.glob("testbed_base*")))
 BUILD = "build.json"
+REFLECTIONS = 2  # the self-corrected solutions' diagnosis wording; 2: it names the error's kind
 
 
 def problem_rows(problems: list[arith.ArithProblem], split: str) -> pd.DataFrame:
@@ -100,14 +111,100 @@ def corpus_counts(problems: list[arith.ArithProblem], texts: list[str]) -> dict[
     return counts
 
 
+JUDGE_KINDS = ("misread", "slip", "copy")
+
+
+def judge_examples(problems: list[arith.ArithProblem], cfg: TestbedConfig) -> list[dict]:
+    """Examples (kind, problem, wrong, prompt, answer) that teach the base to locate a failure
+    and to construct the trajectory, as the stages ask it (stages/tasks/prompts.py; a model
+    without a chat template reads the instruction and a newline). For a seeded `judge_share` of
+    `problems`: a wrong solution (`arith.wrong_solution`, a misreading, a slip or a copy error in
+    equal shares; a quarter of the slips and copies after a caught misreading), shown with the
+    reference, and answered by the exact checker: `locate` gives its first wrong line,
+    `construct` the rule constructor's diagnosis and remaining steps (`construct_full`, one in
+    four: the whole solution, the ablation's prompt)."""
+    rng = random.Random(f"judge-examples-{cfg.seed}")
+    task = arith.ArithTask()
+    out = []
+    for p in problems:
+        if rng.random() >= cfg.judge_share:
+            continue
+        kind = rng.choice(JUDGE_KINDS)
+        if kind == "misread" and arith.precedence_solution(p) == p.solution():
+            kind = "slip"
+        wrong = arith.wrong_solution(p, rng, kind, caught_first=rng.random() < 0.25)
+        steps, reference = split_steps(wrong), split_steps(p.solution())
+        error = arith.first_wrong_step(p, wrong)
+        k = error.step.index
+        out.append({"kind": "locate", "problem": p.text, "wrong": wrong,
+                    "prompt": locate_instruction(p.text, steps, reference) + "\n",
+                    "answer": locate_answer(k)})
+        _, diagnosis, correction = task.repair(p.text, wrong[: error.step.end], error.step,
+                                               full=False)
+        analysis = diagnosis.strip().split(" is wrong: ", 1)[1]
+        full = rng.random() < 0.25
+        mode = "full_reconstruction" if full else "prefix"
+        out.append({"kind": "construct_full" if full else "construct", "problem": p.text,
+                    "wrong": wrong,
+                    "prompt": construct_instruction(k, p.text, steps, reference, mode) + "\n",
+                    "answer": construct_answer(analysis, p.solution() if full else correction)})
+    return out
+
+
+def teach_judges(model, tokenizer, judges: list[dict], solutions: list[LMExample],
+                 cfg: TestbedConfig, moments: Path) -> list[float]:
+    """The judge phase after pretraining: `judge_steps` steps at `judge_lr` (continuing the
+    pretraining moments at `moments`) on the judge examples and as many pretraining solutions
+    (seeded; so solving is rehearsed, not forgotten), a batch holding one kind; returns the
+    losses."""
+    rehearsal = random.Random(f"rehearsal-{cfg.seed}").sample(solutions, len(judges))
+    examples = rehearsal + sft_examples(tokenizer, [j["prompt"] for j in judges],
+                                        [j["answer"] for j in judges])
+    groups = ["solution"] * len(rehearsal) + [j["kind"] for j in judges]
+    sched = TrainSchedule(steps=cfg.judge_steps, batch_size=cfg.batch_size, lr=cfg.judge_lr,
+                          seed=cfg.seed + 100)
+    return train_lm(model, examples, sched, tokenizer.pad_token_id, desc="teach the judges",
+                    optimizer_in=moments, optimizer_out=moments, groups=groups)
+
+
+def measure_judges(engine, problems: list[arith.ArithProblem], cfg: TestbedConfig) -> dict:
+    """The base as its own judge on held-out problems' fresh errors (a judge example of each,
+    answered greedily): the share of locate answers that name the exact checker's step (by
+    error kind too), and of construct answers whose trajectory grades correct."""
+    examples = judge_examples(problems, cfg.model_copy(update={"judge_share": 1.0}))
+    answers = engine.generate([e["prompt"] for e in examples], 1,
+                              SamplingParams(temperature=0, max_tokens=200))
+    located, built, kinds = [], [], {}
+    for e, [answer] in zip(examples, answers, strict=True):
+        p = arith.parse_problem(e["problem"])
+        error = arith.first_wrong_step(p, e["wrong"])
+        if e["kind"] == "locate":
+            m = STEP_TAG.search(answer.text)
+            exact = m is not None and int(m.group(1)) == error.step.index
+            located.append(exact)
+            kinds.setdefault(arith.error_kind(p, error.found, error.expected), []).append(exact)
+            continue
+        m = RECONSTRUCTION.search(answer.text)
+        prefix = "" if e["kind"] == "construct_full" else e["wrong"][: error.step.end]
+        built.append(m is not None and arith.grade(prefix + "\n" + m.group(1).strip(),
+                                                   str(p.answer))[0] == "correct")
+    return {"locate_exact": sum(located) / len(located),
+            "locate_exact_by_kind": {k: round(sum(v) / len(v), 4) for k, v in kinds.items()},
+            "construct_correct": sum(built) / len(built), "problems": len(problems)}
+
+
 def tokenizer_corpus(problems: list[arith.ArithProblem]) -> list[str]:
-    """Problems, solutions and reflection sentences: the text the testbed model will see."""
+    """Problems, solutions and a reflection sentence on every tenth: the text the testbed model
+    will see (the judge prompts' English is spelled in the byte-level tokens). The sentence
+    keeps its first wording, so that a rebuild of a shipped base gets its tokenizer."""
     texts = []
     for i, p in enumerate(problems):
         texts.append(arith.PROMPT_TEMPLATE.format(problem=p.text) + p.solution())
         if i % 10 == 0:
             k = 1 + i % len(p.ops)
-            texts.append(arith.reflection_line(k, p.step_line(k) + "1", p.step_line(k)))
+            line = p.step_line(k)
+            texts.append(f"{arith.REFLECTION_PREFIX}{k} is wrong: {line}, not "
+                         f"{line.rsplit(' ', 1)[1]}1.")
     return texts
 
 
@@ -171,9 +268,15 @@ def sft_examples(
 
 def base_fingerprint(cfg: TestbedConfig) -> str:
     """The build's identity: its config without the location (and without the corpus knobs
-    while they are 0, so that a base built before they existed stays current)."""
-    unset = {k for k in ("misread_share", "reflect_share") if not getattr(cfg, k)}
-    return fingerprint(cfg.model_dump(mode="json", exclude={"base_dir"} | unset))
+    while they are 0, and the judge phase's without judges, so that a base built before they
+    existed stays current)."""
+    unset = {k for k in ("misread_share", "reflect_share", "judge_share") if not getattr(cfg, k)}
+    if not cfg.judge_share:
+        unset |= {"judge_steps", "judge_lr"}
+    identity = cfg.model_dump(mode="json", exclude={"base_dir"} | unset)
+    if cfg.reflect_share:  # the self-corrections' wording (arith.diagnosis: the error's kind)
+        identity["reflections"] = REFLECTIONS
+    return fingerprint(identity)
 
 
 def base_is_current(cfg: TestbedConfig, base_dir: str | Path) -> bool:
@@ -264,15 +367,19 @@ def install_base(cfg: TestbedConfig, base_dir: Path, shipped: Path) -> Path:
 
 def train_base(cfg: TestbedConfig, base_dir: Path) -> Path:
     """Generates the splits, trains the tokenizer, pretrains the model (with extra steps while
-    below the greedy target), measures it and writes build.json; _SUCCESS last."""
+    below the greedy target), measures it and writes build.json; _SUCCESS last. With judges
+    (`judge_share`), the pretrained model is the solver base, built (or found complete) beside
+    it (`solver_dir`: the same config without judges), and then learns the judges' prompts."""
+    if cfg.judge_share:
+        return train_judges(cfg, base_dir)
     fp = base_fingerprint(cfg)
     t0 = time.time()
     splits = write_splits(cfg, base_dir)
     t_data = time.time() - t0
 
-    tokenizer = train_tokenizer(tokenizer_corpus(splits["pretrain"]), cfg.vocab_size)
-    model = make_model(cfg, tokenizer)
     pretrain = splits["pretrain"]
+    tokenizer = train_tokenizer(tokenizer_corpus(pretrain), cfg.vocab_size)
+    model = make_model(cfg, tokenizer)
     solutions = pretrain_solutions(pretrain, cfg)
     examples = sft_examples(
         tokenizer, [arith.PROMPT_TEMPLATE.format(problem=p.text) for p in pretrain], solutions
@@ -299,19 +406,13 @@ def train_base(cfg: TestbedConfig, base_dir: Path) -> Path:
         metrics = measure_base(HFEngine(model, tokenizer, batch_size=200), heldout)
         t_measure += time.time() - t3
     t_train = time.time() - t1 - t_measure
-
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(testbed_model(base_dir))
-    tokenizer.save_pretrained(testbed_model(base_dir))
-    moments.replace(testbed_model(base_dir) / OPTIMIZER)
-    n_params = sum(p.numel() for p in model.parameters())
+    save_model(model, tokenizer, moments, base_dir)
     write_json_atomic(
         base_dir / BUILD,
         {
             "fingerprint": fp,
             "config": cfg.model_dump(mode="json"),
-            "parameters": n_params,
+            "parameters": sum(p.numel() for p in model.parameters()),
             "vocab": len(tokenizer),
             "pretrain_solutions": corpus_counts(pretrain, solutions),
             "seconds": {"data": round(t_data, 1), "pretrain": round(t_train, 1),
@@ -326,6 +427,76 @@ def train_base(cfg: TestbedConfig, base_dir: Path) -> Path:
     )
     mark_complete(base_dir, fp)
     return testbed_model(base_dir)
+
+
+def solver_dir(base_dir: Path) -> Path:
+    """Where a base with judges keeps its solver base: BASE_DIR-solver."""
+    return base_dir.with_name(base_dir.name + "-solver")
+
+
+def train_judges(cfg: TestbedConfig, base_dir: Path) -> Path:
+    """The base with judges: the solver base (this config without judges, `solver_dir`, built
+    or found complete) copied, taught the judges (teach_judges), measured (held-out targets and
+    measure_judges); build.json holds the solver's record under `solver`."""
+    solver_cfg = cfg.model_copy(update={"judge_share": 0.0})
+    solver = solver_dir(base_dir)
+    build_base(solver_cfg, solver, shipped=())
+    t0 = time.time()
+    splits = write_splits(cfg, base_dir)
+    solver_build = json.loads((solver / BUILD).read_text())
+    if splits_sha256(base_dir) != solver_build["splits_sha256"]:
+        raise RuntimeError(f"the solver base {solver} holds other problems")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(testbed_model(solver))
+    model = Qwen2ForCausalLM.from_pretrained(testbed_model(solver), dtype=torch.float32)
+    moments = base_dir / OPTIMIZER
+    shutil.copy(testbed_model(solver) / OPTIMIZER, moments)
+    pretrain = splits["pretrain"]
+    judges = judge_examples(pretrain, cfg)
+    solutions = sft_examples(
+        tokenizer, [arith.PROMPT_TEMPLATE.format(problem=p.text) for p in pretrain],
+        pretrain_solutions(pretrain, cfg))
+    t1 = time.time()
+    losses = teach_judges(model, tokenizer, judges, solutions, cfg, moments)
+    t2 = time.time()
+    engine = HFEngine(model, tokenizer, batch_size=200)  # (as measure_base always runs)
+    metrics = measure_base(engine, problem_rows(splits["heldout"], "heldout"))
+    judge_metrics = measure_judges(engine, splits["heldout"], cfg)
+    t3 = time.time()
+    save_model(model, tokenizer, moments, base_dir)
+    write_json_atomic(
+        base_dir / BUILD,
+        {
+            "fingerprint": base_fingerprint(cfg),
+            "config": cfg.model_dump(mode="json"),
+            "parameters": solver_build["parameters"],
+            "vocab": solver_build["vocab"],
+            "pretrain_solutions": solver_build["pretrain_solutions"],
+            "judge_examples": dict(Counter(j["kind"] for j in judges)),
+            "seconds": {"data": round(t1 - t0, 1), "judges": round(t2 - t1, 1),
+                        "measure": round(t3 - t2, 1)},
+            "heldout": metrics,
+            "judges": judge_metrics,
+            "solver": {k: solver_build[k] for k in ("fingerprint", "weights_sha256", "heldout",
+                                                     "seconds", "extra_steps")},
+            "extra_steps": solver_build["extra_steps"],
+            "splits_sha256": solver_build["splits_sha256"],
+            "weights_sha256": weights_sha256(testbed_model(base_dir)),
+            "loss_first": losses[0],
+            "loss_last": sum(losses[-20:]) / len(losses[-20:]),
+        },
+    )
+    mark_complete(base_dir, base_fingerprint(cfg))
+    return testbed_model(base_dir)
+
+
+def save_model(model, tokenizer, moments: Path, base_dir: Path) -> None:
+    """The model, tokenizer (with generation's EOS and pad) and Adam moments into
+    base_dir/model."""
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(testbed_model(base_dir))
+    tokenizer.save_pretrained(testbed_model(base_dir))
+    moments.replace(testbed_model(base_dir) / OPTIMIZER)
 
 
 def rebuild_base(cfg: TestbedConfig, out_dir: Path,

@@ -130,10 +130,43 @@ def test_split_steps_spans():
     assert all(text[s.start : s.end] == s.text for s in steps)
 
 
-def test_reflection_line():
-    assert arith.reflection_line(2, "65 - 29 = 46", "65 - 29 = 36") == (
-        "Wait, step 2 is wrong: 65 - 29 = 36, not 46.")
-    assert arith.reflection_line(3, "garbage", "36 * 3 = 108").startswith("Wait, step 3 is wrong")
+def test_diagnoses_name_the_error_and_its_reason():
+    """P = 48 + 17 - 29 * 3: values 65, 36, 108."""
+    cases = [  # (chain step, found, kind, diagnosis)
+        (1, "29 * 3 = 87", "misread", "left to right, 48 + 17 comes first, not 29 * 3."),
+        (2, "65 - 29 = 46", "slip", "65 - 29 is 36, not 46."),
+        (2, "56 - 29 = 27", "copy", "step 2 starts from 65, the result so far, not 56."),
+        (1, "84 + 17 = 101", "copy", "step 1 starts from 48, the problem's start, not 84."),
+        (3, "36 * 5 = 180", "copy", "the problem multiplies by 3 here, not 5."),
+        (4, "\\boxed{180}", "answer", "the answer is the last result, 108, not 180."),
+        (3, "garbage", "other", "it should be 36 * 3 = 108."),
+        (2, "65 + 29 = 94", "other", "it should be 65 - 29 = 36."),
+    ]
+    for k, found, kind, text in cases:
+        expected = arith.expected_line(P, k)
+        assert arith.error_kind(P, found, expected) == kind, found
+        assert arith.diagnosis(P, k, found, expected) == text
+        assert arith.reflection_line(P, k, found, expected) == f"Wait, step {k} is wrong: {text}"
+    assert set(arith.ERROR_KINDS) == {kind for _, _, kind, _ in cases}
+
+
+def test_wrong_solutions_fail_where_and_as_their_kind_says():
+    rng, cfg = random.Random(0), ArithConfig()
+    for _ in range(200):
+        p = arith.generate_problem(rng, cfg)
+        for kind in ("slip", "copy", "misread"):
+            if kind == "misread" and arith.precedence_solution(p) == p.solution():
+                continue
+            caught = rng.random() < 0.5
+            text = arith.wrong_solution(p, rng, kind, caught_first=caught)
+            error = arith.first_wrong_step(p, text)
+            assert error is not None and error.step is not None, text
+            assert arith.error_kind(p, error.found, error.expected) in (
+                (kind, "misread") if kind == "copy" else (kind,)), text  # a miscopied operand
+            # can equal another operation of the problem
+            before = "\n".join(text.split("\n")[: error.step.index - 1])
+            assert (arith.REFLECTION_PREFIX in before) == (
+                caught and kind != "misread" and arith.precedence_solution(p) != p.solution())
 
 
 def test_precedence_misreading():
@@ -159,7 +192,8 @@ def test_precedence_misreading():
 def test_self_corrected_solution_passes_the_checker():
     misread = arith.precedence_solution(P)
     fixed = arith.self_corrected(P, misread)
-    assert fixed == ("29 * 3 = 87\nWait, step 1 is wrong: 48 + 17 = 65, not 87.\n"
+    assert fixed == ("29 * 3 = 87\nWait, step 1 is wrong: left to right, 48 + 17 comes first, "
+                     "not 29 * 3.\n"
                      "48 + 17 = 65\n65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}")
     assert first_wrong_step(P, fixed) is None and arith.grade(fixed, "108")[0] == "correct"
     assert arith.self_corrected(P, P.solution()) == P.solution()  # nothing to correct

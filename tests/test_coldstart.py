@@ -14,9 +14,9 @@ from pipeline.problems import load_problems
 from stages import schema
 from stages.coldstart_select import ColdstartSelect
 from stages.common import load_tokenizer, policy_path
-from stages.construct import CONSTRUCT_INSTRUCTION
 from stages.sft_examples import SftExamples, direct_example, if_example, sft_example
 from stages.tasks.base import reflects
+from stages.tasks.prompts import CONSTRUCT_INSTRUCTION
 from tapo.cli import main
 from tapo.flows.round import resolve_policy
 from tests.conftest import SMALL_CONFIG

@@ -14,6 +14,8 @@ from stages.tasks.base import REFLECTION_RE
 from tapo.cli import main
 from tapo.flows.compare import (
     VARIANTS,
+    dose_lines,
+    dose_response,
     evaluated_rounds,
     heldout_curves,
     last_checkpoints,
@@ -103,8 +105,25 @@ def test_variants_and_seeds_change_only_what_they_name():
     assert variant_config(cfg, "no_ood", 0).algo.ood == "off"
     assert set(VARIANTS) >= {"tapo", "grpo", "no_ood", "no_dae", "no_negative",
                              "full_reconstruction"}
+    assert variant_config(cfg, "aug_0.3", 0).algo.aug_weight == 0.3
+    assert variant_config(cfg, "random_order", 0).select.order == "random"
+    oracle = variant_config(cfg, "rule_oracle", 0)
+    assert (oracle.locate.method, oracle.construction.method) == ("rule", "rule")
     with pytest.raises(KeyError):
         variant_config(cfg, "nope", 0)
+
+
+def test_dose_response_is_pass_at_1_by_augmented_weight():
+    final = pd.DataFrame({"variant": ["start", "grpo", "grpo", "aug_0.3", "tapo", "tapo",
+                                      "no_ood"],
+                          "pass@1": [0.1, 0.4, 0.6, 0.45, 0.3, 0.2, 0.9]})
+    dose = dose_response(final)
+    assert list(dose["aug_weight"]) == [0.0, 0.3, 1.0]
+    assert list(dose["mean"]) == pytest.approx([0.5, 0.45, 0.25])
+    assert list(dose["count"]) == [2, 1, 2] and dose["std"].iloc[1] == 0.0
+    lines = dose_lines(dose)
+    assert "| 0.3 | 0.450 ± 0.000 | 1 |" in lines and "![dose-response](dose_response.png)" in lines
+    assert dose_lines(dose.head(1)) == []
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():
@@ -154,7 +173,9 @@ def test_compare_report_builds_from_a_tiny_run(small_base, tmp_path):
     held_out = report.split("## Held-out pass@1 by round")[1].split("## Training")[0]
     assert [line.split(" |")[0] for line in held_out.splitlines() if line[:3] in
             ("| 0", "| 1", "| 2")] == ["| 0", "| 1", "| 2"]
-    for png in ("pass_rate_per_round.png", "heldout_per_round.png", "pass_at_k.png"):
+    assert "| 0 | " in report.split("## Dose-response")[1].split("##")[0]  # grpo: weight 0
+    for png in ("pass_rate_per_round.png", "heldout_per_round.png", "pass_at_k.png",
+                "dose_response.png"):
         assert (out / png).stat().st_size > 1000
     # pass@1 by number of steps: every held-out problem in one level, and the levels'
     # problem-weighted mean is each checkpoint's pass@1

@@ -34,6 +34,11 @@ def test_grpo_and_decoupled_advantages():
     assert b[0] < a[0]  # the inflated baseline pushes the group's correct rollouts down
     with pytest.raises(ValueError, match="no on-policy"):
         group_advantages(torch.tensor([1.0]), torch.tensor([3]), torch.tensor([True]))
+    # algo.aug_weight scales the augmented trajectory's advantage only
+    for weight in (0.3, 0.0):
+        w = group_advantages(reward, group, aug, dae=True, eps=0.0, aug_weight=weight)
+        assert w.tolist() == pytest.approx(expected[:4] + [0.5 / s * weight] + expected[5:],
+                                           abs=1e-6)
 
 
 def test_segment_masks():

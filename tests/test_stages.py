@@ -18,6 +18,7 @@ from stages.sample import Sample
 from stages.select import Select
 from stages.tasks import arith
 from stages.tasks.base import split_steps
+from stages.tasks.prompts import numbered_steps
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "llm_outputs.json").read_text())
 PROBLEM = arith.parse_problem("Compute left to right: 48 + 17 - 29 * 3")  # 65, 36, 108
@@ -183,6 +184,25 @@ def test_select_edges(small_base, name):
     assert {d["problem_id"]: d["reason"] for d in out.dropped} == dropped
 
 
+def test_select_order_random_takes_the_window_in_a_seeded_order(small_base):
+    """select.order=random: the budget takes candidates of any pass rate in the window in the
+    seed's order, not the hardest first."""
+    groups = {f"q{i}": [C, W, W, W] for i in range(6)} | {f"h{i}": [C, C, W, W] for i in range(6)}
+    rows = [r for pid, labels in groups.items() for r in _group(pid, labels)]
+    base = ["select.max_constructions=6", "select.repair=longest"]
+    hardest = Select(small_base(*base)).process(rows)
+    assert {r["problem_id"][0] for r in hardest.rows} == {"q"}
+    picked = []
+    for seed in (0, 1):
+        out = Select(small_base(*base, "select.order=random", f"select.seed={seed}")).process(rows)
+        assert len(out.rows) == 6 and len(out.dropped) == 6
+        assert out.rows == Select(small_base(*base, "select.order=random",
+                                             f"select.seed={seed}")).process(rows).rows
+        picked.append([r["problem_id"] for r in out.rows])
+    assert any(pid[0] == "h" for pid in picked[0] + picked[1])  # not the hardest only
+    assert picked[0] != picked[1]
+
+
 def test_select_repairs_a_finished_rollout_before_a_longer_truncated_one(small_base):
     rows = _group("p", [C, W, W, N], lengths=[10, 90, 30, 95])
     rows[1]["finish_reason"] = "length"  # the longest incorrect one ran out of tokens
@@ -301,7 +321,8 @@ def test_llm_locator_on_recorded_chat_answers(small_base, case):
         "wrong_step_index": "locator_out_of_range",
         **({} if phrase else {"missing_tag": "locator_unparseable"})}
     prompt = stage.engine.get().prompts[0]
-    assert case["problem"] in prompt and "[3] " in prompt and case["reference_response"] in prompt
+    reference = numbered_steps(split_steps(case["reference_response"]))  # numbered alike
+    assert case["problem"] in prompt and "[3] " in prompt and reference in prompt
     step3 = case["wrong_response"].split("\n")[[i for i, line in enumerate(
         case["wrong_response"].split("\n")) if line.strip()][2]]
     assert case["wrong_response"][: out.rows[0]["prefix_chars"]].endswith(step3 + "\n")
@@ -347,7 +368,7 @@ def test_rule_constructor_builds_verified_trajectories(small_base):
     assert not out.dropped
     slip, boxed, early, garbage = out.rows
     assert slip["response"] == ("48 + 17 = 65\n65 - 29 = 38\n"
-                                "Wait, step 2 is wrong: 65 - 29 = 36, not 38.\n"
+                                "Wait, step 2 is wrong: 65 - 29 is 36, not 38.\n"
                                 "65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}")
     assert slip["prefix"] == "48 + 17 = 65\n65 - 29 = 38\n"  # the wrong step is kept
     assert slip["trajectory_id"] == "p1/1/tapo"

@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,6 +23,7 @@ from testbed.base import (
     build_base,
     compare_bases,
     corpus_counts,
+    judge_examples,
     measure_base,
     pretrain_solutions,
     rebuild_base,
@@ -29,7 +31,7 @@ from testbed.base import (
 )
 from tests.conftest import SMALL_CONFIG
 from trainer.objective import loss_mask
-from trainer.rl import _update, build_batch, objective_config, old_logprobs
+from trainer.rl import _update, build_batch, mini_batches, objective_config, old_logprobs
 
 MEASURE_ONE_THREAD = """
 import json, sys
@@ -45,6 +47,7 @@ TINY = [
     "testbed.n_pretrain=300", "testbed.n_train=50", "testbed.n_heldout=20",
     "testbed.hidden_size=32", "testbed.num_layers=1", "testbed.num_heads=1",
     "testbed.steps=3", "testbed.batch_size=8", "testbed.max_extra_steps=0",
+    "testbed.judge_share=0.1", "testbed.judge_steps=2",
 ]
 
 
@@ -75,9 +78,63 @@ def test_tiny_build_writes_splits_model_and_manifest(tiny_base):
     # tied embeddings + q, k, v (with biases), o + gate, up, down + two norms and the final one
     assert build["loss_last"] > 0
     assert (base / "_SUCCESS").exists()
-    assert _moment_steps(model_dir) == {3}  # the Adam moments of the last of the 3 steps
+    assert _moment_steps(model_dir) == {3 + 2}  # the Adam moments of the last step (of 3 + the
+    # judge phase's 2)
+    assert _moment_betas(model_dir) == (0.9, 0.95)  # those pretraining accumulated them under
     corpus = build["pretrain_solutions"]  # the default corpus: misreadings, a few corrected
     assert sum(corpus.values()) == 300 and corpus["misread"] > 0, corpus
+    assert build["judge_examples"]["locate"] > 0, build["judge_examples"]  # and judge examples
+    judges = build["judges"]  # the base as its own judge on held-out errors
+    assert 0 <= judges["locate_exact"] <= 1 and 0 <= judges["construct_correct"] <= 1
+    assert judges["problems"] == 20 and set(judges["locate_exact_by_kind"]) <= set(
+        arith.ERROR_KINDS)
+    solver = read_json(base.with_name(base.name + "-solver") / "build.json")  # the base before
+    assert build["solver"]["weights_sha256"] == solver["weights_sha256"] != build[
+        "weights_sha256"] and "greedy_accuracy" in build["solver"]["heldout"]
+
+
+def test_judge_examples_are_what_the_stages_ask_answered_as_the_checker_does():
+    """The pretraining corpus's locate and construct examples: the stages' own prompts (a model
+    without a chat template), answered so that the stages' parsers read the exact checker's
+    failure step and a trajectory that grades correct, with the diagnosis of its error kind."""
+    from stages.common import instruction_prompt
+    from stages.construct import llm_trajectory
+    from stages.locate import parse_located_step
+    from stages.tasks.base import split_steps
+    from stages.tasks.prompts import construct_instruction, locate_instruction
+
+    cfg = load_config(None, ["testbed.judge_share=0.5"]).testbed
+    problems = arith.generate_split("pretrain", 400, 0, cfg.arith)
+    examples = judge_examples(problems, cfg)
+    assert examples == judge_examples(problems, cfg)  # seeded
+    kinds = {k: sum(e["kind"] == k for e in examples) for k in
+             ("locate", "construct", "construct_full")}
+    assert 160 < kinds["locate"] < 240 and kinds["locate"] == kinds["construct"] + kinds[
+        "construct_full"] and kinds["construct_full"] > 20, kinds
+    task, errors, caught = arith.ArithTask(), set(), 0
+    for e in examples:
+        p = arith.parse_problem(e["problem"])
+        steps, reference = split_steps(e["wrong"]), split_steps(p.solution())
+        error = arith.first_wrong_step(p, e["wrong"])
+        assert arith.grade(e["wrong"], str(p.answer))[0] != "correct" or error is not None
+        k = task.locate_failure(e["problem"], e["wrong"])[0]
+        caught += arith.REFLECTION_PREFIX in e["wrong"]
+        if e["kind"] == "locate":
+            assert e["prompt"] == instruction_prompt(
+                locate_instruction(e["problem"], steps, reference), tokenizer=None)
+            assert parse_located_step(e["answer"], steps)[0] == k
+            continue
+        mode = "full_reconstruction" if e["kind"] == "construct_full" else "prefix"
+        assert e["prompt"] == instruction_prompt(
+            construct_instruction(k, e["problem"], steps, reference, mode), tokenizer=None)
+        row = {"wrong_response": e["wrong"], "prefix_chars": steps[k - 1].line_end,
+               "failure_step": k}
+        prefix, diagnosis, correction = llm_trajectory(row, e["answer"], mode != "prefix")
+        assert arith.grade(prefix + diagnosis + correction, str(p.answer))[0] == "correct"
+        kind = arith.error_kind(p, error.found, error.expected)
+        errors.add(kind)
+        assert arith.diagnosis(p, error.chain_step, error.found, error.expected) in e["answer"]
+    assert errors == {"misread", "slip", "copy"} and caught > 20
 
 
 def test_pretrain_solutions_mix_misreadings_and_self_corrections():
@@ -102,6 +159,10 @@ def test_pretrain_solutions_mix_misreadings_and_self_corrections():
             assert arith.first_wrong_step(p, text) is None
         elif text != p.solution():
             assert arith.reads_with_precedence(p, text)
+
+
+def _moment_betas(model_dir):
+    return tuple(torch.load(model_dir / "optimizer.pt")["param_groups"][0]["betas"])
 
 
 def _moment_steps(model_dir):
@@ -208,6 +269,7 @@ def test_the_shipped_bases_are_the_configs_and_the_default_meets_the_targets():
         for name in ("model.safetensors", "optimizer.pt", "tokenizer.json", "config.json"):
             assert (d / "model" / name).is_file()
         assert read_json(d / "build.json")["weights_sha256"] == weights_sha256(d / "model")
+        assert _moment_betas(d / "model") == (0.9, 0.95)  # pretraining's, which RL carries on
     m = read_json(SHIPPED_BASE / "build.json")["heldout"]
     assert 0.25 <= m["greedy_accuracy"] <= 0.75, m
     assert m["mixed_share"] >= 0.30, m
@@ -294,7 +356,7 @@ def test_a_build_below_the_greedy_target_pretrains_further(tmp_path):
     model_dir = build_base(cfg, tmp_path / "base")
     build = json.loads((tmp_path / "base" / "build.json").read_text())
     assert build["heldout"]["greedy_accuracy"] < 0.25 and build["extra_steps"] == 5
-    assert _moment_steps(model_dir) == {5}  # the moments of the last (extra) training
+    assert _moment_steps(model_dir) == {5 + 2}  # the moments of the last training (the judges)
 
 
 def test_sharpness_bench_on_the_small_base(small_base):
@@ -342,6 +404,23 @@ def test_gradient_split_parts_add_up_to_the_trainers_gradient(small_run):
                    torch.arange(len(rows)), obj, cfg.train)
     assert row["full grad norm"] == pytest.approx(step["grad_norm"], rel=1e-4)
 
+    # the second moment: the trainer's own Adam, continued from the policy's optimizer.pt over
+    # the round's mini-batches (lr 0 holds the weights; no clipping), ends where the bench says
+    adam = torch.optim.AdamW(model.parameters())
+    adam.load_state_dict(torch.load(Path(policy) / "optimizer.pt"))
+    adam.param_groups[0]["lr"] = 0.0
+    stored = torch.cat([adam.state[p]["exp_avg_sq"].flatten() for p in model.parameters()])
+    tc = cfg.train.model_copy(update={"max_grad_norm": 1e9})
+    steps = mini_batches(len(rows), tc)
+    for idx in steps:
+        _update(model, adam, batch, old, None, in_loss, idx, obj, tc)
+    v = torch.cat([adam.state[p]["exp_avg_sq"].flatten() for p in model.parameters()])
+    carried = 0.95 ** len(steps) * stored
+    assert row["beta2"] == adam.param_groups[0]["betas"][1] == 0.95  # carried from pretraining
+    assert row["round's share of v, median"] == pytest.approx(
+        float(((v - carried) / v).median()), rel=1e-3)
+    assert row["v with / without augmented, median"] >= 1.0
+
 
 def test_reflection_timing_on_hand_written_answers():
     """`python -m bench.reflection_timing`: misreadings, and reflections after a wrong step or
@@ -349,7 +428,7 @@ def test_reflection_timing_on_hand_written_answers():
     p = arith.ArithProblem(start=5, ops=(("+", 3), ("*", 2)))  # 8, 16; misread: 5 + 6 = 11
     misread = arith.precedence_solution(p)
     caught = arith.self_corrected(p, misread)  # wrong step 1, reflection, then correct
-    false_alarm = ("5 + 3 = 8\n" + arith.reflection_line(1, "5 + 3 = 8", "5 + 3 = 8")
+    false_alarm = ("5 + 3 = 8\n" + arith.reflection_line(p, 1, "5 + 3 = 8", "5 + 3 = 8")
                    + "\n" + p.solution())
     graded = pd.DataFrame({"problem": [p.text] * 4,
                            "response": [misread, caught, false_alarm, p.solution()],

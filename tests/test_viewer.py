@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from pipeline.io import read_pandas
+from stages.tasks import arith
 from tapo.cli import main
 from tapo.flows.report import write_report
 from tapo.flows.run_files import funnel, rejections, trajectories
@@ -39,6 +40,13 @@ def test_show_prints_plain_text_when_piped(small_run, capsys):
     assert re.search(r"^\W*diagnosis\s+Wait, step \d+ is wrong", out, re.M)
     assert re.search(r"^\W*correction\s", out, re.M)
     assert first.reference_id in out and "round 2 (tapo)" in out
+    kind = arith.ArithTask().error_kind(first.problem, first.wrong_response)
+    assert first.error_kind == kind in arith.ERROR_KINDS
+    assert f"step {first.failure_step}: {kind}" in out
+    # the diagnosis names that kind's reason (arith.diagnosis), as the rule constructor writes it
+    error = arith.first_wrong_step(arith.parse_problem(first.problem), first.wrong_response)
+    assert arith.diagnosis(arith.parse_problem(first.problem), error.chain_step, error.found,
+                           error.expected) in first.diagnosis
     assert out.count("/tapo: ") == 2 and "--n shows more" in out
 
 

@@ -93,13 +93,16 @@ def train_lm(
     progress: bool = True,
     optimizer_in: Path | None = None,
     optimizer_out: Path | None = None,
+    groups: Sequence[str] | None = None,
 ) -> list[float]:
     """Trains `model` in place (moved to `accelerator()`) for `sched.steps` AdamW steps on
     batches drawn without replacement (reshuffled each epoch, seeded); returns the loss of every
-    step. Adam moments in the layout of the RL trainer's `optimizer.pt` (one group over
-    `model.parameters()`): `optimizer_in`, when it exists, is continued; `optimizer_out` gets
-    them at the end, so that training that starts from this model continues them
-    (trainer/rl.py)."""
+    step. `groups` (one name per example): a batch holds one group's examples, the group drawn
+    each step in proportion to its size (so long examples do not pad short ones). Adam moments
+    in the layout of the RL trainer's `optimizer.pt` (one group over `model.parameters()`, with
+    the betas they were accumulated under): `optimizer_in`, when it exists, is continued;
+    `optimizer_out` gets them at the end, so that training that starts from this model continues
+    them (trainer/rl.py)."""
     if not examples:
         raise ValueError("train_lm needs at least one example")
     rng = random.Random(sched.seed)
@@ -115,17 +118,23 @@ def train_lm(
     )
     if optimizer_in is not None and optimizer_in.exists():
         load_moments(opt, model, optimizer_in)
-    order: list[int] = []
+    members: dict[str, list[int]] = {}
+    for i, name in enumerate(groups if groups is not None else [""] * len(examples)):
+        members.setdefault(name, []).append(i)
+    names, sizes = list(members), [len(m) for m in members.values()]
+    orders: dict[str, list[int]] = {name: [] for name in names}
     losses = []
     model.train()
     bar = tqdm(range(sched.steps), desc=desc, unit="step", mininterval=2.0,
                disable=not progress)
     for step in bar:
+        name = names[0] if len(names) == 1 else rng.choices(names, weights=sizes)[0]
+        order = orders[name]
         if len(order) < sched.batch_size:
-            fresh = list(range(len(examples)))
+            fresh = list(members[name])
             rng.shuffle(fresh)
             order.extend(fresh)
-        idx, order = order[: sched.batch_size], order[sched.batch_size :]
+        idx, orders[name] = order[: sched.batch_size], order[sched.batch_size :]
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, sched)
@@ -148,8 +157,12 @@ def train_lm(
 
 def save_moments(opt: torch.optim.Optimizer, model: torch.nn.Module, path: Path) -> None:
     """`opt`'s per-parameter state, re-keyed as `torch.optim.AdamW(model.parameters())`'s
-    state dict, written to `path`."""
-    single = torch.optim.AdamW(model.parameters())
+    state dict, with the betas, eps and weight decay of `opt`'s first group (an optimizer that
+    loads the file continues the moments with the decay rates they were accumulated under),
+    written to `path`."""
+    group = opt.param_groups[0]
+    single = torch.optim.AdamW(model.parameters(), betas=group["betas"], eps=group["eps"],
+                               weight_decay=group["weight_decay"])
     for p in model.parameters():
         single.state[p] = opt.state[p]
     torch.save(single.state_dict(), path)

@@ -19,6 +19,7 @@ class ObjectiveConfig:
     """The knobs of the loss; each ablation is one switch (DESIGN.md section 1)."""
 
     dae: bool = True  # off: augmented trajectories join their group's statistics
+    aug_weight: float = 1.0  # scales the augmented trajectories' advantages (1: the paper's)
     ood: str = "mask"  # mask | shaping | off: OOD token suppression on corrective tokens
     ood_threshold: float = 1e-3  # mask: drop corrective tokens with pi_old(token) < this
     shaping_gamma: float = 0.1  # shaping: corrective tokens weighted by p / (p + gamma)
@@ -34,7 +35,7 @@ class ObjectiveConfig:
 
 
 def group_advantages(reward: Tensor, group: Tensor, augmented: Tensor, dae: bool = True,
-                     eps: float = 1e-6) -> Tensor:
+                     eps: float = 1e-6, aug_weight: float = 1.0) -> Tensor:
     """One advantage per sequence (B,).
 
     GRPO on the on-policy rollouts of each group g: `A_i = (r_i - mean_g) / (std_g + eps)`, with
@@ -43,7 +44,9 @@ def group_advantages(reward: Tensor, group: Tensor, augmented: Tensor, dae: bool
     the same on-policy statistics, `A_aug = (r_aug - mean_g) / (std_g + eps)`, and never changes
     them. A group whose basis rewards are all equal gets 0 everywhere. With `dae=False` (the
     ablation) the augmented trajectories join the group: mean and
-    std over all G + 1 members, for every member.
+    std over all G + 1 members, for every member. `aug_weight` then scales the augmented
+    trajectories' advantages (a dose of the augmentation: 0 keeps them in the batch and the
+    token mean but gives them no gradient).
     """
     adv = torch.zeros_like(reward, dtype=torch.float32)
     for g in torch.unique(group):
@@ -55,7 +58,7 @@ def group_advantages(reward: Tensor, group: Tensor, augmented: Tensor, dae: bool
         std = r.std() if r.numel() > 1 else torch.tensor(0.0)
         if std > 0:  # a group whose rewards are all equal has nothing to compare: 0
             adv[members] = (reward[members].float() - r.mean()) / (std + eps)
-    return adv
+    return torch.where(augmented, adv * aug_weight, adv)
 
 
 def segment_masks(prefix_len: Tensor, diagnosis_len: Tensor, correction_len: Tensor,

@@ -105,7 +105,8 @@ def tapo_adjust(on_policy: list[Experience], augmented: list[Experience], n: int
     group = torch.cat([torch.arange(len(rewards)) // n, aug_group])
     is_aug = torch.cat([torch.zeros(len(rewards), dtype=torch.bool),
                         torch.ones(len(aug_reward), dtype=torch.bool)])
-    adv = group_advantages(reward, group, is_aug, dae=obj.dae, eps=obj.eps)
+    adv = group_advantages(reward, group, is_aug, dae=obj.dae, eps=obj.eps,
+                           aug_weight=obj.aug_weight)
     aug_adv = torch.zeros(len(real))  # fillers (pad_augmented): no advantage, no tokens
     aug_adv[real] = adv[len(rewards):]
 

@@ -115,7 +115,8 @@ def build_batch(rows, pad_id: int, obj: ObjectiveConfig) -> Batch:
     trained, corrective = segment_masks(*seg, augmented, t_max)
     return Batch(ids, attn, torch.tensor([len(p) for p in prompts]),
                  torch.tensor([len(r) for r in responses]), trained, corrective,
-                 group_advantages(reward, group, augmented, dae=obj.dae, eps=obj.eps))
+                 group_advantages(reward, group, augmented, dae=obj.dae, eps=obj.eps,
+                                  aug_weight=obj.aug_weight))
 
 
 def response_logprobs(model, batch: Batch, with_entropy: bool = False):

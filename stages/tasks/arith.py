@@ -311,6 +311,44 @@ def self_corrected(problem: ArithProblem, wrong: str) -> str:
     return prefix + diagnosis + correction
 
 
+def wrong_solution(problem: ArithProblem, rng: random.Random, kind: str,
+                   caught_first: bool = False) -> str:
+    """A solution of `problem` with one error of `kind` (error_kind): `misread` is the
+    precedence misreading; `slip` and `copy` go wrong at a random step, and the steps after it
+    are computed from the wrong value. `caught_first`: a caught misreading comes first (its
+    wrong line and the reflection on it), as a model that reflects writes, and the error falls
+    in the steps redone after it."""
+    if kind == "misread":
+        return precedence_solution(problem)
+    head, k0 = [], 1
+    misread = precedence_solution(problem)
+    if caught_first and misread != problem.solution():
+        error = first_wrong_step(problem, misread)
+        head = [*misread.split("\n")[: error.step.index],
+                reflection_line(problem, error.chain_step, error.found, error.expected)]
+        k0 = error.chain_step
+    values, n = problem.values(), len(problem.ops)
+    j = rng.randint(k0, n)
+    lines, value = [problem.step_line(i) for i in range(k0, j)], values[j - 1]
+    op, b = problem.ops[j - 1]
+    delta = rng.choice([d for d in range(-9, 10) if d])
+    if kind == "slip":
+        wrong = f"{value} {op} {b} = {apply(value, op, b) + delta}"
+    elif kind == "copy" and rng.random() < 0.5 and b + delta >= 1:
+        wrong = f"{value} {op} {b + delta} = {apply(value, op, b + delta)}"
+    elif kind == "copy":
+        a = value + delta if value + delta >= 0 else value - delta
+        wrong = f"{a} {op} {b} = {apply(a, op, b)}"
+    else:
+        raise ValueError(f"unknown error kind {kind!r}")
+    value = parse_step(wrong)[3]
+    lines.append(wrong)
+    for op, b in problem.ops[j:]:
+        lines.append(f"{value} {op} {b} = {apply(value, op, b)}")
+        value = apply(value, op, b)
+    return "\n".join(head + lines + [f"\\boxed{{{value}}}"])
+
+
 def reads_with_precedence(problem: ArithProblem, text: str) -> bool:
     """Whether `text` departs from the left-to-right solution exactly where, and as, the
     precedence misreading does (its first wrong line is the misreading's line there)."""
@@ -323,13 +361,58 @@ def reads_with_precedence(problem: ArithProblem, text: str) -> bool:
             and _normalize(error.found) == _normalize(lines[error.step.index - 1]))
 
 
-def reflection_line(k: int, found: str, expected: str) -> str:
-    """The diagnosis sentence for a wrong step k (the rule constructor's reflection)."""
-    parsed = parse_step(found)
-    if parsed is not None and parse_step(expected) is not None:
-        a, op, b, c = parse_step(expected)
-        return f"{REFLECTION_PREFIX}{k} is wrong: {a} {op} {b} = {c}, not {parsed[3]}."
-    return f"{REFLECTION_PREFIX}{k} is wrong: it should be {expected}."
+ERROR_KINDS = ("misread", "slip", "copy", "answer", "other")
+_VERB = {"+": "adds", "-": "subtracts", "*": "multiplies by"}
+
+
+def error_kind(problem: ArithProblem, found: str, expected: str) -> str:
+    """What kind of error a wrong line `found` is, where `expected` was due (expected_line):
+    `misread` (another of the problem's operations done here: out of left-to-right order),
+    `slip` (the right operation, a wrong result), `copy` (the running value or the operand
+    copied wrong), `answer` (a wrong boxed answer after the last step), `other` (anything else:
+    garbage, a wrong operator)."""
+    want, got = parse_step(expected), parse_step(found)
+    if want is None:
+        return "answer" if expected and extract_boxed(found) is not None else "other"
+    if got is None:
+        return "other"
+    (a, op, b, _), (a2, op2, b2, _) = want, got
+    if (op2, b2) == (op, b):
+        return "slip" if a2 == a else "copy"
+    if op2 == op and a2 == a:
+        return "copy"  # the operand miscopied
+    if (op2, b2) in problem.ops or a2 in [problem.start] + [x for _, x in problem.ops]:
+        return "misread"
+    return "other"
+
+
+def diagnosis(problem: ArithProblem, k: int, found: str, expected: str) -> str:
+    """What is wrong with line `found` at chain step k and why, by its error_kind:
+    misread "left to right, 48 + 17 comes first, not 29 * 3."; slip "65 - 29 is 36, not 46.";
+    copy "step 3 starts from 36, the result so far, not 63." or "the problem subtracts 29
+    here, not 92."; answer "the answer is the last result, 108, not 180."; other: the right
+    line."""
+    kind = error_kind(problem, found, expected)
+    if kind == "answer":
+        return (f"the answer is the last result, {problem.answer}, "
+                f"not {extract_boxed(found)[:20]}.")
+    if kind == "other":
+        return f"it should be {expected}."
+    (a, op, b, c), (a2, op2, b2, c2) = parse_step(expected), parse_step(found)
+    if kind == "misread":
+        return f"left to right, {a} {op} {b} comes first, not {a2} {op2} {b2}."
+    if kind == "slip":
+        return f"{a} {op} {b} is {c}, not {c2}."
+    if a2 != a:
+        source = "the problem's start" if k == 1 else "the result so far"
+        return f"step {k} starts from {a}, {source}, not {a2}."
+    return f"the problem {_VERB[op]} {b} here, not {b2}."
+
+
+def reflection_line(problem: ArithProblem, k: int, found: str, expected: str) -> str:
+    """The reflection on a wrong line at chain step k: "Wait, step k is wrong: " and its
+    diagnosis (the rule constructor's, and the pretraining corpus's self-corrections')."""
+    return f"{REFLECTION_PREFIX}{k} is wrong: {diagnosis(problem, k, found, expected)}"
 
 
 # --- the plugin -----------------------------------------------------------------------------
@@ -344,6 +427,7 @@ class ArithTask(Task):
     name = "arith"
     has_step_checker = True
     generated_problems = True
+    unique_solutions = True
 
     def prompt(self, problem: str):
         if self.config.chat:
@@ -378,6 +462,13 @@ class ArithTask(Task):
                              "found": error.found})
         return step, error.char_start, detail
 
+    def error_kind(self, problem: str, response: str) -> str | None:
+        """The error_kind of the response's first wrong line (None: no error; the text ends
+        before the solution does: `other`)."""
+        parsed = parse_problem(problem)
+        error = first_wrong_step(parsed, response)
+        return None if error is None else error_kind(parsed, error.found, error.expected)
+
     def repair(self, problem: str, prefix: str, failed: Step | None, full: bool):
         """(prefix, diagnosis, correction) built exactly, or a Rejection."""
         parsed = parse_problem(problem)
@@ -392,6 +483,7 @@ class ArithTask(Task):
         k, n = state.chain_step, len(parsed.ops)
         expected = expected_line(parsed, k)
         separator = "\n" if prefix and not prefix.endswith("\n") else ""
-        diagnosis = separator + reflection_line(k, failed.text if failed else "", expected) + "\n"
+        found = failed.text if failed else ""
+        diagnosis = separator + reflection_line(parsed, k, found, expected) + "\n"
         correction = "\n".join(expected_line(parsed, j) for j in range(k, n + 2))
         return prefix, diagnosis, correction

@@ -90,6 +90,9 @@ class Task:
     name: ClassVar[str]
     has_step_checker: ClassVar[bool] = False
     generated_problems: ClassVar[bool] = False  # the testbed's splits are its problems
+    # one correct solution per problem (arith's step format): a correct llm correction is the
+    # reference's tail by necessity, so construct's copy check cannot tell copying from solving
+    unique_solutions: ClassVar[bool] = False
 
     def __init__(self, config: TaskConfig | None = None):
         self.config = config or TaskConfig.model_construct(name=self.name, chat=False)
@@ -125,6 +128,11 @@ class Task:
     def locate_failure(self, problem: str, response: str) -> Located | Rejection:
         """The exact step checker: where a wrong response first fails."""
         raise NotImplementedError(f"the {self.name} task has no exact step checker")
+
+    def error_kind(self, problem: str, response: str) -> str | None:
+        """The kind of a wrong response's first error, when the task can tell (arith:
+        misread, slip, copy, ...); None otherwise."""
+        return None
 
     def repair(self, problem: str, prefix: str, failed: Step | None,
                full: bool) -> Repair | Rejection:

@@ -12,9 +12,10 @@ OUT/per_round.parquet (each run's training pass rate per round: the rate on that
 problems; its augmented and OOD-suppressed shares), OUT/by_difficulty.parquet (held-out pass@1
 per number of steps of the start and the last checkpoints), OUT/report.md (mean and standard
 deviation over seeds per variant, of the last checkpoints), OUT/pass_rate_per_round.png,
-OUT/heldout_per_round.png (held-out pass@1 of the evaluated checkpoints, mean over seeds) and
-OUT/pass_at_k.png. Everything resumes: complete rounds, trainings and evaluations are not
-redone.
+OUT/heldout_per_round.png (held-out pass@1 of the evaluated checkpoints, mean over seeds),
+OUT/pass_at_k.png and, with two or more of DOSE's variants, OUT/dose_response.png (held-out
+pass@1 against `algo.aug_weight`, GRPO at 0). Everything resumes: complete rounds, trainings
+and evaluations are not redone.
 """
 
 from __future__ import annotations
@@ -47,7 +48,12 @@ VARIANTS: dict[str, list[str]] = {  # name -> config overrides over the given co
     "no_dae": ["algo.dae=false"],
     "no_negative": ["algo.negative_samples=false"],
     "full_reconstruction": ["construction.mode=full_reconstruction"],
+    "aug_0.3": ["algo.aug_weight=0.3"],
+    "aug_0.1": ["algo.aug_weight=0.1"],
+    "random_order": ["select.order=random"],
+    "rule_oracle": ["locate.method=rule", "construction.method=rule"],
 }
+DOSE = {"grpo": 0.0, "aug_0.1": 0.1, "aug_0.3": 0.3, "tapo": 1.0}  # variant -> algo.aug_weight
 
 PER_ROUND = ("round", "pass_rate", "augmented_share", "suppressed_share")  # from metrics.csv
 
@@ -97,6 +103,8 @@ def compare(out_dir: str | Path, variants: list[str], seeds: list[int], rounds: 
     final = last_checkpoints(table)
     means = final.groupby("variant", sort=False)[metric_columns(final)].mean().reset_index()
     plot_pass_at_k(means, "variant", out_dir / "pass_at_k.png")
+    if len(dose := dose_response(final)) >= 2:
+        plot_dose_response(dose, out_dir / "dose_response.png")
     by_difficulty = pass_at_1_by_difficulty(out_dir / "eval", final,
                                             get_task(BENCHMARKS["testbed"][1]))
     by_difficulty.to_parquet(out_dir / "by_difficulty.parquet", index=False)
@@ -165,7 +173,7 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, by_difficulty: p
         "", "## Held-out metrics (mean ± std over seeds)", "",
         "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
         *("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows),
-        "", "![pass@k](pass_at_k.png)", "",
+        "", "![pass@k](pass_at_k.png)", "", *dose_lines(dose_response(final)),
         "## Held-out pass@1 by difficulty (number of steps; mean ± std over seeds)", "",
         *difficulty_lines(by_difficulty), "",
         "## Held-out pass@1 by round (the start at round 0; mean over seeds)", "",
@@ -192,6 +200,33 @@ def render_report(table: pd.DataFrame, per_round: pd.DataFrame, by_difficulty: p
         lines.append(f"| {r['variant']} | {seed} | {r['rounds']} | "
                      + " | ".join(format_cell(r[c]) for c in metric_columns(table)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def dose_response(final: pd.DataFrame) -> pd.DataFrame:
+    """Held-out pass@1 (mean, std over seeds) of DOSE's variants among `final`, by
+    `algo.aug_weight`: GRPO at 0, TAPO at 1."""
+    runs = final[final["variant"].isin(DOSE)].assign(aug_weight=lambda t: t["variant"].map(DOSE))
+    return (runs.groupby("aug_weight")["pass@1"].agg(["mean", "std", "count"]).fillna(0.0)
+            .reset_index())
+
+
+def dose_lines(dose: pd.DataFrame) -> list[str]:
+    """The dose-response section of the report; nothing with fewer than two doses."""
+    if len(dose) < 2:
+        return []
+    return ["## Dose-response: held-out pass@1 against `algo.aug_weight` (GRPO at 0)", "",
+            "| aug_weight | pass@1 | runs |", "|---|---|---|",
+            *(f"| {r.aug_weight:g} | {r.mean:.3f} ± {r.std:.3f} | {int(r.count)} |"
+              for r in dose.itertuples()),
+            "", "![dose-response](dose_response.png)", ""]
+
+
+def plot_dose_response(dose: pd.DataFrame, path: Path) -> None:
+    """Held-out pass@1 against the augmented rows' advantage weight, error bars of one std."""
+    fig, ax = new_plot((4.5, 3.2))
+    ax.errorbar(dose["aug_weight"], dose["mean"], yerr=dose["std"], marker="o", capsize=3,
+                label="pass@1")
+    save_plot(fig, ax, "algo.aug_weight (GRPO: 0)", "held-out pass@1", path)
 
 
 def difficulty_lines(by_difficulty: pd.DataFrame) -> list[str]:

@@ -19,9 +19,11 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.completion import is_done
+from pipeline.config import load_config
 from pipeline.io import read_pandas
 from pipeline.layout import TRAIN_LOG, checkpoint_dir, iter_dir, round_summary
 from pipeline.stage import EXCLUDED
+from stages.tasks import task_of
 
 # (label, stage directory) of the funnel, in pipeline order; a GRPO round has no augmentation.
 FUNNEL = [("problems", "problems"), ("rollouts", "sample"), ("graded", "classify"),
@@ -111,6 +113,7 @@ class Trajectory:
     wrong_response: str  # the whole wrong rollout the prefix is cut from
     locator: str
     mode: str
+    error_kind: str | None = None  # of the wrong rollout's first error, when the task tells
 
 
 def trajectories(run_dir: str | Path, k: int, n: int | None = None) -> list[Trajectory]:
@@ -125,6 +128,7 @@ def trajectories(run_dir: str | Path, k: int, n: int | None = None) -> list[Traj
     located = read_pandas(here / "locate", columns=[
         "wrong_rollout_id", "wrong_response", "reference_response", "locator"])
     located = located.drop_duplicates("wrong_rollout_id").set_index("wrong_rollout_id")
+    task = task_of(load_config(Path(run_dir) / "config.yaml"))
     out = []
     for row in built.itertuples():
         source = located.loc[row.source_rollout_id]
@@ -134,7 +138,8 @@ def trajectories(run_dir: str | Path, k: int, n: int | None = None) -> list[Traj
         out.append(Trajectory(row.trajectory_id, row.problem, row.answer, int(row.failure_step),
                               lines, failed, row.diagnosis, row.correction,
                               row.reference_rollout_id, source.reference_response,
-                              source.wrong_response, source.locator, row.mode))
+                              source.wrong_response, source.locator, row.mode,
+                              task.error_kind(row.problem, source.wrong_response)))
     return out
 
 

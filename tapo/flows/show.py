@@ -45,7 +45,8 @@ def segment_lines(t: Trajectory) -> list[tuple[str, str]]:
 def trajectory_panel(t: Trajectory) -> Panel:
     table = Table(box=None, padding=(0, 1), expand=True, show_edge=False)
     table.add_column("", no_wrap=True, style="dim")
-    table.add_column(f"trajectory ({t.mode}, failure at step {t.failure_step}, "
+    kind = f": {t.error_kind}" if t.error_kind else ""
+    table.add_column(f"trajectory ({t.mode}, failure at step {t.failure_step}{kind}, "
                      f"located by {t.locator})", ratio=1)
     table.add_column(f"correct sibling {t.reference_id}", ratio=1)
     reference = t.reference.rstrip("\n").splitlines()
