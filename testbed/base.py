@@ -67,7 +67,6 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 SHIPPED_BASE = DATA / "testbed_base"  # configs/testbed.yaml's; testbed_base_small: the small one
 SHIPPED_BASES = tuple(sorted(DATA.glob("testbed_base*")))
 BUILD = "build.json"
-REFLECTIONS = 2  # the self-corrected solutions' diagnosis wording; 2: it names the error's kind
 
 
 def problem_rows(problems: list[arith.ArithProblem], split: str) -> pd.DataFrame:
@@ -202,9 +201,7 @@ def tokenizer_corpus(problems: list[arith.ArithProblem]) -> list[str]:
         texts.append(arith.PROMPT_TEMPLATE.format(problem=p.text) + p.solution())
         if i % 10 == 0:
             k = 1 + i % len(p.ops)
-            line = p.step_line(k)
-            texts.append(f"{arith.REFLECTION_PREFIX}{k} is wrong: {line}, not "
-                         f"{line.rsplit(' ', 1)[1]}1.")
+            texts.append(arith.first_reflection_line(k, p.step_line(k) + "1", p.step_line(k)))
     return texts
 
 
@@ -274,8 +271,6 @@ def base_fingerprint(cfg: TestbedConfig) -> str:
     if not cfg.judge_share:
         unset |= {"judge_steps", "judge_lr"}
     identity = cfg.model_dump(mode="json", exclude={"base_dir"} | unset)
-    if cfg.reflect_share:  # the self-corrections' wording (arith.diagnosis: the error's kind)
-        identity["reflections"] = REFLECTIONS
     return fingerprint(identity)
 
 

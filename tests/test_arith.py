@@ -192,8 +192,7 @@ def test_precedence_misreading():
 def test_self_corrected_solution_passes_the_checker():
     misread = arith.precedence_solution(P)
     fixed = arith.self_corrected(P, misread)
-    assert fixed == ("29 * 3 = 87\nWait, step 1 is wrong: left to right, 48 + 17 comes first, "
-                     "not 29 * 3.\n"
+    assert fixed == ("29 * 3 = 87\nWait, step 1 is wrong: 48 + 17 = 65, not 87.\n"
                      "48 + 17 = 65\n65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}")
     assert first_wrong_step(P, fixed) is None and arith.grade(fixed, "108")[0] == "correct"
     assert arith.self_corrected(P, P.solution()) == P.solution()  # nothing to correct

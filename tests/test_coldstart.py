@@ -162,9 +162,11 @@ def test_load_problems_reads_the_bundled_jsonl():
 def test_coldstart_end_to_end_on_the_small_testbed(small_base, tmp_path, capsys):
     run = tmp_path / "coldstart"
     cfg = small_base()
+    # lr 0.006: the diagnoses' wording ("6 + 8 is 14, not 15.") is new to the small base, and
+    # six epochs at 0.003 leave its reflection rate at 0.04
     overrides = [f"testbed.base_dir={cfg.testbed.base_dir}", "engine.backend=hf",
                  f"policy.coldstart={run / 'model'}", "coldstart.size=300",
-                 "coldstart.lr=0.003", "coldstart.epochs=6"]
+                 "coldstart.lr=0.006", "coldstart.epochs=6"]
     assert main(["coldstart", "--config", str(SMALL_CONFIG), *overrides]) == 0
     summary = json.loads((run / "coldstart.json").read_text())
     printed = capsys.readouterr().out
@@ -183,7 +185,7 @@ def test_coldstart_end_to_end_on_the_small_testbed(small_base, tmp_path, capsys)
     # the point of the SFT: the cold-start model reflects after a wrong step, the base does not
     rate = summary["probe"]["reflection_rate"]
     assert summary["probe"]["prefixes"] >= 20
-    assert rate["coldstart"] >= rate["base"] + 0.4, rate  # measured: 0.00 -> 0.72
+    assert rate["coldstart"] >= rate["base"] + 0.4, rate  # measured: 0.00 -> 0.70
     reflective = examples[examples["source"] != "direct"]["response"]
     assert reflective.map(reflects).all()
 

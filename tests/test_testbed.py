@@ -331,7 +331,9 @@ def test_the_shipped_base_reproduces_its_figures_here_and_grpo_learns(tmp_path):
     # one TAPO round on the default testbed, with the default engine (vllm when installed)
     from tapo.flows.round import run_round
 
-    cfg = load_config(None, [f"testbed.base_dir={tmp_path / 'base'}"])
+    from_base = [f"testbed.base_dir={tmp_path / 'base'}",  # not a cold start in runs/
+                 f"policy.coldstart={tmp_path / 'no-coldstart'}"]
+    cfg = load_config(None, from_base)
     summary = run_round(tmp_path / "run", 1, cfg, progress=False)
     assert summary["rollouts"] == 64 * 8 and 0 < summary["candidates"] <= 16  # 25% budget
     assert summary["accepted"] == summary["candidates"]  # rule constructor: all verified
@@ -341,7 +343,7 @@ def test_the_shipped_base_reproduces_its_figures_here_and_grpo_learns(tmp_path):
     from tapo.flows.evaluate import evaluate
     from tapo.flows.iterate import iterate
 
-    grpo = load_config(None, [f"testbed.base_dir={tmp_path / 'base'}", "algo.name=grpo"])
+    grpo = load_config(None, [*from_base, "algo.name=grpo"])
     iterate(tmp_path / "grpo", 10, grpo, progress=False)
     before, after = (evaluate(model, ["testbed"], grpo, tmp_path / name, progress=False).iloc[0]
                      for model, name in ((model_dir, "eval-base"),

@@ -300,15 +300,18 @@ def precedence_solution(problem: ArithProblem) -> str:
 
 
 def self_corrected(problem: ArithProblem, wrong: str) -> str:
-    """`wrong` kept up to and with its first wrong line, then the reflection on it and the
-    correct steps from there: a solution that catches its own error (the rule constructor's
-    trajectory, `ArithTask.repair`, written as one text)."""
+    """`wrong` kept up to and with its first wrong line, then a reflection on it in the first
+    wording (first_reflection_line) and the correct steps from there: a solution that catches its
+    own error, as the testbed base's pretraining corpus writes it (docs/testbed.md says why it
+    keeps the first wording)."""
     error = first_wrong_step(problem, wrong)
     if error is None or error.step is None:
         return wrong
     prefix, diagnosis, correction = ArithTask().repair(problem.text, wrong[:error.step.end],
                                                        error.step, full=False)
-    return prefix + diagnosis + correction
+    separator = diagnosis[: len(diagnosis) - len(diagnosis.lstrip("\n"))]
+    reflection = first_reflection_line(error.chain_step, error.found, error.expected)
+    return prefix + separator + reflection + "\n" + correction
 
 
 def wrong_solution(problem: ArithProblem, rng: random.Random, kind: str,
@@ -409,9 +412,19 @@ def diagnosis(problem: ArithProblem, k: int, found: str, expected: str) -> str:
     return f"the problem {_VERB[op]} {b} here, not {b2}."
 
 
+def first_reflection_line(k: int, found: str, expected: str) -> str:
+    """The reflection's first wording, "Wait, step k is wrong: 48 + 17 = 65, not 87.": the
+    expected line with the found result; the pretraining corpus's self-corrections use it."""
+    parsed = parse_step(found)
+    if parsed is not None and parse_step(expected) is not None:
+        a, op, b, c = parse_step(expected)
+        return f"{REFLECTION_PREFIX}{k} is wrong: {a} {op} {b} = {c}, not {parsed[3]}."
+    return f"{REFLECTION_PREFIX}{k} is wrong: it should be {expected}."
+
+
 def reflection_line(problem: ArithProblem, k: int, found: str, expected: str) -> str:
     """The reflection on a wrong line at chain step k: "Wait, step k is wrong: " and its
-    diagnosis (the rule constructor's, and the pretraining corpus's self-corrections')."""
+    diagnosis (the rule constructor's; the cold start's and TAPO's trajectories)."""
     return f"{REFLECTION_PREFIX}{k} is wrong: {diagnosis(problem, k, found, expected)}"
 
 
