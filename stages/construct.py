@@ -39,7 +39,7 @@ from stages.common import (
     policy_path,
     require_rule_task,
 )
-from stages.tasks.base import Rejection, task_of
+from stages.tasks.base import Rejection, line_break, task_of
 from stages.tasks.prompts import ANALYSIS, RECONSTRUCTION, construct_instruction
 
 TRANSITION = "Wait, step {k} is wrong: "
@@ -124,10 +124,6 @@ class Construct(Stage):
         self.grader.close()
 
 
-def _separator(prefix: str) -> str:
-    return "\n" if prefix and not prefix.endswith("\n") else ""
-
-
 def rule_trajectory(task, row, full: bool):
     """(prefix, diagnosis, correction) built by the task's exact step checker, or a
     Rejection."""
@@ -148,7 +144,7 @@ def llm_trajectory(row, answer: str, full: bool):
     if full:
         return "", "", correction
     prefix = row["wrong_response"][: row["prefix_chars"]]
-    diagnosis = (_separator(prefix) + TRANSITION.format(k=row["failure_step"])
+    diagnosis = (line_break(prefix) + TRANSITION.format(k=row["failure_step"])
                  + analysis.group(1).strip() + "\n")
     return prefix, diagnosis, correction
 

@@ -26,7 +26,15 @@ import re
 from dataclasses import dataclass
 
 from pipeline.config import ArithConfig
-from stages.tasks.base import Rejection, Step, Task, extract_boxed, register, split_steps
+from stages.tasks.base import (
+    Rejection,
+    Step,
+    Task,
+    extract_boxed,
+    line_break,
+    register,
+    split_steps,
+)
 
 __all__ = ["ArithConfig", "ArithProblem", "ArithTask", "extract_boxed", "split_steps"]
 
@@ -307,11 +315,10 @@ def self_corrected(problem: ArithProblem, wrong: str) -> str:
     error = first_wrong_step(problem, wrong)
     if error is None or error.step is None:
         return wrong
-    prefix, diagnosis, correction = ArithTask().repair(problem.text, wrong[:error.step.end],
-                                                       error.step, full=False)
-    separator = diagnosis[: len(diagnosis) - len(diagnosis.lstrip("\n"))]
+    prefix, _, correction = ArithTask().repair(problem.text, wrong[:error.step.end], error.step,
+                                               full=False)
     reflection = first_reflection_line(error.chain_step, error.found, error.expected)
-    return prefix + separator + reflection + "\n" + correction
+    return prefix + line_break(prefix) + reflection + "\n" + correction
 
 
 def wrong_solution(problem: ArithProblem, rng: random.Random, kind: str,
@@ -415,10 +422,10 @@ def diagnosis(problem: ArithProblem, k: int, found: str, expected: str) -> str:
 def first_reflection_line(k: int, found: str, expected: str) -> str:
     """The reflection's first wording, "Wait, step k is wrong: 48 + 17 = 65, not 87.": the
     expected line with the found result; the pretraining corpus's self-corrections use it."""
-    parsed = parse_step(found)
-    if parsed is not None and parse_step(expected) is not None:
-        a, op, b, c = parse_step(expected)
-        return f"{REFLECTION_PREFIX}{k} is wrong: {a} {op} {b} = {c}, not {parsed[3]}."
+    got, right = parse_step(found), parse_step(expected)
+    if got is not None and right is not None:
+        a, op, b, c = right
+        return f"{REFLECTION_PREFIX}{k} is wrong: {a} {op} {b} = {c}, not {got[3]}."
     return f"{REFLECTION_PREFIX}{k} is wrong: it should be {expected}."
 
 
@@ -495,8 +502,7 @@ class ArithTask(Task):
             return Rejection("prefix_has_error", f"step {state.step.index} of the prefix is wrong")
         k, n = state.chain_step, len(parsed.ops)
         expected = expected_line(parsed, k)
-        separator = "\n" if prefix and not prefix.endswith("\n") else ""
         found = failed.text if failed else ""
-        diagnosis = separator + reflection_line(parsed, k, found, expected) + "\n"
+        diagnosis = line_break(prefix) + reflection_line(parsed, k, found, expected) + "\n"
         correction = "\n".join(expected_line(parsed, j) for j in range(k, n + 2))
         return prefix, diagnosis, correction

@@ -61,6 +61,12 @@ def split_steps(text: str) -> list[Step]:
 REFLECTION_RE = re.compile(REFLECTION_PATTERN)
 
 
+def line_break(prefix: str) -> str:
+    """The newline to write after `prefix` before a new line ("" after an empty prefix or one
+    that already ends a line)."""
+    return "\n" if prefix and not prefix.endswith("\n") else ""
+
+
 def reflects(text: str) -> bool:
     """Whether a response reflects: it contains the transition phrase of our trajectories
     ("Wait, step k is wrong") or the construction format's `<analysis>` tag."""
