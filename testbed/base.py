@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 import shutil
 import time
 from collections import Counter
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.completion import DONE, mark_complete
@@ -49,8 +50,12 @@ from pipeline.util import fingerprint, weights_sha256, write_json_atomic
 from stages.tasks import arith
 from stages.tasks.base import split_steps
 from stages.tasks.prompts import (
+    ANALYSIS,
+    CONSTRUCT_INSTRUCTION,
+    LOCATE_INSTRUCTION,
     RECONSTRUCTION,
     STEP_TAG,
+    WHAT,
     construct_answer,
     construct_instruction,
     locate_answer,
@@ -67,6 +72,7 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 SHIPPED_BASE = DATA / "testbed_base"  # configs/testbed.yaml's; testbed_base_small: the small one
 SHIPPED_BASES = tuple(sorted(DATA.glob("testbed_base*")))
 BUILD = "build.json"
+JUDGE_PHASE = 2  # the judge phase's version (2: the judges' words as tokens of their own)
 
 
 def problem_rows(problems: list[arith.ArithProblem], split: str) -> pd.DataFrame:
@@ -150,6 +156,42 @@ def judge_examples(problems: list[arith.ArithProblem], cfg: TestbedConfig) -> li
     return out
 
 
+JUDGE_PIECE = re.compile(r"</?[a-z]+>| ?[A-Za-z]+")  # a tag, or a word with its leading space
+
+
+def judge_tokens(tokenizer, solver_texts: Iterable[str]) -> list[str]:
+    """The judges' tags and the words of their instructions (stages/tasks/prompts.py, each with
+    its leading space where it has one) that the tokenizer spells in more than one token and
+    the solver's texts never contain, so that they can become tokens of their own without
+    changing how the solver's own text is read."""
+    instructions = LOCATE_INSTRUCTION + CONSTRUCT_INSTRUCTION + " ".join(WHAT.values())
+    seen = {piece for text in solver_texts for piece in JUDGE_PIECE.findall(text)}
+    return sorted(piece for piece in set(JUDGE_PIECE.findall(instructions)) - seen
+                  if len(tokenizer(piece, add_special_tokens=False)["input_ids"]) > 1)
+
+
+def add_judge_tokens(model, tokenizer, tokens: list[str], moments: Path) -> None:
+    """`tokens` into the tokenizer (added tokens, matched before the byte-level pieces), the
+    tied embedding grown to a multiple of 64 rows, each new token's row the mean of the rows
+    that spelled it; the Adam moments at `moments` grown with zero rows to match."""
+    spelled = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in tokens]
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in tokens])
+    embedding = model.get_input_embeddings().weight
+    index = next(i for i, p in enumerate(model.parameters()) if p is embedding)
+    old_rows = embedding.shape[0]
+    model.resize_token_embeddings(-(-len(tokenizer) // 64) * 64, mean_resizing=False)
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        for token, ids in zip(tokens, spelled, strict=True):
+            weight[tokenizer.convert_tokens_to_ids(token)] = weight[ids].mean(0)
+    state = torch.load(moments, map_location="cpu")
+    grow = weight.shape[0] - old_rows
+    for key in ("exp_avg", "exp_avg_sq"):
+        t = state["state"][index][key]
+        state["state"][index][key] = torch.cat([t, t.new_zeros(grow, *t.shape[1:])])
+    torch.save(state, moments)
+
+
 def teach_judges(model, tokenizer, judges: list[dict], solutions: list[LMExample],
                  cfg: TestbedConfig, moments: Path) -> list[float]:
     """The judge phase after pretraining: `judge_steps` steps at `judge_lr` (continuing the
@@ -169,11 +211,14 @@ def teach_judges(model, tokenizer, judges: list[dict], solutions: list[LMExample
 def measure_judges(engine, problems: list[arith.ArithProblem], cfg: TestbedConfig) -> dict:
     """The base as its own judge on held-out problems' fresh errors (a judge example of each,
     answered greedily): the share of locate answers that name the exact checker's step (by
-    error kind too), and of construct answers whose trajectory grades correct."""
+    error kind too), and of construct answers: in both tags, whose trajectory grades correct,
+    whose reconstruction starts with the expected line, and whose diagnosis is the expected one
+    word for word."""
     examples = judge_examples(problems, cfg.model_copy(update={"judge_share": 1.0}))
     answers = engine.generate([e["prompt"] for e in examples], 1,
                               SamplingParams(temperature=0, max_tokens=200))
-    located, built, kinds = [], [], {}
+    located, kinds = [], {}
+    built = {"tagged": [], "correct": [], "first_line": [], "diagnosis": []}
     for e, [answer] in zip(examples, answers, strict=True):
         p = arith.parse_problem(e["problem"])
         error = arith.first_wrong_step(p, e["wrong"])
@@ -183,13 +228,23 @@ def measure_judges(engine, problems: list[arith.ArithProblem], cfg: TestbedConfi
             located.append(exact)
             kinds.setdefault(arith.error_kind(p, error.found, error.expected), []).append(exact)
             continue
-        m = RECONSTRUCTION.search(answer.text)
+        got = [RECONSTRUCTION.search(answer.text), ANALYSIS.search(answer.text)]
+        want = [RECONSTRUCTION.search(e["answer"]), ANALYSIS.search(e["answer"])]
+        built["tagged"].append(None not in got)
+        if None in got:
+            for key in ("correct", "first_line", "diagnosis"):
+                built[key].append(False)
+            continue
         prefix = "" if e["kind"] == "construct_full" else e["wrong"][: error.step.end]
-        built.append(m is not None and arith.grade(prefix + "\n" + m.group(1).strip(),
-                                                   str(p.answer))[0] == "correct")
+        lines = [m.group(1).strip().split("\n", 1)[0] for m in (got[0], want[0])]
+        built["correct"].append(arith.grade(prefix + "\n" + got[0].group(1).strip(),
+                                            str(p.answer))[0] == "correct")
+        built["first_line"].append(lines[0] == lines[1])
+        built["diagnosis"].append(got[1].group(1).strip() == want[1].group(1).strip())
     return {"locate_exact": sum(located) / len(located),
             "locate_exact_by_kind": {k: round(sum(v) / len(v), 4) for k, v in kinds.items()},
-            "construct_correct": sum(built) / len(built), "problems": len(problems)}
+            **{f"construct_{k}": sum(v) / len(v) for k, v in built.items()},
+            "problems": len(problems)}
 
 
 def tokenizer_corpus(problems: list[arith.ArithProblem]) -> list[str]:
@@ -271,6 +326,8 @@ def base_fingerprint(cfg: TestbedConfig) -> str:
     if not cfg.judge_share:
         unset |= {"judge_steps", "judge_lr"}
     identity = cfg.model_dump(mode="json", exclude={"base_dir"} | unset)
+    if cfg.judge_share:
+        identity["judge_phase"] = JUDGE_PHASE
     return fingerprint(identity)
 
 
@@ -430,12 +487,13 @@ def solver_dir(base_dir: Path) -> Path:
 
 
 def train_judges(cfg: TestbedConfig, base_dir: Path) -> Path:
-    """The base with judges: the solver base (this config without judges, `solver_dir`, built
-    or found complete) copied, taught the judges (teach_judges), measured (held-out targets and
+    """The base with judges: the solver base (this config without judges, `solver_dir`,
+    installed, built or found complete) copied, given the judges' words as tokens
+    (add_judge_tokens), taught the judges (teach_judges), measured (held-out targets and
     measure_judges); build.json holds the solver's record under `solver`."""
     solver_cfg = cfg.model_copy(update={"judge_share": 0.0})
     solver = solver_dir(base_dir)
-    build_base(solver_cfg, solver, shipped=())
+    build_base(solver_cfg, solver)
     t0 = time.time()
     splits = write_splits(cfg, base_dir)
     solver_build = json.loads((solver / BUILD).read_text())
@@ -446,10 +504,12 @@ def train_judges(cfg: TestbedConfig, base_dir: Path) -> Path:
     moments = base_dir / OPTIMIZER
     shutil.copy(testbed_model(solver) / OPTIMIZER, moments)
     pretrain = splits["pretrain"]
+    texts = pretrain_solutions(pretrain, cfg)
+    prompts = [arith.PROMPT_TEMPLATE.format(problem=p.text) for p in pretrain]
+    tokens = judge_tokens(tokenizer, prompts + texts)
+    add_judge_tokens(model, tokenizer, tokens, moments)
     judges = judge_examples(pretrain, cfg)
-    solutions = sft_examples(
-        tokenizer, [arith.PROMPT_TEMPLATE.format(problem=p.text) for p in pretrain],
-        pretrain_solutions(pretrain, cfg))
+    solutions = sft_examples(tokenizer, prompts, texts)
     t1 = time.time()
     losses = teach_judges(model, tokenizer, judges, solutions, cfg, moments)
     t2 = time.time()
@@ -463,8 +523,9 @@ def train_judges(cfg: TestbedConfig, base_dir: Path) -> Path:
         {
             "fingerprint": base_fingerprint(cfg),
             "config": cfg.model_dump(mode="json"),
-            "parameters": solver_build["parameters"],
-            "vocab": solver_build["vocab"],
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab": len(tokenizer),
+            "judge_tokens": tokens,
             "pretrain_solutions": solver_build["pretrain_solutions"],
             "judge_examples": dict(Counter(j["kind"] for j in judges)),
             "seconds": {"data": round(t1 - t0, 1), "judges": round(t2 - t1, 1),

@@ -12,19 +12,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench.gradient_split import split_gradients
 from bench.reflection_timing import reflection_timing
 from pipeline.config import load_config
-from pipeline.engines.base import SamplingParams
+from pipeline.engines.base import Completion, SamplingParams
 from pipeline.engines.hf import HFEngine
 from pipeline.io import read_pandas
 from pipeline.util import read_json, weights_sha256
 from stages.tasks import arith
 from testbed.base import (
     SHIPPED_BASE,
+    add_judge_tokens,
     base_fingerprint,
     build_base,
     compare_bases,
     corpus_counts,
     judge_examples,
+    judge_tokens,
     measure_base,
+    measure_judges,
     pretrain_solutions,
     rebuild_base,
     shipped_base,
@@ -74,8 +77,11 @@ def test_tiny_build_writes_splits_model_and_manifest(tiny_base):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert build["parameters"] == sum(p.numel() for p in model.parameters())
     v, h, i = model.config.vocab_size, 32, model.config.intermediate_size  # (one layer)
-    assert build["parameters"] == v * h + (4 * h * h + 3 * h) + 3 * h * i + 3 * h == 26816
-    # tied embeddings + q, k, v (with biases), o + gate, up, down + two norms and the final one
+    assert build["parameters"] == v * h + (4 * h * h + 3 * h) + 3 * h * i + 3 * h == 28864
+    # tied embeddings (the judges' tokens grow them to 384 rows) + q, k, v (with biases), o +
+    # gate, up, down + two norms and the final one
+    assert build["vocab"] == len(AutoTokenizer.from_pretrained(model_dir)) > 320 and "<step>" in \
+        build["judge_tokens"]
     assert build["loss_last"] > 0
     assert (base / "_SUCCESS").exists()
     assert _moment_steps(model_dir) == {3 + 2}  # the Adam moments of the last step (of 3 + the
@@ -86,6 +92,7 @@ def test_tiny_build_writes_splits_model_and_manifest(tiny_base):
     assert build["judge_examples"]["locate"] > 0, build["judge_examples"]  # and judge examples
     judges = build["judges"]  # the base as its own judge on held-out errors
     assert 0 <= judges["locate_exact"] <= 1 and 0 <= judges["construct_correct"] <= 1
+    assert {"construct_tagged", "construct_first_line", "construct_diagnosis"} <= set(judges)
     assert judges["problems"] == 20 and set(judges["locate_exact_by_kind"]) <= set(
         arith.ERROR_KINDS)
     solver = read_json(base.with_name(base.name + "-solver") / "build.json")  # the base before
@@ -135,6 +142,86 @@ def test_judge_examples_are_what_the_stages_ask_answered_as_the_checker_does():
         errors.add(kind)
         assert arith.diagnosis(p, error.chain_step, error.found, error.expected) in e["answer"]
     assert errors == {"misread", "slip", "copy"} and caught > 20
+
+
+def test_judge_tokens_shorten_the_judges_prompts_and_leave_the_solver_as_it_was(tmp_path):
+    """The judge phase's tokens (the tags and the instructions' words the solver never read)
+    on the shipped base: the solver's text tokenizes and scores as before, the judges' prompts
+    and answers decode exactly in under 65% of the tokens, each new row starts as the mean of
+    the rows that spelled it, and the Adam moments grow to the new embedding."""
+    cfg = load_config(None, ["testbed.judge_share=1.0"]).testbed
+    model_dir = SHIPPED_BASE / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    problems = arith.generate_split("pretrain", 2000, 0, cfg.arith)
+    solver = [arith.PROMPT_TEMPLATE.format(problem=p.text) + t
+              for p, t in zip(problems, pretrain_solutions(problems, cfg))]
+    judges = judge_examples(arith.generate_split("heldout", 40, 0, cfg.arith), cfg)
+    before = [tok(t)["input_ids"] for t in solver]
+    judge_before = [len(tok(e["prompt"] + e["answer"])["input_ids"]) for e in judges]
+    ids = torch.tensor([before[0]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :, :len(tok)]
+    tokens = judge_tokens(tok, solver)
+    assert {"<step>", "</step>", "<analysis>", "</reconstruction>", " student"} <= set(tokens)
+    assert not {" left", " right", " to", " wrong", "Wait", "boxed"} & set(tokens)  # the solver's
+    spelled = tok(" student", add_special_tokens=False)["input_ids"]
+    moments = tmp_path / "optimizer.pt"
+    shutil.copy(model_dir / "optimizer.pt", moments)
+    add_judge_tokens(model, tok, tokens, moments)
+    assert len(tok) == 302 + len(tokens) and model.get_input_embeddings().weight.shape[0] == 384
+    assert [tok(t)["input_ids"] for t in solver] == before
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits[0, :, :len(logits[0])], logits)
+        weight = model.get_input_embeddings().weight
+        assert torch.equal(weight[tok.convert_tokens_to_ids(" student")], weight[spelled].mean(0))
+    after = []
+    for e in judges:
+        encoded = tok(e["prompt"] + e["answer"])["input_ids"]
+        assert tok.decode(encoded) == e["prompt"] + e["answer"]
+        after.append(len(encoded))
+    assert sum(after) < 0.65 * sum(judge_before), (sum(after), sum(judge_before))
+    opt = torch.optim.AdamW(model.parameters())
+    opt.load_state_dict(torch.load(moments))  # every moment has its parameter's shape
+    assert all(opt.state[p]["exp_avg_sq"].shape == p.shape for p in model.parameters())
+
+
+def test_bench_judges_row_of_the_tiny_base(tiny_base):
+    from bench.judges import judge_row
+
+    cfg, _, model_dir = tiny_base
+    row = judge_row(model_dir, cfg)
+    assert row["model"] == str(model_dir) and row["problems"] == 20
+    assert all(0 <= v <= 1 for k, v in row.items() if k not in ("model", "problems"))
+    assert {"locate_exact", "construct_correct", "construct_first_line"} <= set(row)
+
+
+class Answering:
+    """An engine that answers each prompt with `answer(prompt)` (a judge that is always right,
+    or one that is always wrong), to score measure_judges's scoring."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def generate(self, prompts, n, params):
+        return [[Completion(self.answer(p), [], "stop")] for p in prompts]
+
+
+def test_measure_judges_scores_the_checkers_answers_right_and_others_wrong():
+    cfg = load_config(None, []).testbed
+    problems = arith.generate_split("heldout", 30, 0, cfg.arith)
+    expected = {e["prompt"]: e["answer"] for e in judge_examples(
+        problems, cfg.model_copy(update={"judge_share": 1.0}))}
+    right = measure_judges(Answering(expected.get), problems, cfg)
+    assert right["locate_exact"] == 1 and set(right["locate_exact_by_kind"].values()) == {1.0}
+    assert all(right[f"construct_{k}"] == 1 for k in ("tagged", "correct", "first_line",
+                                                       "diagnosis")), right
+    shifted = measure_judges(Answering(lambda p: expected[p].replace("<step>1<", "<step>2<")
+                                       .replace("\\boxed{", "\\boxed{1")), problems, cfg)
+    assert 0 < shifted["locate_exact"] < 1 and shifted["construct_correct"] < 0.2
+    assert shifted["construct_tagged"] == shifted["construct_diagnosis"] == 1
+    untagged = measure_judges(Answering(lambda p: "step 1"), problems, cfg)
+    assert untagged["locate_exact"] == untagged["construct_tagged"] == 0
 
 
 def test_pretrain_solutions_mix_misreadings_and_self_corrections():

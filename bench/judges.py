@@ -1,0 +1,45 @@
+"""How well testbed models locate a failure and construct the trajectory themselves.
+
+    python -m bench.judges MODEL_DIR [MODEL_DIR ...] [--config C]
+
+For each model, `testbed.base.measure_judges` (the HF engine, greedy) on a judge example of
+every problem of the config's held-out split (configs/testbed.yaml's by default: 200 problems,
+a fresh misreading, slip or copy error each): one markdown row per model with the share of
+exact locations (and by error kind), and of construct answers in both tags, starting with the
+expected line, with the expected diagnosis, and grading correct. A base built with judges
+records the same figures in build.json (`judges`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench import markdown_table
+from pipeline.config import load_config
+from pipeline.engines.hf import HFEngine
+from stages.tasks import arith
+from testbed.base import measure_judges
+
+
+def judge_row(model_dir: Path, cfg) -> dict:
+    """The markdown row of one model: measure_judges flattened."""
+    heldout = arith.generate_split("heldout", cfg.n_heldout, cfg.seed, cfg.arith)
+    scores = measure_judges(HFEngine(model_dir, batch_size=100), heldout, cfg)
+    by_kind = scores.pop("locate_exact_by_kind")
+    return {"model": str(model_dir), **{k: v for k, v in scores.items() if k != "problems"},
+            **{f"locate_{k}": v for k, v in sorted(by_kind.items())},
+            "problems": scores["problems"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", type=Path, nargs="+")
+    p.add_argument("--config", type=Path, default=None)
+    args = p.parse_args()
+    cfg = load_config(args.config).testbed
+    print(markdown_table([judge_row(m, cfg) for m in args.models]))
+
+
+if __name__ == "__main__":
+    main()
