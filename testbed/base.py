@@ -162,28 +162,34 @@ JUDGE_PIECE = re.compile(r"</?[a-z]+>| ?[A-Za-z]+")  # a tag, or a word with its
 def judge_tokens(tokenizer, solver_texts: Iterable[str]) -> list[str]:
     """The judges' tags and the words of their instructions (stages/tasks/prompts.py, each with
     its leading space where it has one) that the tokenizer spells in more than one token and
-    the solver's texts never contain, so that they can become tokens of their own without
-    changing how the solver's own text is read."""
+    that occur nowhere in the solver's texts (an added token matches inside longer words too),
+    so that they can become tokens of their own without changing how the solver's own text is
+    read."""
     instructions = LOCATE_INSTRUCTION + CONSTRUCT_INSTRUCTION + " ".join(WHAT.values())
-    seen = {piece for text in solver_texts for piece in JUDGE_PIECE.findall(text)}
-    return sorted(piece for piece in set(JUDGE_PIECE.findall(instructions)) - seen
-                  if len(tokenizer(piece, add_special_tokens=False)["input_ids"]) > 1)
+    solver = "\n".join(solver_texts)  # (no piece holds a newline)
+    return sorted(piece for piece in set(JUDGE_PIECE.findall(instructions))
+                  if piece not in solver
+                  and len(tokenizer(piece, add_special_tokens=False)["input_ids"]) > 1)
 
 
 def add_judge_tokens(model, tokenizer, tokens: list[str], moments: Path) -> None:
     """`tokens` into the tokenizer (added tokens, matched before the byte-level pieces), the
     tied embedding grown to a multiple of 64 rows, each new token's row the mean of the rows
-    that spelled it; the Adam moments at `moments` grown with zero rows to match."""
+    that spelled it, each new padding row the mean of the old padding rows (never a target);
+    the Adam moments at `moments` grown with zero rows to match."""
     spelled = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in tokens]
+    old_tokens = len(tokenizer)
     tokenizer.add_tokens([AddedToken(t, normalized=False) for t in tokens])
     embedding = model.get_input_embeddings().weight
     index = next(i for i, p in enumerate(model.parameters()) if p is embedding)
     old_rows = embedding.shape[0]
+    padding = embedding[old_tokens:].detach().mean(0) if old_rows > old_tokens else 0.0
     model.resize_token_embeddings(-(-len(tokenizer) // 64) * 64, mean_resizing=False)
     with torch.no_grad():
         weight = model.get_input_embeddings().weight
         for token, ids in zip(tokens, spelled, strict=True):
             weight[tokenizer.convert_tokens_to_ids(token)] = weight[ids].mean(0)
+        weight[len(tokenizer):] = padding
     state = torch.load(moments, map_location="cpu")
     grow = weight.shape[0] - old_rows
     for key in ("exp_avg", "exp_avg_sq"):
@@ -321,7 +327,7 @@ def sft_examples(
 def base_fingerprint(cfg: TestbedConfig) -> str:
     """The build's identity: its config without the location (and without the corpus knobs
     while they are 0, and the judge phase's without judges, so that a base built before they
-    existed stays current)."""
+    existed stays current); with judges, the judge phase's version (JUDGE_PHASE)."""
     unset = {k for k in ("misread_share", "reflect_share", "judge_share") if not getattr(cfg, k)}
     if not cfg.judge_share:
         unset |= {"judge_steps", "judge_lr"}
@@ -396,7 +402,7 @@ def build_base(cfg: TestbedConfig, base_dir: str | Path, force: bool = False,
     source = None if force else shipped_base(cfg, shipped)
     if source is not None:
         return install_base(cfg, base_dir, source)
-    return train_base(cfg, base_dir)
+    return train_base(cfg, base_dir, shipped)
 
 
 def install_base(cfg: TestbedConfig, base_dir: Path, shipped: Path) -> Path:
@@ -417,13 +423,15 @@ def install_base(cfg: TestbedConfig, base_dir: Path, shipped: Path) -> Path:
     return testbed_model(base_dir)
 
 
-def train_base(cfg: TestbedConfig, base_dir: Path) -> Path:
+def train_base(cfg: TestbedConfig, base_dir: Path,
+               shipped: Iterable[Path] = SHIPPED_BASES) -> Path:
     """Generates the splits, trains the tokenizer, pretrains the model (with extra steps while
     below the greedy target), measures it and writes build.json; _SUCCESS last. With judges
     (`judge_share`), the pretrained model is the solver base, built (or found complete) beside
-    it (`solver_dir`: the same config without judges), and then learns the judges' prompts."""
+    it (`solver_dir`: the same config without judges; installed from `shipped` when one of
+    them was built from it), and then learns the judges' prompts."""
     if cfg.judge_share:
-        return train_judges(cfg, base_dir)
+        return train_judges(cfg, base_dir, shipped)
     fp = base_fingerprint(cfg)
     t0 = time.time()
     splits = write_splits(cfg, base_dir)
@@ -486,14 +494,15 @@ def solver_dir(base_dir: Path) -> Path:
     return base_dir.with_name(base_dir.name + "-solver")
 
 
-def train_judges(cfg: TestbedConfig, base_dir: Path) -> Path:
+def train_judges(cfg: TestbedConfig, base_dir: Path,
+                 shipped: Iterable[Path] = SHIPPED_BASES) -> Path:
     """The base with judges: the solver base (this config without judges, `solver_dir`,
     installed, built or found complete) copied, given the judges' words as tokens
     (add_judge_tokens), taught the judges (teach_judges), measured (held-out targets and
     measure_judges); build.json holds the solver's record under `solver`."""
     solver_cfg = cfg.model_copy(update={"judge_share": 0.0})
     solver = solver_dir(base_dir)
-    build_base(solver_cfg, solver)
+    build_base(solver_cfg, solver, shipped=shipped)
     t0 = time.time()
     splits = write_splits(cfg, base_dir)
     solver_build = json.loads((solver / BUILD).read_text())

@@ -168,8 +168,11 @@ def test_judge_tokens_shorten_the_judges_prompts_and_leave_the_solver_as_it_was(
     spelled = tok(" student", add_special_tokens=False)["input_ids"]
     moments = tmp_path / "optimizer.pt"
     shutil.copy(model_dir / "optimizer.pt", moments)
+    old_padding = model.get_input_embeddings().weight[302:].detach().mean(0)
     add_judge_tokens(model, tok, tokens, moments)
     assert len(tok) == 302 + len(tokens) and model.get_input_embeddings().weight.shape[0] == 384
+    assert torch.equal(model.get_input_embeddings().weight[len(tok):],
+                       old_padding.expand(384 - len(tok), -1))  # padding: never a target
     assert [tok(t)["input_ids"] for t in solver] == before
     with torch.no_grad():
         assert torch.allclose(model(ids).logits[0, :, :len(logits[0])], logits)
@@ -184,6 +187,10 @@ def test_judge_tokens_shorten_the_judges_prompts_and_leave_the_solver_as_it_was(
     opt = torch.optim.AdamW(model.parameters())
     opt.load_state_dict(torch.load(moments))  # every moment has its parameter's shape
     assert all(opt.state[p]["exp_avg_sq"].shape == p.shape for p in model.parameters())
+    old = torch.load(model_dir / "optimizer.pt")["state"][0]  # the embedding's, grown by zeros
+    grown = opt.state[model.get_input_embeddings().weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(grown[key][:320], old[key]) and not grown[key][320:].any()
 
 
 def test_bench_judges_row_of_the_tiny_base(tiny_base):
@@ -220,6 +227,12 @@ def test_measure_judges_scores_the_checkers_answers_right_and_others_wrong():
                                        .replace("\\boxed{", "\\boxed{1")), problems, cfg)
     assert 0 < shifted["locate_exact"] < 1 and shifted["construct_correct"] < 0.2
     assert shifted["construct_tagged"] == shifted["construct_diagnosis"] == 1
+    assert shifted["construct_first_line"] > 0.9  # (the answer line moved, not the first)
+    reworded = measure_judges(Answering(lambda p: expected[p].replace(
+        "<analysis>", "<analysis>so ").replace("<reconstruction>", "<reconstruction>1 + 1 = 2\n")),
+        problems, cfg)
+    assert reworded["construct_diagnosis"] == reworded["construct_first_line"] == 0
+    assert reworded["construct_tagged"] == 1
     untagged = measure_judges(Answering(lambda p: "step 1"), problems, cfg)
     assert untagged["locate_exact"] == untagged["construct_tagged"] == 0
 
