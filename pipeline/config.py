@@ -160,6 +160,10 @@ class ConstructConfig(Section):
     max_tokens: int = Field(512, ge=1, description="llm: tokens of the constructor's answer")
     temperature: float = Field(0.0, ge=0,
                                description="llm: the constructor's temperature (0: greedy)")
+    verify: typing.Literal["answer", "checker"] = Field(
+        "answer", description="answer: a trajectory is kept when it grades correct (the paper); "
+                              "checker: its steps and diagnosis must also be the task's exact "
+                              "step checker's (arith only)")
 
 
 class ColdstartConfig(Section):

@@ -22,6 +22,11 @@ without both tags), `prefix_mismatch` (the prefix or its tokens differ from the 
 `copied_reference` (llm: the correction contains the reference response whole; not checked for
 a task whose solution is unique, `Task.unique_solutions`: arith),
 `wrong_final_answer` / `no_final_answer` / `grading_failed` (the response does not grade correct).
+With `construction.verify=checker` (a task with an exact step checker: arith), a trajectory that
+grades correct must also pass the checker: `wrong_steps` (a step of the response is wrong, the
+correction's included: a right answer reached by wrong arithmetic), `wrong_diagnosis` (the
+diagnosis is not the checker's for the located step: a misreading named where a slip stands, or
+a step called wrong that is right).
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ class Construct(Stage):
     def __init__(self, config):
         super().__init__(config)
         require_rule_task(config, "construction")
+        if config.construction.verify == "checker" and not task_of(config).has_step_checker:
+            raise ValueError("construction.verify=checker needs a task with an exact step "
+                             f"checker (arith); task {config.task.name!r} needs verify=answer")
         self.engine = EngineHolder(config, config.construction.model or policy_path(config))
         self.task = task_of(config)
         self.grader = Grader(self.task, config.grader.workers, config.grader.timeout_s)
@@ -89,6 +97,11 @@ class Construct(Stage):
             if v.label != "correct":
                 out.drop(row, _GRADE_REJECTION.get(v.label, "grading_failed"), v.reason)
                 continue
+            if cfg.verify == "checker":
+                rejection = check_exactly(self.task, row, (prefix, diagnosis, correction), full)
+                if rejection is not None:
+                    out.drop(row, rejection.reason, rejection.detail)
+                    continue
             out.keep({
                 "trajectory_id": f"{row['wrong_rollout_id']}/{'full' if full else 'tapo'}",
                 "problem_id": row["problem_id"], "problem": row["problem"],
@@ -158,6 +171,25 @@ def check_prefix(row, prefix: str, tokenizer, full: bool) -> Rejection | None:
         return Rejection("prefix_mismatch", "the prefix is not the rollout's text")
     if tokenizer.decode(ids, skip_special_tokens=True) != prefix:
         return Rejection("prefix_mismatch", "the prefix tokens do not decode to the prefix")
+    return None
+
+
+def check_exactly(task, row, parts: tuple[str, str, str], full: bool) -> Rejection | None:
+    """`construction.verify=checker`: the trajectory `parts` (prefix, diagnosis, correction) of
+    a located candidate `row` read by the task's exact step checker: every step right (a
+    reflection forgives the line it names) and the diagnosis the checker's own for the located
+    step, word for word after "is wrong: " (none in full mode)."""
+    error = task.locate_failure(row["problem"], "".join(parts))
+    if not isinstance(error, Rejection):
+        return Rejection("wrong_steps", f"line {error[0]} of the trajectory: {error[2]}")
+    if full:
+        return None
+    exact = rule_trajectory(task, row, full=False)
+    if isinstance(exact, Rejection):
+        return Rejection("wrong_diagnosis", f"{exact.reason}: {exact.detail}")
+    said, due = (d.strip().split(" is wrong: ", 1)[-1] for d in (parts[1], exact[1]))
+    if said != due:
+        return Rejection("wrong_diagnosis", f"said {said[:200]!r}, the checker {due!r}")
     return None
 
 

@@ -214,13 +214,16 @@ def teach_judges(model, tokenizer, judges: list[dict], solutions: list[LMExample
                     optimizer_in=moments, optimizer_out=moments, groups=groups)
 
 
-def measure_judges(engine, problems: list[arith.ArithProblem], cfg: TestbedConfig) -> dict:
-    """The base as its own judge on held-out problems' fresh errors (a judge example of each,
-    answered greedily): the share of locate answers that name the exact checker's step (by
-    error kind too), and of construct answers: in both tags, whose trajectory grades correct,
-    whose reconstruction starts with the expected line, and whose diagnosis is the expected one
-    word for word."""
-    examples = judge_examples(problems, cfg.model_copy(update={"judge_share": 1.0}))
+def measure_judges(engine, problems: list[arith.ArithProblem], cfg: TestbedConfig,
+                   share: float = 1.0) -> dict:
+    """The base as its own judge on the judge examples of a `share` of `problems` (1: held-out
+    problems' fresh errors, one example of each kind per problem; `cfg.judge_share` of the
+    first pretraining problems: the very examples the judge phase trained on), answered
+    greedily: the share of locate answers that name the exact checker's step (by error kind
+    too), and of construct answers: in both tags, whose trajectory grades correct, whose
+    reconstruction starts with the expected line, and whose diagnosis is the expected one word
+    for word."""
+    examples = judge_examples(problems, cfg.model_copy(update={"judge_share": share}))
     answers = engine.generate([e["prompt"] for e in examples], 1,
                               SamplingParams(temperature=0, max_tokens=200))
     located, kinds = [], {}
@@ -250,7 +253,7 @@ def measure_judges(engine, problems: list[arith.ArithProblem], cfg: TestbedConfi
     return {"locate_exact": sum(located) / len(located),
             "locate_exact_by_kind": {k: round(sum(v) / len(v), 4) for k, v in kinds.items()},
             **{f"construct_{k}": sum(v) / len(v) for k, v in built.items()},
-            "problems": len(problems)}
+            "problems": len(located)}
 
 
 def tokenizer_corpus(problems: list[arith.ArithProblem]) -> list[str]:

@@ -101,6 +101,11 @@ def test_checker_reflection_then_correction():
     fixed = "48 + 17 = 65\nWait, step 1 is wrong: nothing.\n48 + 17 = 65\n65 - 29 = 36\n"
     assert first_wrong_step(P, fixed + "36 * 3 = 108\n\\boxed{108}") is None
     assert first_wrong_step(P, "Wait, step 9 is wrong: x\n").chain_step == 1
+    # a reflection on a step not yet reached is a wrong line: the next reflection forgives it
+    early = "48 + 17 = 65\nWait, step 4 is wrong: x\n"
+    assert first_wrong_step(P, early + "65 - 29 = 36").step.index == 2
+    assert first_wrong_step(P, early + "Wait, step 2 is wrong: y\n65 - 29 = 36\n"
+                               "36 * 3 = 108\n\\boxed{108}") is None
 
 
 @pytest.mark.parametrize(

@@ -109,6 +109,8 @@ def test_variants_and_seeds_change_only_what_they_name():
     assert variant_config(cfg, "random_order", 0).select.order == "random"
     oracle = variant_config(cfg, "rule_oracle", 0)
     assert (oracle.locate.method, oracle.construction.method) == ("rule", "rule")
+    checked = variant_config(cfg, "checked", 0).construction
+    assert (checked.verify, checked.method) == ("checker", cfg.construction.method)
     with pytest.raises(KeyError):
         variant_config(cfg, "nope", 0)
 

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from pipeline.engines import Completion
@@ -419,6 +420,56 @@ def test_llm_constructor_on_recorded_chat_answers(small_base, case):
     assert "<analysis>" not in t["response"] and t["response"].endswith(t["correction"])
     prompt = replay.prompts[0]
     assert f"goes wrong at step {case['true_step']}" in prompt and "<reconstruction>" in prompt
+
+
+def test_llm_constructions_verified_by_the_checker(small_base, tmp_path):
+    """construction.verify=checker keeps a trajectory of the policy's only when its steps and
+    diagnosis are the exact checker's; the paper's verify=answer keeps every one that ends
+    right. Each rejection is counted with its reason."""
+    tok = load_tokenizer(str(policy_path(small_base())))
+    row = _located(tok, "48 + 17 = 65\n65 - 29 = 38\n38 * 3 = 114\n\\boxed{114}", small_base())
+    right = "65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}"
+    answers = {
+        "real": ("65 - 29 is 36, not 38.", right),
+        "lucky_arithmetic": ("65 - 29 is 36, not 38.",
+                             "65 - 29 = 37\n37 * 3 = 108\n\\boxed{108}"),
+        "misnamed": ("left to right, 48 + 17 comes first, not 29 * 3.", right),
+        "wrong_answer": ("65 - 29 is 36, not 38.", "65 - 29 = 36\n36 * 3 = 109\n\\boxed{109}"),
+    }
+
+    def construct(*overrides, return_rows=False):
+        stage = Construct(small_base("construction.method=llm", *overrides))
+        stage.engine.set(ReplayEngine(f"<analysis>{a}</analysis>\n<reconstruction>{r}"
+                                      f"</reconstruction>" for a, r in answers.values()))
+        out = stage.process(located)
+        stage.close()
+        dropped = {d["wrong_rollout_id"]: d["reason"] for d in out.dropped}
+        return (out.rows if return_rows else [t["source_rollout_id"] for t in out.rows]), dropped
+
+    located = [{**row, "wrong_rollout_id": name} for name in answers]
+
+    kept, dropped = construct(return_rows=True)
+    assert [t["source_rollout_id"] for t in kept] == ["real", "lucky_arithmetic", "misnamed"]
+    assert dropped == {"wrong_answer": "wrong_final_answer"}
+    assert construct("construction.verify=checker") == (["real"], {
+        "lucky_arithmetic": "wrong_steps", "misnamed": "wrong_diagnosis",
+        "wrong_answer": "wrong_final_answer"})
+    with pytest.raises(ValueError, match="verify=checker needs a task with an exact step checker"):
+        Construct(small_base("construction.method=llm", "construction.verify=checker",
+                             "task.name=math"))
+
+    # python -m bench.constructions counts the same on a run's round
+    from bench.constructions import construction_row
+    from pipeline.config import write_resolved
+    from pipeline.io import write_table_atomic
+
+    run = tmp_path / "run"
+    write_table_atomic(pd.DataFrame(located), run / "iter_0001" / "locate" / "part-00000.parquet")
+    write_table_atomic(pd.DataFrame(kept), run / "iter_0001" / "construct" / "part-00000.parquet")
+    write_resolved(small_base("construction.method=llm"), run / "config.yaml")
+    assert construction_row(run) == {
+        "run": str(run), "constructor": "llm", "rounds": 1, "located": 4, "kept": 3,
+        "checker accepts": 1, "wrong_steps": 1, "wrong_diagnosis": 1}
 
 
 def test_llm_trajectory_full_mode_and_empty_tags():

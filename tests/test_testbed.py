@@ -199,8 +199,14 @@ def test_bench_judges_row_of_the_tiny_base(tiny_base):
     cfg, _, model_dir = tiny_base
     row = judge_row(model_dir, cfg)
     assert row["model"] == str(model_dir) and row["problems"] == 20
-    assert all(0 <= v <= 1 for k, v in row.items() if k not in ("model", "problems"))
+    assert all(0 <= v <= 1 for k, v in row.items() if k not in ("model", "split", "problems"))
     assert {"locate_exact", "construct_correct", "construct_first_line"} <= set(row)
+    train = judge_row(model_dir, cfg, "train")  # the judge phase's examples of 200 problems
+    first = arith.generate_split("pretrain", cfg.n_pretrain, cfg.seed, cfg.arith)[:200]
+    assert (row["split"], train["split"]) == ("heldout", "train")
+    assert train["problems"] == sum(e["kind"] == "locate" for e in judge_examples(first, cfg)) > 0
+    with pytest.raises(ValueError, match="judge_share"):
+        judge_row(model_dir, cfg.model_copy(update={"judge_share": 0.0}), "train")
 
 
 class Answering:
@@ -235,6 +241,13 @@ def test_measure_judges_scores_the_checkers_answers_right_and_others_wrong():
     assert reworded["construct_tagged"] == 1
     untagged = measure_judges(Answering(lambda p: "step 1"), problems, cfg)
     assert untagged["locate_exact"] == untagged["construct_tagged"] == 0
+    # at the config's share, on the first pretraining problems: the judge phase's own examples
+    pretrain = arith.generate_split("pretrain", 3000, 0, cfg.arith)
+    judged = cfg.model_copy(update={"judge_share": 0.06})
+    trained = {e["prompt"]: e["answer"] for e in judge_examples(pretrain, judged)}
+    first = measure_judges(Answering(trained.get), pretrain[:1000], judged, share=0.06)
+    assert first["locate_exact"] == first["construct_diagnosis"] == 1
+    assert 30 < first["problems"] < 100  # (about 0.06 of 1000)
 
 
 def test_pretrain_solutions_mix_misreadings_and_self_corrections():

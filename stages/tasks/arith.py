@@ -229,7 +229,8 @@ def first_wrong_step(problem: ArithProblem, text: str) -> StepError | None:
     A line is correct when it equals the expected next step (whitespace aside) or, after the last
     step, the boxed answer. A reflection line "Wait, step k is wrong..." is skipped and sends the
     expectation back to step k, so a corrected continuation after a reflection is checked as well;
-    a wrong line directly followed by such a reflection is forgiven (the error it names).
+    a wrong line directly followed by such a reflection is forgiven (the error it names), a
+    reflection on a step not yet reached (k too large) included.
     """
     n = len(problem.ops)
     expected_k = 1  # next chain step expected; n + 1 means the boxed answer
@@ -241,8 +242,11 @@ def first_wrong_step(problem: ArithProblem, text: str) -> StepError | None:
             if 1 <= k <= expected_k:
                 expected_k, pending = k, None
                 continue
-            return pending or StepError(step, expected_k, expected_line(problem, expected_k),
-                                        step.text, step.start)
+            if pending is not None:
+                return pending
+            pending = StepError(step, expected_k, expected_line(problem, expected_k), step.text,
+                                step.start)  # a reflection on a step not yet reached: wrong
+            continue
         if pending is not None:
             return pending
         want = expected_line(problem, expected_k)

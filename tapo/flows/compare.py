@@ -52,6 +52,7 @@ VARIANTS: dict[str, list[str]] = {  # name -> config overrides over the given co
     "aug_0.1": ["algo.aug_weight=0.1"],
     "random_order": ["select.order=random"],
     "rule_oracle": ["locate.method=rule", "construction.method=rule"],
+    "checked": ["construction.verify=checker"],
 }
 DOSE = {"grpo": 0.0, "aug_0.1": 0.1, "aug_0.3": 0.3, "tapo": 1.0}  # variant -> algo.aug_weight
 
