@@ -27,10 +27,10 @@ from testbed.base import measure_judges
 
 def judge_row(model_dir: Path, cfg, split: str = "heldout") -> dict:
     """The markdown row of one model on `split` (heldout or train): measure_judges flattened."""
+    if split == "train" and not cfg.judge_share:
+        raise ValueError("--split train needs a config with testbed.judge_share > 0")
     engine = HFEngine(model_dir, batch_size=100)
     if split == "train":
-        if not cfg.judge_share:
-            raise ValueError("--split train needs a config with testbed.judge_share > 0")
         pretrain = arith.generate_split("pretrain", cfg.n_pretrain, cfg.seed, cfg.arith)
         first = pretrain[: round(cfg.n_heldout / cfg.judge_share)]
         scores = measure_judges(engine, first, cfg, share=cfg.judge_share)

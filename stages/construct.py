@@ -62,11 +62,11 @@ class Construct(Stage):
     def __init__(self, config):
         super().__init__(config)
         require_rule_task(config, "construction")
-        if config.construction.verify == "checker" and not task_of(config).has_step_checker:
+        self.task = task_of(config)
+        if config.construction.verify == "checker" and not self.task.has_step_checker:
             raise ValueError("construction.verify=checker needs a task with an exact step "
                              f"checker (arith); task {config.task.name!r} needs verify=answer")
         self.engine = EngineHolder(config, config.construction.model or policy_path(config))
-        self.task = task_of(config)
         self.grader = Grader(self.task, config.grader.workers, config.grader.timeout_s)
 
     def process(self, rows):
