@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline.io import read_pandas
+from stages.tasks.arith import ArithTask
 from tapo.cli import main
 from tapo.flows.locator_check import score, summarize
 
@@ -25,6 +26,10 @@ def test_outcomes_against_the_checker():
     assert sum(result[o] for o in ("exact", "off_by_one", "earlier", "later", "none")) == 1
     assert result["chance"] == pytest.approx((1 / 3 + 1 / 4 + 1 / 2 + 1 / 5 + 1 / 4) / 5)
     assert result["no_step_reasons"] == {"locator_unparseable": 1}
+    assert result["by_error_kind"] == {}  # a task that cannot tell its errors apart
+    scores["error_kind"] = ["slip", "misread", None, "slip", "misread"]
+    assert summarize(scores)["by_error_kind"] == {
+        "misread": {"candidates": 2, "exact": 0.0}, "slip": {"candidates": 2, "exact": 0.5}}
 
 
 def test_the_command_scores_every_candidate_of_a_round(small_run, capsys):
@@ -45,6 +50,12 @@ def test_the_command_scores_every_candidate_of_a_round(small_run, capsys):
     dropped = read_pandas(excluded) if excluded.is_dir() else llm.iloc[:0]
     assert len(llm) + len(dropped) == len(read_pandas(small_run / "iter_0002" / "select"))
     assert result["no_step_reasons"] == dropped["reason"].value_counts().to_dict()
+    task, rows = ArithTask(), round_located.set_index("wrong_rollout_id")
+    kinds = [task.error_kind(rows.at[key, "problem"], rows.at[key, "wrong_response"])
+             for key in scores["wrong_rollout_id"]]
+    assert list(scores["error_kind"]) == kinds and None not in kinds
+    assert sum(k["candidates"] for k in result["by_error_kind"].values()) == len(scores)
+    assert "exact by error kind" in out
     assert main(["locator-check", str(small_run), "--round", "2", quick]) == 0  # a no-op now
 
 
