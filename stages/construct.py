@@ -48,13 +48,14 @@ from stages.tasks.base import Rejection, line_break, task_of
 from stages.tasks.prompts import ANALYSIS, RECONSTRUCTION, construct_instruction
 
 TRANSITION = "Wait, step {k} is wrong: "
+TRANSITION_RE = re.compile(r"^Wait, step \d+ is wrong:\s*")  # TRANSITION, any step
 
 _GRADE_REJECTION = {"incorrect": "wrong_final_answer", "no_answer": "no_final_answer"}
 
 
 class Construct(Stage):
     name = "construct"
-    version = "2"
+    version = "3"
     sections = ("task", "policy", "construction", "engine", "grader", "run")
     input_schema = schema.LOCATED
     output_schema = schema.TRAJECTORIES
@@ -122,7 +123,7 @@ class Construct(Stage):
             r["failure_step"], r["problem"], split(r["wrong_response"]),
             split(r["reference_response"]), cfg.mode) for r in rows],
             cfg.temperature, cfg.max_tokens, self.config.run.seed)
-        return [llm_trajectory(r, a, full) for r, a in zip(rows, answers, strict=True)]
+        return [llm_trajectory(r, a, full, self.task) for r, a in zip(rows, answers, strict=True)]
 
     @classmethod
     def models_state(cls, config):
@@ -146,9 +147,10 @@ def rule_trajectory(task, row, full: bool):
     return task.repair(row["problem"], prefix, failed, full)
 
 
-def llm_trajectory(row, answer: str, full: bool):
+def llm_trajectory(row, answer: str, full: bool, task):
     """(prefix, diagnosis, correction) from a constructor model's tagged answer, or a
-    Rejection when either tag is missing or empty."""
+    Rejection when either tag is missing or empty. The transition names the located step as
+    the task numbers it (Task.step_number), as the rule path's reflection does."""
     analysis, reconstruction = ANALYSIS.search(answer), RECONSTRUCTION.search(answer)
     if not (analysis and analysis.group(1).strip() and reconstruction
             and reconstruction.group(1).strip()):
@@ -157,7 +159,8 @@ def llm_trajectory(row, answer: str, full: bool):
     if full:
         return "", "", correction
     prefix = row["wrong_response"][: row["prefix_chars"]]
-    diagnosis = (line_break(prefix) + TRANSITION.format(k=row["failure_step"])
+    k = task.step_number(row["problem"], row["wrong_response"], row["failure_step"])
+    diagnosis = (line_break(prefix) + TRANSITION.format(k=k)
                  + analysis.group(1).strip() + "\n")
     return prefix, diagnosis, correction
 

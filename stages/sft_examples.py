@@ -33,7 +33,7 @@ from pipeline.engines import render_prompt
 from pipeline.stage import Stage, StageOutput
 from stages import schema
 from stages.common import instruction_prompt, load_tokenizer, policy_path, valid_unique
-from stages.construct import TRANSITION
+from stages.construct import TRANSITION_RE
 from stages.tasks.base import split_steps, task_of
 from stages.tasks.prompts import construct_answer, construct_instruction
 
@@ -42,7 +42,7 @@ SFT, DIRECT, IF = "sft", "direct", "if"
 
 class SftExamples(Stage):
     name = "sft_examples"
-    version = "3"
+    version = "4"
     sections = ("task", "coldstart", "policy")
     input_schema = schema.TRAJECTORIES
     output_schema = schema.SFT_EXAMPLES
@@ -109,8 +109,7 @@ def if_example(located: dict, t: dict, tokenizer, split=split_steps) -> dict:
     instruction = render_prompt(instruction_prompt(construct_instruction(
         t["failure_step"], t["problem"], split(located["wrong_response"]),
         split(located["reference_response"]), t["mode"]), tokenizer), tokenizer)
-    transition = TRANSITION.format(k=t["failure_step"]).strip()
-    analysis = t["diagnosis"].strip().removeprefix(transition).strip()
+    analysis = TRANSITION_RE.sub("", t["diagnosis"].strip(), count=1).strip()
     answer = construct_answer(analysis, t["correction"])
     return {"example_id": f"{t['trajectory_id']}/{IF}", "source": IF,
             "problem_id": t["problem_id"], "prompt": instruction, "response": answer}

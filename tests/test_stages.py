@@ -18,7 +18,7 @@ from stages.locate import Locate, parse_located_step
 from stages.sample import Sample
 from stages.select import Select
 from stages.tasks import arith
-from stages.tasks.base import split_steps
+from stages.tasks.base import get_task, split_steps
 from stages.tasks.prompts import numbered_steps
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "llm_outputs.json").read_text())
@@ -473,13 +473,41 @@ def test_llm_constructions_verified_by_the_checker(small_base, tmp_path):
 
 
 def test_llm_trajectory_full_mode_and_empty_tags():
-    row = {"wrong_response": "a\nb\n", "prefix_chars": 2, "failure_step": 2}
+    row = {"problem": "P", "wrong_response": "a\nb\n", "prefix_chars": 2, "failure_step": 2}
     answer = "<analysis>b is wrong</analysis><reconstruction>c \\boxed{1}</reconstruction>"
-    assert llm_trajectory(row, answer, full=True) == ("", "", "c \\boxed{1}")
-    assert llm_trajectory(row, answer, full=False) == ("a\n", "Wait, step 2 is wrong: b is wrong\n",
-                                                       "c \\boxed{1}")
+    task = get_task("math")  # its steps are numbered by line
+    assert llm_trajectory(row, answer, True, task) == ("", "", "c \\boxed{1}")
+    assert llm_trajectory(row, answer, False, task) == (
+        "a\n", "Wait, step 2 is wrong: b is wrong\n", "c \\boxed{1}")
     empty = "<analysis> </analysis><reconstruction>c</reconstruction>"
-    assert llm_trajectory(row, empty, full=False).reason == "tags_missing"
+    assert llm_trajectory(row, empty, False, task).reason == "tags_missing"
+
+
+def test_llm_transition_numbers_the_step_as_the_task_does(small_base):
+    """After a caught misreading and its redone step, the slip on line 4 is step 2 of the
+    computation: the llm path's transition names it as the rule path's reflection does (not
+    "step 4"), so the exact checker accepts the trajectory, and the cold start's IF example
+    reads the analysis back without the transition."""
+    from stages.construct import rule_trajectory
+    from stages.sft_examples import if_example
+
+    tok = load_tokenizer(str(policy_path(small_base())))
+    wrong = ("29 * 3 = 87\nWait, step 1 is wrong: left to right, 48 + 17 comes first, not 29 * 3."
+             "\n48 + 17 = 65\n65 - 29 = 38\n38 * 3 = 114\n\\boxed{114}")
+    row = _located(tok, wrong, small_base())
+    assert row["failure_step"] == 4
+    stage = Construct(small_base("construction.method=llm", "construction.verify=checker"))
+    stage.engine.set(ReplayEngine(["<analysis>65 - 29 is 36, not 38.</analysis>\n"
+                                   "<reconstruction>65 - 29 = 36\n36 * 3 = 108\n\\boxed{108}"
+                                   "</reconstruction>"]))
+    out = stage.process([row])
+    stage.close()
+    assert not out.dropped, out.dropped
+    (trajectory,) = out.rows
+    assert trajectory["diagnosis"] == rule_trajectory(stage.task, row, full=False)[1] == (
+        "Wait, step 2 is wrong: 65 - 29 is 36, not 38.\n")
+    assert if_example(row, trajectory, tok)["response"].startswith(
+        "<analysis>65 - 29 is 36, not 38.</analysis>")
 
 
 # --- assemble -------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def test_judge_examples_are_what_the_stages_ask_answered_as_the_checker_does():
     without a chat template), answered so that the stages' parsers read the exact checker's
     failure step and a trajectory that grades correct, with the diagnosis of its error kind."""
     from stages.common import instruction_prompt
-    from stages.construct import llm_trajectory
+    from stages.construct import check_exactly, llm_trajectory
     from stages.locate import parse_located_step
     from stages.tasks.base import split_steps
     from stages.tasks.prompts import construct_instruction, locate_instruction
@@ -134,10 +134,11 @@ def test_judge_examples_are_what_the_stages_ask_answered_as_the_checker_does():
         mode = "full_reconstruction" if e["kind"] == "construct_full" else "prefix"
         assert e["prompt"] == instruction_prompt(
             construct_instruction(k, e["problem"], steps, reference, mode), tokenizer=None)
-        row = {"wrong_response": e["wrong"], "prefix_chars": steps[k - 1].line_end,
-               "failure_step": k}
-        prefix, diagnosis, correction = llm_trajectory(row, e["answer"], mode != "prefix")
-        assert arith.grade(prefix + diagnosis + correction, str(p.answer))[0] == "correct"
+        row = {"problem": e["problem"], "wrong_response": e["wrong"],
+               "prefix_chars": steps[k - 1].line_end, "failure_step": k}
+        parts = llm_trajectory(row, e["answer"], mode != "prefix", task)
+        assert arith.grade("".join(parts), str(p.answer))[0] == "correct"
+        assert check_exactly(task, row, parts, mode != "prefix") is None  # steps and diagnosis
         kind = arith.error_kind(p, error.found, error.expected)
         errors.add(kind)
         assert arith.diagnosis(p, error.chain_step, error.found, error.expected) in e["answer"]

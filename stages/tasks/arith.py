@@ -486,6 +486,16 @@ class ArithTask(Task):
                              "found": error.found})
         return step, error.char_start, detail
 
+    def step_number(self, problem: str, response: str, line: int) -> int:
+        """The chain step due on line `line` when the lines before it are right (a caught
+        error and its redone steps included), as the rule path's reflection names it; else
+        the line's number."""
+        steps = split_steps(response)
+        if not 1 <= line <= len(steps):
+            return line
+        state = first_wrong_step(parse_problem(problem), response[: steps[line - 1].start])
+        return state.chain_step if state is not None and state.step is None else line
+
     def error_kind(self, problem: str, response: str) -> str | None:
         """The error_kind of the response's first wrong line (None: no error; the text ends
         before the solution does: `other`)."""

@@ -135,6 +135,13 @@ class Task:
         """The exact step checker: where a wrong response first fails."""
         raise NotImplementedError(f"the {self.name} task has no exact step checker")
 
+    def step_number(self, problem: str, response: str, line: int) -> int:
+        """The number a reflection gives the step on line `line` of `response` (1-based, as
+        split_steps numbers them): the line's own number, unless the task numbers its steps
+        otherwise (arith: the step of the computation, which a reflection's redone lines
+        repeat)."""
+        return line
+
     def error_kind(self, problem: str, response: str) -> str | None:
         """The kind of a wrong response's first error, when the task can tell (arith:
         misread, slip, copy, ...); None otherwise."""
